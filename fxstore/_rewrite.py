@@ -1,0 +1,139 @@
+"""Graph passes: gradient taps, in-place protection, storage policy, outputs, pruning.
+
+Each pass takes an ``fx.Graph`` and changes it in place. Together they turn a traced
+model into ``forward(x) -> (output, (feature, ...), (probe, ...))``. For a resnet with
+``layer1`` selected, gradients tapped at ``layer1`` and the final output dropped, the
+generated code reads (abridged)::
+
+    def forward(self, x):
+        conv1 = self.conv1(x)
+        ...
+        layer1_2_relu_2 = getattr(self.layer1, "2").relu(add_2)
+        grad_probe = fxstore__rewrite_grad_probe(layer1_2_relu_2)
+        add_3 = layer1_2_relu_2 + grad_probe
+        return (None, (layer1_2_relu_2,), (grad_probe,))
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ._alias import AliasAnalysis
+
+__all__ = ["grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune"]
+
+
+def grad_probe(value: torch.Tensor) -> torch.Tensor:
+    """A zero leaf shaped like ``value``; added to it, its ``.grad`` is d(loss)/d(value).
+
+    It is an ``nn.Parameter`` because that is the one kind of gradient-requiring leaf
+    ``torch.compile`` can create inside a graph (it lifts it to a graph input).
+    """
+    return nn.Parameter(torch.zeros_like(value))
+
+
+def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Insert ``value + probe`` after each node and route every consumer through it.
+
+    Returns:
+        The probe node of each tapped node.
+    """
+    probes: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node in probes:
+            continue
+        with graph.inserting_after(node):
+            probe = graph.call_function(grad_probe, (node,))
+        with graph.inserting_after(probe):
+            tapped = graph.call_function(operator.add, (node, probe))
+        node.replace_all_uses_with(tapped, delete_user_cb=lambda user: user not in (probe, tapped))
+        probes[node] = probe
+    return probes
+
+
+def store_features(
+    graph: fx.Graph,
+    nodes: Sequence[fx.Node],
+    analysis: AliasAnalysis,
+    *,
+    detach: bool,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+    non_blocking: bool,
+) -> dict[fx.Node, fx.Node]:
+    """Build, right after each selected node, the value that will be stored.
+
+    The chain is ``detach -> clone (only if overwritten later) -> transform -> dtype ->
+    device``; each step is a graph node, so ``torch.compile`` can fuse the casts.
+
+    Returns:
+        The stored value's node for each selected node.
+    """
+    stored: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node in stored:
+            continue
+        value = node
+        cursor = node
+
+        def emit(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, method: bool = False) -> None:
+            nonlocal value, cursor
+            with graph.inserting_after(cursor):
+                if method:
+                    value = graph.call_method(target, args, kwargs or {})
+                else:
+                    value = graph.call_function(target, args, kwargs or {})
+            cursor = value
+
+        if detach:
+            emit("detach", (value,), method=True)
+        if analysis.overwritten_later(node):
+            emit("clone", (value,), method=True)
+        if transform is not None:
+            emit(transform, (value,))
+        if dtype is not None:
+            emit("to", (value,), {"dtype": dtype}, method=True)
+        if device is not None:
+            emit("to", (value,), {"device": device, "non_blocking": non_blocking}, method=True)
+        stored[node] = value
+    return stored
+
+
+def set_outputs(graph: fx.Graph, features: Sequence[fx.Node], probes: Sequence[fx.Node], keep_output: bool) -> None:
+    """Replace the graph's output with ``(output or None, features, probes)``."""
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    original = output.args[0] if keep_output else None
+    with graph.inserting_before(output):
+        graph.output((original, tuple(features), tuple(probes)))
+    graph.erase_node(output)
+
+
+def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
+    """Remove every node the outputs do not need.
+
+    Unlike ``Graph.eliminate_dead_code`` this keeps an in-place op whose result is unused
+    but whose written memory a live node reads later (``x.relu_(); return x``), and drops
+    in-place ops past the cut, so truncated extraction really runs less of the model.
+    """
+    live: set[fx.Node] = set()
+    read_later: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        written = analysis.written_by(node)
+        keep = (
+            node.op in ("placeholder", "output")
+            or any(user in live for user in node.users)
+            or (written is not None and analysis.find(written) in read_later)
+            or (node.op == "call_function" and node.is_impure(impure_random=False))
+        )
+        if keep:
+            live.add(node)
+            read_later.update(analysis.find(arg) for arg in node.all_input_nodes)
+    for node in reversed(list(graph.nodes)):
+        if node not in live:
+            graph.erase_node(node)

@@ -1,0 +1,157 @@
+"""Trace a model with torch.fx, naming nodes exactly like torchvision.
+
+Node names come from torchvision's own ``NodePathTracer``, so they are identical to
+``torchvision.models.feature_extraction.get_graph_node_names`` by construction. On top of
+it the tracer records the output node(s) of every module call, which is how a module
+(or module name) is turned into the value it returns.
+
+The user's model is never touched: tracing runs on a shallow *shadow* of the model
+(fresh attribute dictionaries, shared submodules and tensors), so the tensor constants
+that ``torch.fx`` attaches to the traced root land on the shadow.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree
+from torchvision.models import feature_extraction as _tv
+
+from .errors import TraceError
+
+__all__ = ["TraceOptions", "Traced", "trace", "shadow_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceOptions:
+    """How to trace: modules kept opaque, functions wrapped, arguments fixed."""
+
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    autowrap_modules: tuple[ModuleType, ...] = ()
+    concrete_args: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        leaf_modules: Sequence[type[nn.Module]] | None = None,
+        autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+        autowrap_modules: Sequence[ModuleType] | None = None,
+        concrete_args: dict[str, Any] | None = None,
+    ) -> TraceOptions:
+        return cls(
+            tuple(leaf_modules or ()),
+            tuple(autowrap_functions or ()),
+            tuple(autowrap_modules or ()),
+            dict(concrete_args) if concrete_args is not None else None,
+        )
+
+    def tracer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the tracer, with torchvision's defaults added."""
+        kwargs: dict[str, Any] = {"autowrap_functions": self.autowrap_functions}
+        if self.leaf_modules:
+            kwargs["leaf_modules"] = list(self.leaf_modules)
+        if self.autowrap_modules:
+            kwargs["autowrap_modules"] = tuple(self.autowrap_modules)
+        return _tv._set_default_tracer_kwargs(kwargs)
+
+
+@dataclasses.dataclass
+class Traced:
+    """A traced graph plus the naming and module-call records fxstore selects from."""
+
+    graph: fx.Graph
+    root: nn.Module
+    names: dict[fx.Node, str]
+    module_calls: dict[str, list[tuple[fx.Node, ...]]]
+    module_names: dict[int, str]
+    training: bool
+
+    @property
+    def node_by_name(self) -> dict[str, fx.Node]:
+        return {name: node for node, name in self.names.items()}
+
+
+class _Tracer(_tv.NodePathTracer):
+    """NodePathTracer that also records every module call's output node(s)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module_calls: dict[str, list[tuple[fx.Node, ...]]] = {}
+        self.failed_module: str | None = None
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module is the one that failed
+                try:
+                    self.failed_module = self.path_of_module(m) or "<model>"
+                except NameError:
+                    self.failed_module = type(m).__name__
+            raise
+        nodes = tuple(leaf.node for leaf in _pytree.tree_leaves(out) if isinstance(leaf, fx.Proxy))
+        if nodes:
+            self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
+        return out
+
+
+def shadow_of(model: nn.Module, training: bool, extra: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A shallow copy of ``model`` with its own attribute dictionaries.
+
+    Submodules, parameters and buffers are shared; anything set on the shadow (such as
+    the tensor constants fx creates while tracing) stays off the user's model.
+    """
+    shadow = copy.copy(model)
+    for attr in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(shadow, attr, dict(getattr(model, attr)))
+    object.__setattr__(shadow, "training", training)
+    for name, value in (extra or {}).items():
+        object.__setattr__(shadow, name, value)
+    return shadow
+
+
+def trace(model: nn.Module, options: TraceOptions, training: bool | None = None,
+          constants: dict[str, torch.Tensor] | None = None) -> Traced:
+    """Trace ``model`` (its current submodule modes) and record node names and module calls.
+
+    Args:
+        model: The model to trace; it is not modified.
+        options: Leaf modules, autowrapped functions and concrete arguments.
+        training: The mode the top-level module is traced in (default: ``model.training``).
+        constants: Tensor constants from an earlier trace, so names stay consistent.
+
+    Raises:
+        TraceError: naming the module that failed, with the tracer's reason.
+    """
+    training = model.training if training is None else training
+    shadow = shadow_of(model, training, constants)
+    tracer = _Tracer(**options.tracer_kwargs())
+    try:
+        graph = tracer.trace(shadow, concrete_args=options.concrete_args)
+    except Exception as e:  # the tracer raises anything the model's code raises
+        where = tracer.failed_module or "<model>"
+        kind = type(model.get_submodule(where)).__name__ if where != "<model>" and _has(model, where) else type(model).__name__
+        raise TraceError(
+            f"torch.fx could not trace module '{where}' ({kind}) of {type(model).__name__}: "
+            f"{type(e).__name__}: {e}\n"
+            f"Hint: keep it opaque with leaf_modules=[{kind}], wrap the failing function with "
+            "autowrap_functions=[...], fix arguments with concrete_args={...}, or capture this "
+            "model with the hook backend (fxstore.HookForwardModuleStorage)."
+        ) from e
+    module_names = {id(m): name for name, m in model.named_modules()}
+    return Traced(graph, shadow, dict(tracer.node_to_qualname), tracer.module_calls, module_names, training)
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
