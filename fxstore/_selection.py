@@ -42,6 +42,7 @@ class Selected:
     key: str
     node: fx.Node
     label: str
+    source: str  # the spec's own label (differs from ``label`` when aliased)
 
 
 def spec_label(spec: Any) -> str:
@@ -142,7 +143,7 @@ def resolve(traced: Traced, specs: list[tuple[Any, str | None]], *, strict: bool
                     )
                 continue
             by_key[key] = node
-            selected.append(Selected(key, node, alias or label))
+            selected.append(Selected(key, node, alias or label, label))
     return selected
 
 

@@ -12,9 +12,9 @@ from torch import fx, nn
 
 from . import _rewrite
 from ._alias import AliasAnalysis
-from ._selection import Layers, Selected, canonical_specs, resolve
+from ._selection import Layers, Selected, canonical_specs, resolve, spec_label
 from ._tracing import TraceOptions, trace
-from .errors import ConfigError, GradientNotReadyError, InvalidLayerError
+from .errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError
 
 __all__ = ["FeatureExtractor", "node_names", "GRAD_SUFFIX"]
 
@@ -31,6 +31,7 @@ class _Program:
     grad_keys: tuple[str, ...]
     labels: dict[str, tuple[str, ...]]  # label (alias or spec) -> feature keys
     grad_labels: dict[str, tuple[str, ...]]  # label -> tapped keys (without the suffix)
+    sources: dict[str, str]  # spec label -> label, where an alias renamed it
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
@@ -203,6 +204,7 @@ class FeatureExtractor(nn.Module):
             grad_keys=tuple(s.key + GRAD_SUFFIX for s in tapped),
             labels=_by_label(selected),
             grad_labels=_by_label(tapped),
+            sources={s.source: s.label for s in selected + tapped if s.source != s.label},
         )
 
     def _warn_missing(self, training: bool, selected: list[Selected], tapped: list[Selected]) -> None:
@@ -257,18 +259,12 @@ class FeatureExtractor(nn.Module):
         if isinstance(layer, nn.Module):
             names = [n for n, m in self._fx_model.named_modules() if m is layer]
             layer = names[0] if names else layer
-        if isinstance(layer, str):
-            if layer in program.labels:
-                return program.labels[layer]
-            if layer in program.keys:
-                return (layer,)
-        from ._selection import spec_label
-
-        label = spec_label(layer)
+        label = layer if isinstance(layer, str) else spec_label(layer)
+        label = program.sources.get(label, label)
         if label in program.labels:
             return program.labels[label]
-        from .errors import LayerNotFoundError
-
+        if label in program.keys:
+            return (label,)
         raise LayerNotFoundError(
             f"layer {layer!r} was not selected by this extractor (keys: {list(program.keys)}).\n"
             "Hint: read features by key, module object or the name you selected it with."

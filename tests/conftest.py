@@ -1,0 +1,47 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class TwoConvNet(nn.Module):
+    """The classic hook recipe's example network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=(5, 5), stride=(2, 2))
+        self.conv2 = nn.Conv2d(8, 8, kernel_size=(3, 3), stride=(2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv1(x))
+        return F.relu(self.conv2(y))
+
+
+class SharedReLUNet(nn.Module):
+    """One ReLU module called three times, plus functional ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x))
+        h = self.act(self.b(h)) + h
+        return self.act(h * 2)
+
+
+@pytest.fixture
+def two_conv() -> TwoConvNet:
+    return TwoConvNet()
+
+
+@pytest.fixture
+def shared_relu() -> SharedReLUNet:
+    return SharedReLUNet()
