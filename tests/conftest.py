@@ -45,3 +45,10 @@ def two_conv() -> TwoConvNet:
 @pytest.fixture
 def shared_relu() -> SharedReLUNet:
     return SharedReLUNet()
+
+
+def pytest_configure(config):
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: no oversubscription
+        torch.set_num_threads(1)

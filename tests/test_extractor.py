@@ -225,5 +225,5 @@ class ScaledNet(nn.Module):
 def test_autowrap_functions_and_concrete_args():
     x = torch.randn(2, 4)
     ex = fxstore.FeatureExtractor(ScaledNet(), ["scale"], autowrap_functions=[scale], concrete_args={"flip": True})
-    out, feats = ex(x)
+    out, feats = ex(x, True)  # fx checks at run time that the concrete argument still holds
     assert torch.equal(feats["scale"], ex.lin(x) * 2) and torch.equal(out, -(ex.lin(x) * 2))

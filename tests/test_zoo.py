@@ -1,0 +1,103 @@
+"""Every torchvision classification and segmentation model, random weights, small inputs.
+
+Per model: node names equal torchvision's (train and eval); the extractor's output is
+bit-equal to the plain model in eval and in train mode; a random sample of node features
+equals an independent reference (torchvision's tracer run node by node in
+``torch.fx.Interpreter``, values cloned when produced); gradients at sampled nodes equal
+``torch.autograd.grad`` computed in that reference.
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+import torchvision.models as M
+from torch.utils._pytree import tree_leaves
+from torchvision.models.feature_extraction import get_graph_node_names
+
+import fxstore
+
+from ._reference import node_grads, node_values, scalar_loss
+
+CLASSIFICATION = M.list_models(module=M)
+SEGMENTATION = M.list_models(module=M.segmentation)
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    kwargs: dict = {"weights": None}
+    size = 64
+    if name.startswith("vit_"):
+        size = 28 if name.endswith("_14") else 32
+        kwargs["image_size"] = size
+    elif name.startswith("maxvit"):
+        size = 224
+    elif name == "inception_v3":
+        size = 299  # the train-mode auxiliary head needs 17x17 maps after Mixed_6e
+    elif name in SEGMENTATION:
+        kwargs.update(weights_backbone=None, num_classes=5)
+    if name in ("googlenet", "inception_v3"):
+        kwargs["init_weights"] = False  # scipy-free, faster init
+    model = M.get_model(name, **kwargs)
+    return model, torch.rand(2, 3, size, size)
+
+
+def same(a, b) -> bool:
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def tensor_nodes(model, x, names, k, rng):
+    """Up to ``k`` sampled node names whose value is a floating tensor, with their values."""
+    candidates = [n for n in names[1:]]
+    rng.shuffle(candidates)
+    _, values = node_values(model, x, candidates[: 4 * k])
+    picked = [n for n in candidates[: 4 * k] if n in values and values[n].is_floating_point()][:k]
+    return picked, values
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CLASSIFICATION + SEGMENTATION)
+def test_model(name):
+    torch.manual_seed(0)
+    rng = random.Random(name)
+    model, x = build(name)
+    model.eval()
+
+    # names: identical to torchvision's, in both modes
+    tv_train, tv_eval = get_graph_node_names(model, suppress_diff_warning=True)
+    assert fxstore.node_names(model, train=True) == tv_train
+    assert fxstore.node_names(model, train=False) == tv_eval
+
+    # eval: output bit-equal, sampled features equal to the reference
+    picked, ref = tensor_nodes(model, x, tv_eval, 4, rng)
+    ex = fxstore.FeatureExtractor(model, picked)
+    with torch.no_grad():
+        out, feats = ex(x)
+        assert same(out, model(x))
+    eval_keys = list(feats)
+    assert set(picked) <= set(eval_keys)  # a name that is also a shared module's name yields every call
+    for node in picked:
+        assert torch.equal(feats[node], ref[node]), node
+
+    # gradients at two sampled nodes equal autograd.grad in the reference
+    tapped = picked[:2]
+    ref_grads = node_grads(model, x, tapped, scalar_loss)
+    gex = fxstore.FeatureExtractor(model, [], grads=tapped)
+    out, feats = gex(x)
+    scalar_loss(out).backward()
+    grads = gex.gradients(feats) if all(feats[k + ":grad"].grad is not None for k in tapped) else {}
+    for node in tapped:
+        expected = ref_grads[node]
+        got = grads.get(node, torch.zeros_like(expected))  # a node off the loss path gets no gradient
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=node)
+    model.zero_grad(set_to_none=True)
+
+    # train: the train graph runs, output bit-equal to the plain model (same RNG stream)
+    twin = copy.deepcopy(model).train()
+    ex.train()
+    torch.manual_seed(1)
+    out, feats = ex(x)
+    torch.manual_seed(1)
+    assert same(out, twin(x))
+    assert set(feats) <= set(eval_keys)  # the train graph may lack a node the eval graph has
