@@ -1,0 +1,136 @@
+"""torch.compile: zero graph breaks, same forward features, same gradients."""
+
+import pytest
+import torch
+import torch._dynamo
+import torchvision
+from torch import nn
+
+import fxstore
+
+from ._reference import node_grads, node_values, scalar_loss
+
+pytestmark = [pytest.mark.compile, pytest.mark.xdist_group("compile")]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+LAYERS = ["layer1", "layer2.0.add", "layer3.1.relu_1", "flatten"]
+GRADS = ["layer1.0.bn1", "layer2", "layer4.1.relu_1"]
+
+
+def test_zero_graph_breaks_with_features_and_taps(resnet):
+    ex = fxstore.FeatureExtractor(resnet, LAYERS, grads=GRADS)
+    explanation = torch._dynamo.explain(ex)(torch.rand(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_compiled_forward_equals_eager_and_reference(resnet):
+    x = torch.rand(2, 3, 32, 32)
+    ex = fxstore.FeatureExtractor(resnet, LAYERS)
+    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    out, feats = compiled(x)
+    assert torch.equal(out, resnet(x))
+    names = {"layer1": "layer1.1.relu_1"}
+    _, ref = node_values(resnet, x, [names.get(k, k) for k in LAYERS])
+    for key in LAYERS:
+        assert torch.equal(feats[key], ref[names.get(key, key)]), key
+
+
+def test_compiled_gradients_equal_autograd_grad(resnet):
+    x = torch.rand(2, 3, 32, 32)
+    ex = fxstore.FeatureExtractor(resnet, [], grads=GRADS)
+    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    out, feats = compiled(x)
+    scalar_loss(out).backward()
+    grads = ex.gradients(feats)
+    names = {"layer2": "layer2.1.relu_1"}
+    ref = node_grads(resnet, x, [names.get(k, k) for k in GRADS], scalar_loss)
+    for key in GRADS:
+        torch.testing.assert_close(grads[key], ref[names.get(key, key)], rtol=1e-5, atol=1e-7)
+    resnet.zero_grad(set_to_none=True)
+
+
+def test_taps_leave_parameter_gradients_unchanged():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).train()
+    x = torch.rand(2, 3, 32, 32)
+    ref_model = torchvision.models.resnet18(weights=None).train()
+    ref_model.load_state_dict(model.state_dict())
+    scalar_loss(ref_model(x)).backward()
+    ex = fxstore.FeatureExtractor(model, [], grads=GRADS)
+    out, _ = torch.compile(ex, backend="aot_eager", fullgraph=True)(x)
+    scalar_loss(out).backward()
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv1(x))
+        h = self.act(self.conv2(h)) + h
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_inductor_forward_and_gradients():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    x = torch.rand(2, 3, 16, 16)
+    ex = fxstore.FeatureExtractor(model, ["conv1", "act_1", "add"], grads=["conv2", "add"],
+                                  dtype=torch.bfloat16)
+    compiled = torch.compile(ex, fullgraph=True)
+    out, feats = compiled(x)
+    scalar_loss(out).backward()
+    eager_ex = fxstore.FeatureExtractor(model, ["conv1", "act_1", "add"], grads=["conv2", "add"], dtype=torch.bfloat16)
+    ref_out, ref_feats = eager_ex(x)
+    scalar_loss(ref_out).backward()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for key in ("conv1", "act_1", "add"):
+        assert feats[key].dtype == torch.bfloat16
+        torch.testing.assert_close(feats[key], ref_feats[key], rtol=1e-2, atol=1e-2)  # one bf16 ulp
+    for key, grad in ex.gradients(feats).items():
+        torch.testing.assert_close(grad, eager_ex.gradients(ref_feats)[key], rtol=1e-4, atol=1e-6)
+    assert (feats["conv1"].float() < 0).any()  # captured before the in-place ReLU, also when compiled
+
+
+def test_storages_work_compiled_extractors(resnet):
+    storage = fxstore.ForwardModuleStorage(resnet, ["layer2"], detach=True)
+    storage._extractors[None] = torch.compile(storage._extractors[None], backend="aot_eager", fullgraph=True)
+    x = torch.rand(1, 3, 32, 32)
+    storage([x, x])
+    assert len(storage["layer2"]) == 2 and torch.equal(storage["layer2"][0], storage["layer2"][1])
+
+
+def test_hooks_registered_after_compile_capture_nothing():
+    """The failure mode fxstore avoids: a compiled model never calls a late hook."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    compiled = torch.compile(net, backend="eager")
+    x = torch.rand(1, 3, 8, 8)
+    compiled(x)
+    hooks = fxstore.HookForwardModuleStorage(net, [net[0]])
+    hooks(x)  # eager call: the hook fires
+    assert len(hooks[net[0]]) == 1
+    stored = []
+    handle = net[0].register_forward_hook(lambda _m, _i, o: stored.append(o))
+    compiled(x)
+    handle.remove()
+    hooks.remove()
+    assert stored == []
