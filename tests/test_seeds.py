@@ -111,3 +111,18 @@ def test_hook_backend_has_the_same_api(two_conv):
         assert all(torch.equal(a, b) for a, b in zip(fx_storage[layer], hook_storage[layer], strict=True))
     hook_storage.remove()
     assert not two_conv.conv1._forward_hooks
+
+
+def test_full_backward_hooks_fail_where_the_fx_storage_works(vgg):
+    """Hook failure mode: a full backward hook on a conv followed by ReLU(inplace=True) raises."""
+    x = torch.rand(1, 3, 32, 32)
+    hooks = fxstore.HookBackwardModuleStorage(vgg, [vgg.features[2]])
+    try:
+        with pytest.raises(RuntimeError, match="modified inplace"):
+            hooks(x).sum().backward()
+    finally:
+        hooks.remove()
+    grads = fxstore.BackwardModuleStorage(vgg, [vgg.features[2]])
+    grads(x).sum().backward()
+    assert grads[vgg.features[2]][0].shape == (1, 64, 32, 32)
+    vgg.zero_grad(set_to_none=True)
