@@ -51,7 +51,8 @@ def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx
             probe = graph.call_function(grad_probe, (node,))
         with graph.inserting_after(probe):
             tapped = graph.call_function(operator.add, (node, probe))
-        node.replace_all_uses_with(tapped, delete_user_cb=lambda user: user not in (probe, tapped))
+        own = (probe, tapped)
+        node.replace_all_uses_with(tapped, delete_user_cb=lambda user, own=own: user not in own)
         probes[node] = probe
     return probes
 

@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from torch import fx, nn
 
@@ -21,8 +21,8 @@ from .errors import ConfigError, InvalidLayerError, LayerNotFoundError
 
 __all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "canonical_specs", "resolve", "spec_label"]
 
-LayerSpec = Union[str, nn.Module, type, Callable[..., bool]]
-Layers = Union[LayerSpec, Iterable[LayerSpec], Mapping[Any, str]]
+LayerSpec = str | nn.Module | type | Callable[..., bool]
+Layers = LayerSpec | Iterable[LayerSpec] | Mapping[Any, str]
 
 _GLOB_CHARS = frozenset("*?[")
 _LIST_HINT = "list the selectable names with fxstore.node_names(model)"
