@@ -115,6 +115,14 @@ def set_outputs(graph: fx.Graph, features: Sequence[fx.Node], probes: Sequence[f
     graph.erase_node(output)
 
 
+def _has_side_effects(node: fx.Node) -> bool:
+    """Side effects that must survive pruning (asserts, prints); RNG use past the cut may go."""
+    try:
+        return node.is_impure(impure_random=False)
+    except TypeError:  # torch versions before the ``impure_random`` argument
+        return node.is_impure()
+
+
 def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
     """Remove every node the outputs do not need.
 
@@ -130,7 +138,7 @@ def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
             node.op in ("placeholder", "output")
             or any(user in live for user in node.users)
             or (written is not None and analysis.find(written) in read_later)
-            or (node.op == "call_function" and node.is_impure(impure_random=False))
+            or (node.op == "call_function" and _has_side_effects(node))
         )
         if keep:
             live.add(node)

@@ -1,0 +1,63 @@
+"""CUDA: same results on the GPU, pinned non-blocking copies to the CPU, compiled taps."""
+
+import pytest
+import torch
+import torch._dynamo
+import torchvision
+
+import fxstore
+
+from ._reference import node_grads, scalar_loss
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return torchvision.models.resnet50(weights=None).eval().cuda()
+
+
+def test_cuda_output_bit_equal_and_features_match_hooks(resnet):
+    x = torch.rand(4, 3, 128, 128, device="cuda")
+    ex = fxstore.FeatureExtractor(resnet, ["layer1", "layer3", "layer4.2.add"])
+    with torch.no_grad():
+        out, feats = ex(x)
+        assert torch.equal(out, resnet(x))
+    ref = fxstore.HookForwardModuleStorage(resnet, ["layer1", "layer3"], detach=True)
+    with torch.no_grad():
+        ref(x)
+    ref.remove()
+    assert torch.equal(feats["layer1"], ref["layer1"][0]) and torch.equal(feats["layer3"], ref["layer3"][0])
+
+
+def test_storage_copies_to_pinned_cpu_without_blocking(resnet):
+    x = torch.rand(2, 3, 128, 128, device="cuda")
+    storage = fxstore.ForwardModuleStorage(resnet, ["layer2", "layer4"], detach=True, device="cpu")
+    with torch.no_grad():
+        storage([x, x * 2])
+        _, feats = fxstore.FeatureExtractor(resnet, ["layer2", "layer4"])(x * 2)
+    stored = storage["layer4"]
+    assert len(stored) == 2 and stored[1].device.type == "cpu" and stored[1].is_pinned()
+    assert torch.equal(stored[1], feats["layer4"].cpu())
+    assert torch.equal(storage["layer2"][1], feats["layer2"].cpu())
+
+
+def test_cuda_compiled_inductor_gradients(resnet):
+    torch._dynamo.reset()
+    model = torchvision.models.resnet18(weights=None).eval().cuda()
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    grads = ["layer1.0.bn1", "layer3"]
+    ex = fxstore.FeatureExtractor(model, ["layer2"], grads=grads, dtype=torch.bfloat16)
+    assert torch._dynamo.explain(ex)(x).graph_break_count == 0
+    out, feats = torch.compile(ex, fullgraph=True)(x)
+    scalar_loss(out.float().cpu()).backward()
+    got = ex.gradients(feats)
+    ref = node_grads(model, x, ["layer1.0.bn1", "layer3.1.relu_1"], lambda o: scalar_loss(o.float().cpu()))
+    torch.testing.assert_close(got["layer1.0.bn1"], ref["layer1.0.bn1"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got["layer3"], ref["layer3.1.relu_1"], rtol=1e-3, atol=1e-5)
+    assert feats["layer2"].dtype == torch.bfloat16 and feats["layer2"].is_cuda
