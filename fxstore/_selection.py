@@ -179,13 +179,20 @@ def _module_outputs(traced: Traced, name: str) -> list[tuple[str, fx.Node]]:
 
 
 def _predicate_matches(predicate: Callable[..., bool], traced: Traced) -> list[tuple[str, fx.Node]]:
-    try:
-        n_params = len(inspect.signature(predicate).parameters)
-    except (TypeError, ValueError):
-        n_params = 2
-    if n_params == 1:
+    if _required_args(predicate) == 1:
         return [(name, node) for node, name in traced.names.items() if predicate(name)]
     return [(name, node) for node, name in traced.names.items() if predicate(name, node)]
+
+
+def _required_args(fn: Callable[..., Any]) -> int:
+    """How many positional arguments ``fn`` needs (2 when it cannot be told or takes ``*args``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _not_found(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> LayerNotFoundError:

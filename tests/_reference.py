@@ -17,8 +17,8 @@ from torchvision.models import feature_extraction as tv
 
 
 def traced_reference(model: nn.Module) -> tuple[fx.GraphModule, dict[fx.Node, str]]:
-    """torchvision's tracer on a deep copy of ``model`` (its current mode)."""
-    twin = copy.deepcopy(model)
+    """torchvision's tracer on a shallow copy of ``model`` (constants fx adds stay off the model)."""
+    twin = copy.copy(model)
     tracer = tv.NodePathTracer(**tv._set_default_tracer_kwargs(None))
     graph = tracer.trace(twin)
     return fx.GraphModule(tracer.root, graph), dict(tracer.node_to_qualname)
