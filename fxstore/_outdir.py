@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,8 +44,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (keys in insertion order) with :func:`atomic_write`."""
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """Write ``obj`` as indented JSON (keys in insertion order, number lists on one line) atomically."""
+    text = _NUMBER_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(obj, indent=2))
+    atomic_write(path, (text + "\n").encode())
+
+
+_NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[\d.eE+]+,?\s*)+)\]")  # a raw newline never occurs inside a JSON string
 
 
 def check_writable(out: Path) -> None:

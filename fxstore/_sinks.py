@@ -15,6 +15,7 @@ Both write the same bytes for the same features, however often the run was inter
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -107,7 +108,8 @@ class SafetensorsSink(Sink):
     def finish(self, shard: int, start: int, count: int) -> None:
         parts = self._parts.pop(shard)
         tensors = {s.key: torch.cat([p[s.key] for p in parts]).contiguous() for s in self.specs}
-        metadata = {"format": "fxstore-shard", "shard": str(shard), "start": str(start), "count": str(count)}
+        # one metadata entry: safetensors writes a metadata map in hash order, which differs between processes
+        metadata = {"fxstore": json.dumps({"shard": shard, "start": start, "count": count})}
         atomic_write(self.out / self.shard_file(shard), safetensors_bytes(tensors, metadata=metadata))
 
 
