@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -141,9 +142,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"  # torchrun's global rank
 
 
 def _command(argv: Sequence[str]) -> str:

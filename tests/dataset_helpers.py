@@ -69,7 +69,9 @@ def run_extraction(out: str, fmt: str, delay: float = 0.0, n: int = 48) -> dict:
                            shard_size=8, progress=False)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run as a script: use the importable module, so class names match
     import sys
 
-    run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    import dataset_helpers
+
+    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]))
