@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 from collections.abc import Sequence
 
 import torch
@@ -64,14 +66,19 @@ def node_rows(model: nn.Module, pattern: str | None = None,
     if input_shape is not None:
         module = fx.GraphModule(traced.root, traced.graph)
         try:
-            with torch.no_grad():
+            # ShapeProp prints the traceback of a failing node itself; the error below says it in one line
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(module).propagate(torch.zeros(tuple(input_shape)))
         except TraceError:
             raise
         except Exception as e:  # the model's own error on the dummy input
+            cause = e
+            while cause.__cause__ is not None:  # ShapeProp wraps the model's error with a traceback text
+                cause = cause.__cause__
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise ConfigError(
                 f"{type(model).__name__} fails on a dummy input of shape {tuple(input_shape)}: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                f"{type(cause).__name__}: {reason}\n"
                 "Hint: give the input shape the model expects (--input-shape C H W)."
             ) from e
     rows = []

@@ -322,7 +322,7 @@ def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[
 def _compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[int], bool], sink: Sink,
              device: torch.device, o: _Options, ranks: _distributed.Ranks) -> None:
     total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
-    bar = tqdm(total=total, unit="sample", unit_scale=True, dynamic_ncols=True,
+    bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
                desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
                disable=not (o.progress and ranks.main))
     size_of = functools.partial(_size_of, o.input_key)

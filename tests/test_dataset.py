@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -43,7 +41,7 @@ def test_round_trip_equals_in_memory_extraction(tmp_path, fmt):
     expected = reference(model, LAYERS, data, batch_size=4)
     assert list(manifest["features"]) == LAYERS and manifest["num_samples"] == 20
     for key in LAYERS:
-        assert torch.equal(tensor((feats[key])), expected[key]), key
+        assert torch.equal(tensor(feats[key]), expected[key]), key
     assert np.array_equal(np.asarray(feats["target"]), [i % 7 for i in range(20)])
 
 

@@ -33,7 +33,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, fmt, monkeypatch):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote 40 samples") == 1  # rank 0 reports
-    assert re.search(r"rank 0/2: 100%.* 24.0/24.0 ", run.stderr)  # rank 0 computed shards 0, 2, 4 of 0-4
+    assert re.search(r"rank 0/2: 100%.* 24/24 ", run.stderr)  # rank 0 computed shards 0, 2, 4 of 0-4
     monkeypatch.syspath_prepend(str(HELPERS))
     assert main([*_args(tmp_path / "one", fmt), "--quiet"]) == 0
 
