@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--weights", metavar="FILE", help="local state_dict file (default: random weights)")
     extract.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     extract.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    extract.add_argument("--no-overlap", action="store_true", help="write in the main thread")
+    extract.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                         help="write in a background thread during the next batch (default: auto = on for CUDA)")
     extract.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     extract.set_defaults(run=_extract)
 
@@ -122,7 +123,8 @@ def _extract(args: argparse.Namespace) -> int:
     result = extract_dataset(
         model, args.layers, data, args.out, format=args.format, reduce=args.pool, dtype=args.dtype,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, num_workers=args.num_workers,
-        overlap=not args.no_overlap, progress=not args.quiet, overwrite=args.overwrite,
+        overlap=None if args.overlap == "auto" else args.overlap == "on", progress=not args.quiet,
+        overwrite=args.overwrite,
         model_name=args.model, data_name=args.data, command=_command(args.argv),
     )
     if not args.quiet and _is_main():

@@ -55,7 +55,7 @@ def extract_dataset(
     target_key: int | str | bool | None = None,
     shard_size: int = 1024,
     device: torch.device | str | None = None,
-    overlap: bool = True,
+    overlap: bool | None = None,
     progress: bool = True,
     overwrite: bool = False,
     model_name: str | None = None,
@@ -91,7 +91,9 @@ def extract_dataset(
             or a dict's ``target``/``label`` field if present; ``False`` stores nothing.
         shard_size: Samples per shard: the unit of writing, resuming and sharing work.
         device: Device to run on (default: the model's); the model is moved there.
-        overlap: Write in a background thread while the next batch computes.
+        overlap: Copy to the host and write in a background thread while the next batch
+            computes; default: on for CUDA, off on CPU (where the writer competes with the
+            forward pass for cores).
         progress: Show a tqdm progress bar (rank 0 only).
         overwrite: Delete an earlier extraction in ``out`` instead of resuming it.
         model_name: Name of the model recorded in the manifest.
@@ -140,7 +142,7 @@ class _Options:
     target_key: int | str | bool | None
     shard_size: int
     device: torch.device | str | None
-    overlap: bool
+    overlap: bool | None
     progress: bool
     overwrite: bool
     model_name: str | None
@@ -330,7 +332,8 @@ def _compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[i
                            pin_memory=device.type == "cuda", size_of=size_of)
     sink.open()
     try:
-        with bar, BackgroundWriter(o.overlap) as writer, torch.inference_mode():
+        overlap = device.type == "cuda" if o.overlap is None else o.overlap
+        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
             for batch in batches:
                 arrays, n = _arrays(extractors, batch, sink.specs, device, o)
                 event = None
