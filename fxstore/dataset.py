@@ -6,15 +6,14 @@ The flow of :func:`extract_dataset`:
    first batch, which fixes every stored array's row shape and dtype;
 2. rank 0 checks the output folder (writable, enough space, same run if resuming:
    ``manifest``) and prepares the sink; every rank learns which shards are left;
-3. each rank computes the batches of its shards (``_batches``); a background thread
-   writes them (``_writer``, ``_sinks``) while the next batch computes;
+3. each rank computes the batches of its shards (``_batches``, ``_compute``); a background
+   thread writes them (``_writer``, ``_sinks``) while the next batch computes;
 4. after all ranks finish, rank 0 names the files and writes ``manifest.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,21 +21,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import _distributed, manifest
-from ._batches import Batch, Plan, batch_size_of, make_plan, pick
+from ._batches import Plan, make_plan
+from ._compute import TARGET, compute, probe
 from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
 from ._reduce import build_extractors
 from ._selection import Layers
 from ._sinks import SINKS, ArraySpec, Sink
-from ._writer import BackgroundWriter
 from .errors import ConfigError, FxStoreError
 from .extractor import FeatureExtractor
 
 __all__ = ["extract_dataset"]
-
-TARGET = "target"
 
 
 def extract_dataset(
@@ -86,9 +82,12 @@ def extract_dataset(
         batch_size: Batch size when ``data`` is a ``Dataset``.
         num_workers: Loader processes when ``data`` is a ``Dataset``.
         collate_fn: Collate function when ``data`` is a ``Dataset``.
-        input_key: Field of the batch passed to the model (default: see ``_batches.pick``).
+        input_key: Field of the batch passed to the model; default: a tensor batch itself,
+            element 0 of a tuple, or the first of ``input, inputs, image, images,
+            pixel_values, x`` in a dict. A dict input is passed as keyword arguments.
         target_key: Field stored as ``"target"``; ``None`` stores a tuple's second element
-            or a dict's ``target``/``label`` field if present; ``False`` stores nothing.
+            or a dict's ``target``/``targets``/``label``/``labels``/``y`` field if present;
+            ``False`` stores nothing.
         shard_size: Samples per shard: the unit of writing, resuming and sharing work.
         device: Device to run on (default: the model's); the model is moved there.
         overlap: Copy to the host and write in a background thread while the next batch
@@ -166,8 +165,8 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
     try:
         model.to(device).eval()
         extractors, reduction_of = _extractors(model, layers, o, device)
-        plan, probe = make_plan(data, o.shard_size, o.collate_fn)
-        specs = _probe(extractors, probe, o, device)
+        plan, first = make_plan(data, o.shard_size, o.collate_fn)
+        specs = probe(extractors, first, o, device)
         identity = _identity(model, specs, reduction_of, plan, o)
         sink = SINKS[o.format](out, specs, plan.num_samples)
         decision = ranks.from_main(_prepare(out, identity, sink, o.overwrite) if ranks.main else None)
@@ -176,7 +175,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
         if "complete" in decision:
             return decision["complete"]
         mine = _assign(plan, set(decision["done"]), ranks)
-        _compute(extractors, plan, mine, sink, device, o, ranks)
+        compute(extractors, plan, mine, sink, device, o, ranks)
         ranks.barrier()
         result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
         return ranks.from_main(result)
@@ -211,60 +210,10 @@ def _extractors(model: nn.Module, layers: Any, o: _Options,
                             non_blocking=device.type == "cuda")
 
 
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
-def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    x = _to(x, device)
-    features: dict[str, torch.Tensor] = {}
-    for ex in extractors:
-        _, f = ex(**x) if isinstance(x, Mapping) else ex(x)
-        features.update(f)
-    if device.type != "cpu":  # a user's extractor may keep features on the device
-        features = {k: v.to("cpu", non_blocking=True) for k, v in features.items()}
-    return features
 
 
-def _probe(extractors: list[FeatureExtractor], batch: Any, o: _Options, device: torch.device) -> list[ArraySpec]:
-    """Run the first (tiny) batch: the row shape and dtype of every array, checked."""
-    x, y = pick(batch, o.input_key, o.target_key)
-    n = batch_size_of(x)
-    try:
-        with torch.inference_mode():
-            features = _forward(extractors, x, device)
-    except FxStoreError:
-        raise
-    except Exception as e:  # the model's own error on this input
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(
-            f"the model fails on the data's first batch (input {shape}): {type(e).__name__}: {e}\n"
-            "Hint: check the input field (input_key), the image size and the model."
-        ) from e
-    if y is not None and not isinstance(y, torch.Tensor):
-        if o.target_key is not None:
-            raise ConfigError(f"the target field holds {type(y).__name__}, not a tensor.\nHint: use target_key=False.")
-        y = None
-    if y is not None:
-        if TARGET in features:
-            raise ConfigError(
-                f"a feature is named '{TARGET}', like the stored targets.\n"
-                "Hint: rename the layer with a dict {layer: alias}, or pass target_key=False."
-            )
-        features[TARGET] = y
-    specs = []
-    for key, value in features.items():
-        if value.dim() == 0 or value.shape[0] != n:
-            raise ConfigError(
-                f"'{key}' has shape {tuple(value.shape)}, which has no sample axis for a batch of {n}.\n"
-                "Hint: select layers whose output is (batch, ...), e.g. tensors, not sizes or scalars."
-            )
-        specs.append(ArraySpec(key, tuple(value.shape[1:]), value.dtype))
-    return specs
 
 
 def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, str], plan: Plan,
@@ -321,64 +270,12 @@ def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[
     return lambda k: k not in done and k % ranks.world == ranks.rank
 
 
-def _compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[int], bool], sink: Sink,
-             device: torch.device, o: _Options, ranks: _distributed.Ranks) -> None:
-    total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
-    bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
-               desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
-               disable=not (o.progress and ranks.main))
-    size_of = functools.partial(_size_of, o.input_key)
-    batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
-                           pin_memory=device.type == "cuda", size_of=size_of)
-    sink.open()
-    try:
-        overlap = device.type == "cuda" if o.overlap is None else o.overlap
-        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
-            for batch in batches:
-                arrays, n = _arrays(extractors, batch, sink.specs, device, o)
-                event = None
-                if device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
-                shard_start, count = plan.shards[batch.shard]
-                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count))
-                bar.update(n)
-    finally:
-        with os_errors(sink.out):
-            sink.close()
 
 
-def _size_of(input_key: int | str | None, raw: Any) -> int:
-    return batch_size_of(pick(raw, input_key, False)[0])
 
 
-def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArraySpec], device: torch.device,
-            o: _Options) -> tuple[dict[str, torch.Tensor], int]:
-    x, y = pick(batch.data, o.input_key, o.target_key)
-    arrays = _forward(extractors, x, device)
-    if any(s.key == TARGET for s in specs):
-        arrays[TARGET] = y.cpu()
-    n = batch_size_of(x)
-    for s in specs:
-        value = arrays.get(s.key)
-        if value is None or tuple(value.shape) != (n, *s.shape) or value.dtype != s.dtype:
-            got = None if value is None else (tuple(value.shape), value.dtype)
-            raise ConfigError(
-                f"'{s.key}' changed between batches: expected {(n, *s.shape)} {s.dtype}, got {got} "
-                f"(batch at sample {batch.start}).\n"
-                "Hint: every sample must give features of one shape; resize inputs to one size."
-            )
-    return arrays, n
 
 
-def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
-           count: int) -> None:
-    if event is not None:
-        event.synchronize()  # the non-blocking device->host copies of this batch are done
-    with os_errors(sink.out):
-        sink.write(batch.shard, batch.start, arrays)
-        if batch.last:
-            sink.finish(batch.shard, shard_start, count)
 
 
 def _finish(out: Path, identity: dict[str, Any], plan: Plan, sink: Sink, command: str | None) -> dict[str, Any]:
