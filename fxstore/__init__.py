@@ -8,8 +8,12 @@ from .errors import (
     LayerNotFoundError,
     TraceError,
 )
+from ._outdir import OutputError
+from .dataset import extract_dataset
 from .extractor import FeatureExtractor, node_names
 from .hooks import HookBackwardModuleStorage, HookForwardModuleStorage
+from .manifest import read_manifest
+from .reader import ShardedArray, load_features
 from .storage import BackwardModuleStorage, ForwardModuleStorage
 
 __version__ = "0.1.0"
@@ -21,10 +25,15 @@ __all__ = [
     "BackwardModuleStorage",
     "HookForwardModuleStorage",
     "HookBackwardModuleStorage",
+    "extract_dataset",
+    "load_features",
+    "read_manifest",
+    "ShardedArray",
     "FxStoreError",
     "LayerNotFoundError",
     "InvalidLayerError",
     "TraceError",
     "ConfigError",
     "GradientNotReadyError",
+    "OutputError",
 ]

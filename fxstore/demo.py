@@ -1,50 +1,58 @@
-"""``make demo``: the quickstart on random-weight torchvision models, printed."""
+"""``make demo``: the ``fxstore`` command line on an embedded default.
+
+A random-weight resnet18 on a synthetic source (``fake:N``), written to a temporary
+folder: the node table (an excerpt), the extraction with its progress bar, the manifest,
+and how to load the result. Extra arguments replace the default extraction arguments,
+e.g. ``python -m fxstore.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
+"""
 
 from __future__ import annotations
 
-import time
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 
-import torch
-import torchvision
+from .cli import main as cli
 
-import fxstore
+__all__ = ["main"]
+
+MODEL = "resnet18"
+LAYERS = ("layer2", "layer3", "layer4", "fc")
 
 
-def main() -> None:
-    """Run the quickstart: select layers, compare with the plain model, compile, store."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
-    x = torch.rand(2, 3, 224, 224)
-    names = fxstore.node_names(model)
-    print(f"resnet50: {len(names)} selectable nodes, e.g. {names[:3]} ... {names[-3:]}")
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo (or, given arguments, the command line with them); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv:
+        return cli(argv)
+    with tempfile.TemporaryDirectory(prefix="fxstore-demo-") as tmp:
+        out = Path(tmp) / "features"
+        steps = [
+            ["nodes", MODEL, "--shapes", "--image-size", "64", "--filter", "layer4.1.*"],
+            ["extract", MODEL, "--layers", *LAYERS, "--pool", "avg", "--dtype", "float16", "--data", "fake:512",
+             "--image-size", "64", "--batch-size", "64", "--shard-size", "256", "--out", str(out)],
+        ]
+        for step in steps:
+            print(f"\n$ fxstore {' '.join(step)}", flush=True)
+            status = cli(step)
+            if status:
+                return status
+        print(f"\n$ cat {out / 'manifest.json'}  (abridged)")
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest.pop("identity")
+        print(json.dumps(manifest, indent=2))
+        print("\n# load it (lazy, rows in sample order):")
+        print(f">>> feats = fxstore.load_features({str(out)!r})")
+        from .reader import load_features
 
-    start = time.perf_counter()
-    ex = fxstore.FeatureExtractor(model, ["layer1", model.layer4, "layer3.5.relu_2", "flatten"])
-    print(f"trace + rewrite: {1e3 * (time.perf_counter() - start):.0f} ms")
-    with torch.no_grad():
-        out, feats = ex(x)
-        same = torch.equal(out, model(x))
-    for key, value in feats.items():
-        print(f"  {key:18s} {tuple(value.shape)}")
-    print(f"output bit-equal to model(x): {same}")
-
-    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
-    explanation = torch._dynamo.explain(ex)(x)
-    with torch.no_grad():
-        cout, cfeats = compiled(x)
-    print(f"torch.compile(fullgraph=True): {explanation.graph_break_count} graph breaks, "
-          f"features equal: {all(torch.equal(cfeats[k], feats[k]) for k in feats)}")
-
-    vgg = torchvision.models.vgg19(weights=None).eval()
-    storage = fxstore.ForwardModuleStorage(vgg, {"style": [vgg.features[5]], "content": [vgg.features[5], vgg.features[10]]})
-    storage(torch.rand(1, 3, 224, 224), "style")
-    storage(torch.rand(1, 3, 224, 224), "content")
-    print("vgg19 groups:", {g: {k: tuple(v.shape) for k, v in storage[g].items()} for g in ("style", "content")})
-    grads = fxstore.BackwardModuleStorage(vgg, [vgg.features[3]])
-    loss = torch.nn.functional.cross_entropy(grads(torch.rand(1, 3, 224, 224)), torch.tensor([1]))
-    loss.backward()
-    print("vgg19 gradient w.r.t. features[3] output:", tuple(grads[vgg.features[3]][0].shape))
+        feats = load_features(out)
+        print(">>> {k: v.shape for k, v in feats.items()}")
+        print({k: v.shape for k, v in feats.items()})
+        print("# or without fxstore: safetensors.torch.load_file(...) on each shard in manifest['shards']")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""``python -m fxstore``: the command line (also ``torchrun -m fxstore ...``)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Running the batches: the probe that fixes every array's shape, then the compute/write loop.
+
+Each batch goes to the device, through every extractor (features leave the graph already
+reduced, cast and, on CUDA, copied to pinned host memory without blocking), and is handed
+to the :class:`~fxstore._writer.BackgroundWriter`, which waits for the copy's event and
+gives the rows to the sink while the next batch computes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import _distributed
+from ._batches import Batch, Plan, batch_size_of, pick
+from ._outdir import os_errors
+from ._sinks import ArraySpec, Sink
+from ._writer import BackgroundWriter
+from .errors import ConfigError, FxStoreError
+from .extractor import FeatureExtractor
+
+__all__ = ["TARGET", "probe", "compute"]
+
+TARGET = "target"
+"""Key of the stored targets."""
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    x = _to(x, device)
+    features: dict[str, torch.Tensor] = {}
+    for ex in extractors:
+        _, f = ex(**x) if isinstance(x, Mapping) else ex(x)
+        features.update(f)
+    if device.type != "cpu":  # a user's extractor may keep features on the device
+        features = {k: v.to("cpu", non_blocking=True) for k, v in features.items()}
+    return features
+
+
+def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.device) -> list[ArraySpec]:
+    """Run the first (tiny) batch: the row shape and dtype of every array, checked."""
+    x, y = pick(batch, o.input_key, o.target_key)
+    n = batch_size_of(x)
+    try:
+        with torch.inference_mode():
+            features = _forward(extractors, x, device)
+    except FxStoreError:
+        raise
+    except Exception as e:  # the model's own error on this input
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ConfigError(
+            f"the model fails on the data's first batch (input {shape}): {type(e).__name__}: {e}\n"
+            "Hint: check the input field (input_key), the image size and the model."
+        ) from e
+    if y is not None and not isinstance(y, torch.Tensor):
+        if o.target_key is not None:
+            raise ConfigError(f"the target field holds {type(y).__name__}, not a tensor.\nHint: use target_key=False.")
+        y = None
+    if y is not None:
+        if TARGET in features:
+            raise ConfigError(
+                f"a feature is named '{TARGET}', like the stored targets.\n"
+                "Hint: rename the layer with a dict {layer: alias}, or pass target_key=False."
+            )
+        features[TARGET] = y
+    specs = []
+    for key, value in features.items():
+        if value.dim() == 0 or value.shape[0] != n:
+            raise ConfigError(
+                f"'{key}' has shape {tuple(value.shape)}, which has no sample axis for a batch of {n}.\n"
+                "Hint: select layers whose output is (batch, ...), e.g. tensors, not sizes or scalars."
+            )
+        specs.append(ArraySpec(key, tuple(value.shape[1:]), value.dtype))
+    return specs
+
+
+def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[int], bool], sink: Sink,
+             device: torch.device, o: Any, ranks: _distributed.Ranks) -> None:
+    total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
+    bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
+               desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
+               disable=not (o.progress and ranks.main))
+    size_of = functools.partial(_size_of, o.input_key)
+    batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
+                           pin_memory=device.type == "cuda", size_of=size_of)
+    sink.open()
+    try:
+        overlap = device.type == "cuda" if o.overlap is None else o.overlap
+        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
+            for batch in batches:
+                arrays, n = _arrays(extractors, batch, sink.specs, device, o)
+                event = None
+                if device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                shard_start, count = plan.shards[batch.shard]
+                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count))
+                bar.update(n)
+    finally:
+        with os_errors(sink.out):
+            sink.close()
+
+
+def _size_of(input_key: int | str | None, raw: Any) -> int:
+    return batch_size_of(pick(raw, input_key, False)[0])
+
+
+def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArraySpec], device: torch.device,
+            o: Any) -> tuple[dict[str, torch.Tensor], int]:
+    x, y = pick(batch.data, o.input_key, o.target_key)
+    arrays = _forward(extractors, x, device)
+    if any(s.key == TARGET for s in specs):
+        arrays[TARGET] = y.cpu()
+    n = batch_size_of(x)
+    for s in specs:
+        value = arrays.get(s.key)
+        if value is None or tuple(value.shape) != (n, *s.shape) or value.dtype != s.dtype:
+            got = None if value is None else (tuple(value.shape), value.dtype)
+            raise ConfigError(
+                f"'{s.key}' changed between batches: expected {(n, *s.shape)} {s.dtype}, got {got} "
+                f"(batch at sample {batch.start}).\n"
+                "Hint: every sample must give features of one shape; resize inputs to one size."
+            )
+    return arrays, n
+
+
+def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
+           count: int) -> None:
+    if event is not None:
+        event.synchronize()  # the non-blocking device->host copies of this batch are done
+    with os_errors(sink.out):
+        sink.write(batch.shard, batch.start, arrays)
+        if batch.last:
+            sink.finish(batch.shard, shard_start, count)

@@ -1,0 +1,186 @@
+"""The ``fxstore`` command: list a model's nodes, extract a dataset's features, show a result.
+
+Examples::
+
+    fxstore nodes resnet50 --shapes --filter 'layer4.*'
+    fxstore extract resnet50 --layers layer3 layer4 --pool avg --data images/ --out feats/
+    torchrun --nproc-per-node 2 -m fxstore extract resnet50 --layers layer4 --data fake:1000 --out feats/
+    fxstore info feats/
+
+Errors in the arguments or the inputs print one line (``fxstore extract: error: ...``)
+and exit with status 2 (usage) or 1 (anything else fxstore refuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from ._node_table import format_table, node_rows
+from ._sinks import SINKS
+from .errors import FxStoreError
+
+__all__ = ["main"]
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_POOLS = ("none", "avg", "max", "flatten")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fxstore", description="Capture layer outputs of PyTorch models with torch.fx.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    model_help = "torchvision name (resnet50), timm:NAME, or package.module:factory"
+    nodes = commands.add_parser("nodes", help="list the selectable nodes of a model")
+    nodes.add_argument("model", help=model_help)
+    nodes.add_argument("--filter", metavar="PATTERN", help="glob over node names, e.g. 'layer4.*'")
+    nodes.add_argument("--shapes", action="store_true", help="show output shapes (runs a dummy input)")
+    nodes.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="dummy input shape without batch axis "
+                       "(default: 3 SIZE SIZE)")
+    nodes.add_argument("--image-size", type=_positive, default=224, help="side of the dummy image (default: 224)")
+    nodes.add_argument("--weights", metavar="FILE", help="local state_dict file (default: random weights)")
+    nodes.set_defaults(run=_nodes)
+
+    extract = commands.add_parser("extract", help="write the features of a dataset to a folder")
+    extract.add_argument("model", help=model_help)
+    extract.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
+                         help="node names, module names or glob patterns (see 'fxstore nodes')")
+    extract.add_argument("--data", required=True, metavar="SOURCE", help="image folder, file.npy or fake:N")
+    extract.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if interrupted)")
+    extract.add_argument("--format", choices=sorted(SINKS), default="safetensors", help="default: safetensors")
+    extract.add_argument("--pool", choices=_POOLS, default="none", help="reduce each layer in the graph (default: none)")
+    extract.add_argument("--dtype", choices=_DTYPES, help="stored dtype (default: the layer's)")
+    extract.add_argument("--batch-size", type=_positive, default=64, help="default: 64")
+    extract.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard (default: 1024)")
+    extract.add_argument("--image-size", type=_positive, default=224, help="image side (default: 224)")
+    extract.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    extract.add_argument("--num-workers", type=_natural, default=0, help="data loader processes (default: 0)")
+    extract.add_argument("--weights", metavar="FILE", help="local state_dict file (default: random weights)")
+    extract.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    extract.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    extract.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                         help="write in a background thread during the next batch (default: auto = on for CUDA)")
+    extract.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
+    extract.set_defaults(run=_extract)
+
+    info = commands.add_parser("info", help="show the manifest of an output folder")
+    info.add_argument("out", metavar="DIR")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = _natural(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    from .models import load_model
+
+    model = load_model(args.model, args.weights)
+    shape = None
+    if args.shapes:
+        shape = (1, *(args.input_shape or (3, args.image_size, args.image_size)))
+    rows = node_rows(model, args.filter, shape)
+    if not rows:
+        raise FxStoreError(f"no node of '{args.model}' matches '{args.filter}'.\nHint: try --filter '*relu*'.")
+    print(format_table(rows if args.shapes else [r[:2] for r in rows],
+                       ("node", "kind", "shape") if args.shapes else ("node", "kind")))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .dataset import extract_dataset
+    from .models import load_model
+    from .sources import open_source
+
+    model = load_model(args.model, args.weights, seed=args.seed)
+    data = open_source(args.data, image_size=args.image_size)
+    result = extract_dataset(
+        model, args.layers, data, args.out, format=args.format, reduce=args.pool, dtype=args.dtype,
+        batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, num_workers=args.num_workers,
+        overlap=None if args.overlap == "auto" else args.overlap == "on", progress=not args.quiet,
+        overwrite=args.overwrite,
+        model_name=args.model, data_name=args.data, command=_command(args.argv),
+    )
+    if not args.quiet and _is_main():
+        shapes = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in result["features"].items())
+        print(f"wrote {result['num_samples']} samples to {args.out} ({result['format']}): {shapes}")
+        print(f"load with: fxstore.load_features({str(args.out)!r})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .manifest import read_manifest
+
+    manifest: dict[str, Any] = dict(read_manifest(args.out))
+    manifest.pop("identity", None)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun's global rank
+
+
+def _command(argv: Sequence[str]) -> str:
+    return shlex.join(["fxstore", *argv])
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fxstore`` command line; return the exit status.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Example:
+        >>> from fxstore.cli import main
+        >>> main(["nodes", "resnet18", "--filter", "layer4.1.relu*"])
+        node             kind
+        layer4.1.relu    ReLU
+        layer4.1.relu_1  ReLU
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.run(args)
+    except (FxStoreError, OSError) as e:  # refused input, unreadable data file
+        print(f"fxstore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fxstore {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Extract features of a whole dataset to disk: streamed, resumable, multi-process.
+
+The flow of :func:`extract_dataset`:
+
+1. build one extractor per reduction group (``_reduce``) and probe the model on a tiny
+   first batch, which fixes every stored array's row shape and dtype;
+2. rank 0 checks the output folder (writable, enough space, same run if resuming:
+   ``manifest``) and prepares the sink; every rank learns which shards are left;
+3. each rank computes the batches of its shards (``_batches``, ``_compute``); a background
+   thread writes them (``_writer``, ``_sinks``) while the next batch computes;
+4. after all ranks finish, rank 0 names the files and writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _distributed, manifest
+from ._batches import Plan, make_plan
+from ._compute import TARGET, compute, probe
+from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from ._reduce import build_extractors
+from ._selection import Layers
+from ._sinks import SINKS, ArraySpec, Sink
+from .errors import ConfigError, FxStoreError
+from .extractor import FeatureExtractor
+
+__all__ = ["extract_dataset"]
+
+
+def extract_dataset(
+    model: nn.Module,
+    layers: Layers | None,
+    data: Iterable[Any],
+    out: str | os.PathLike[str],
+    *,
+    format: str = "safetensors",
+    reduce: str | Mapping[Any, str | None] | None = None,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    input_key: int | str | None = None,
+    target_key: int | str | bool | None = None,
+    shard_size: int = 1024,
+    device: torch.device | str | None = None,
+    overlap: bool | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    model_name: str | None = None,
+    data_name: str | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` over ``data`` and write the selected layers' outputs to ``out``.
+
+    Features are written batch by batch (at most one shard per rank is held in memory),
+    in atomic shards of ``shard_size`` samples. Run the same call again after an
+    interruption and it resumes after the last complete shard, producing byte-identical
+    files; under ``torchrun`` every rank computes its share of the shards and rank 0
+    writes the manifest. The model runs in eval mode under ``torch.inference_mode``.
+
+    Args:
+        model: The model, or a ready :class:`~fxstore.FeatureExtractor` (then ``layers``,
+            ``reduce`` and ``dtype`` must be ``None``).
+        layers: What to store, as for :class:`~fxstore.FeatureExtractor`.
+        data: A map-style ``Dataset`` (read in batches of ``batch_size`` by fxstore, each
+            rank reading only its shards), or any iterable of batches (a ``DataLoader``).
+            A batch is a tensor, a tuple ``(input, target, ...)`` or a dict.
+        out: Output folder; created if missing.
+        format: ``"safetensors"`` (shards) or ``"npy"`` (one memory-mapped file per layer).
+        reduce: ``"avg"``/``"max"`` (global pooling of ``(N, C, ...)`` maps to ``(N, C)``),
+            ``"flatten"`` or ``None``, for all layers or as ``{layer or alias: name}``.
+            Runs inside the graph, before the copy to the host.
+        dtype: Stored dtype of the features (cast inside the graph).
+        batch_size: Batch size when ``data`` is a ``Dataset``.
+        num_workers: Loader processes when ``data`` is a ``Dataset``.
+        collate_fn: Collate function when ``data`` is a ``Dataset``.
+        input_key: Field of the batch passed to the model; default: a tensor batch itself,
+            element 0 of a tuple, or the first of ``input, inputs, image, images,
+            pixel_values, x`` in a dict. A dict input is passed as keyword arguments.
+        target_key: Field stored as ``"target"``; ``None`` stores a tuple's second element
+            or a dict's ``target``/``targets``/``label``/``labels``/``y`` field if present;
+            ``False`` stores nothing.
+        shard_size: Samples per shard: the unit of writing, resuming and sharing work.
+        device: Device to run on (default: the model's); the model is moved there.
+        overlap: Copy to the host and write in a background thread while the next batch
+            computes; default: on for CUDA, off on CPU (where the writer competes with the
+            forward pass for cores).
+        progress: Show a tqdm progress bar (rank 0 only).
+        overwrite: Delete an earlier extraction in ``out`` instead of resuming it.
+        model_name: Name of the model recorded in the manifest.
+        data_name: Description of the data recorded in the manifest (part of the identity).
+        command: Command recorded in the manifest (default: ``sys.argv``).
+
+    Returns:
+        The manifest (also in ``out/manifest.json``).
+
+    Raises:
+        ConfigError: an invalid option, or a model or batch that does not fit the data.
+        OutputError: ``out`` is unwritable, too small, or holds a different extraction.
+        LayerNotFoundError: a layer matches nothing.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fxstore.dataset import extract_dataset
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        >>> data = torch.utils.data.TensorDataset(torch.rand(10, 3, 8, 8), torch.arange(10))
+        >>> m = extract_dataset(model, ["0", "1"], data, tempfile.mkdtemp(), reduce="avg",
+        ...                     batch_size=4, shard_size=8, progress=False)
+        >>> m["num_samples"], m["features"]["1"]["shape"], m["target"]["dtype"], len(m["shards"])
+        (10, [4], 'int64', 2)
+    """
+    _check_options(format, batch_size, shard_size, num_workers)
+    options = _Options(format, reduce, dtype, batch_size, num_workers, collate_fn, input_key, target_key, shard_size,
+                       device, overlap, progress, overwrite, model_name, data_name or type(data).__name__, command)
+    ranks = _distributed.join()
+    try:
+        return _extract(model, layers, data, Path(out), ranks, options)
+    finally:
+        ranks.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The keyword options of :func:`extract_dataset`."""
+
+    format: str
+    reduce: str | Mapping[Any, str | None] | None
+    dtype: torch.dtype | str | None
+    batch_size: int
+    num_workers: int
+    collate_fn: Callable[[list[Any]], Any] | None
+    input_key: int | str | None
+    target_key: int | str | bool | None
+    shard_size: int
+    device: torch.device | str | None
+    overlap: bool | None
+    progress: bool
+    overwrite: bool
+    model_name: str | None
+    data_name: str
+    command: str | None
+
+
+def _check_options(format: str, batch_size: int, shard_size: int, num_workers: int) -> None:
+    if format not in SINKS:
+        raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {sorted(SINKS)}.")
+    for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
+                             ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name}={value!r} must be an integer >= {low}.\nHint: e.g. {name}={max(low, 64)}.")
+
+
+def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distributed.Ranks,
+             o: _Options) -> dict[str, Any]:
+    device = ranks.device(_device_of(model, o.device))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.to(device).eval()
+        extractors, reduction_of = _extractors(model, layers, o, device)
+        plan, first = make_plan(data, o.shard_size, o.collate_fn)
+        specs = probe(extractors, first, o, device)
+        identity = _identity(model, specs, reduction_of, plan, o)
+        sink = SINKS[o.format](out, specs, plan.num_samples)
+        decision = ranks.from_main(_prepare(out, identity, sink, o.overwrite) if ranks.main else None)
+        if "error" in decision:
+            raise decision["error"]
+        if "complete" in decision:
+            return decision["complete"]
+        mine = _assign(plan, set(decision["done"]), ranks)
+        compute(extractors, plan, mine, sink, device, o, ranks)
+        ranks.barrier()
+        result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
+        return ranks.from_main(result)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device={device!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda'.") from e
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _extractors(model: nn.Module, layers: Any, o: _Options,
+                device: torch.device) -> tuple[list[FeatureExtractor], dict[str, str]]:
+    if isinstance(model, FeatureExtractor):
+        if layers is not None or o.reduce is not None or o.dtype is not None:
+            raise ConfigError(
+                "layers, reduce and dtype must be None when a FeatureExtractor is passed.\n"
+                "Hint: configure the extractor itself, or pass the plain model."
+            )
+        return [model], {key: "none" for key in model.feature_keys}
+    if layers is None:
+        raise ConfigError("no layers selected.\nHint: pass layers=[...]; list them with fxstore.node_names(model).")
+    host = torch.device("cpu") if device.type != "cpu" else None
+    return build_extractors(model, layers, o.reduce, dtype=o.dtype, host=host,
+                            non_blocking=device.type == "cuda")
+
+
+
+
+
+
+
+
+def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, str], plan: Plan,
+              o: _Options) -> dict[str, Any]:
+    def entry(s: ArraySpec) -> dict[str, Any]:
+        return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
+
+    target = next((s for s in specs if s.key == TARGET), None)
+    return {
+        "format": o.format,
+        "model": {"name": o.model_name or type(model).__name__, "fingerprint": manifest.model_fingerprint(model)},
+        "features": {s.key: {**entry(s), "reduce": reduction_of.get(s.key, "none")} for s in specs if s is not target},
+        "target": None if target is None else entry(target),
+        "num_samples": plan.num_samples,
+        "shard_size": o.shard_size,
+        "batch_size": o.batch_size if plan.indexed else None,
+        "data": o.data_name,
+    }
+
+
+def _prepare(out: Path, identity: dict[str, Any], sink: Sink, overwrite: bool) -> dict[str, Any]:
+    """Rank 0: check and prepare the folder; the decision every rank follows."""
+    try:
+        check_writable(out)
+        state = manifest.state(out, identity, overwrite)
+        if state == "complete":
+            return {"complete": manifest.read_manifest(out)}
+        with os_errors(out):
+            for stale in out.glob(f".*{TEMP_SUFFIX}"):
+                stale.unlink()
+            done = sink.done_shards() if state == "resume" else set()
+            if identity["num_samples"] is not None:
+                row = sum(_row_bytes(s) for s in sink.specs)
+                left = identity["num_samples"] - len(done) * identity["shard_size"]
+                check_free_space(out, row * max(left, 0))
+            sink.prepare()
+            manifest.write_run_file(out, identity)
+        return {"done": sorted(done)}
+    except FxStoreError as e:
+        return {"error": e}
+
+
+def _row_bytes(s: ArraySpec) -> int:
+    return torch.empty((), dtype=s.dtype).element_size() * int(torch.tensor(s.shape).prod().item())
+
+
+def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:
+    """The shards this rank computes: an equal share of what is left."""
+    shards = plan.all_shards()
+    if shards is not None:
+        left = [k for k in shards if k not in done]
+        mine = set(left[ranks.rank::ranks.world])
+        return mine.__contains__
+    return lambda k: k not in done and k % ranks.world == ranks.rank
+
+
+
+
+
+
+
+
+
+
+def _finish(out: Path, identity: dict[str, Any], plan: Plan, sink: Sink, command: str | None) -> dict[str, Any]:
+    """Rank 0, after every rank: check every shard is durable, name files, write the manifest."""
+    missing = sorted(set(plan.shards) - sink.done_shards())
+    if missing:
+        raise OutputError(
+            f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
+            "Hint: run the same command again to compute them."
+        )
+    if identity["num_samples"] is not None and plan.num_samples != identity["num_samples"]:
+        raise ConfigError(
+            f"the data yielded {plan.num_samples} samples but announced {identity['num_samples']}.\n"
+            "Hint: check len(data) (a DataLoader with drop_last?), or use format='safetensors'."
+        )
+    with os_errors(out):
+        files = sink.finalize()
+        return manifest.write(out, identity, plan.shards, files, command)

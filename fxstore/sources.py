@@ -1,0 +1,108 @@
+"""Data sources named on the command line: image folders, ``.npy`` arrays, ``fake:N``.
+
+Every source is a map-style ``Dataset`` of ``(input, target)`` pairs (``.npy`` gives
+inputs only), so the extraction reads each rank's shards directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from .errors import ConfigError
+
+__all__ = ["open_source", "NpyDataset"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def open_source(source: str | os.PathLike[str], image_size: int = 224) -> Dataset[Any]:
+    """Open a data source by name.
+
+    Args:
+        source: ``fake:N`` (N random images from ``torchvision.datasets.FakeData``, the
+            same in every run), a ``.npy`` file (one sample per row, memory-mapped), or an
+            image folder laid out for ``torchvision.datasets.ImageFolder``
+            (``root/class/image.png``).
+        image_size: Side of the square images (resize the short side to
+            ``image_size * 8 / 7``, center crop, ImageNet normalisation: the standard
+            evaluation transform).
+
+    Returns:
+        A map-style dataset.
+
+    Raises:
+        ConfigError: the source does not exist or is not one of these forms.
+
+    Example:
+        >>> from fxstore.sources import open_source
+        >>> data = open_source("fake:4", image_size=32)
+        >>> len(data), tuple(data[0][0].shape)
+        (4, (3, 32, 32))
+    """
+    text = os.fspath(source)
+    fake = re.fullmatch(r"fake:(\d+)", text)
+    if fake:
+        return datasets.FakeData(size=int(fake.group(1)), image_size=(3, image_size, image_size), num_classes=10,
+                                 transform=_eval_transform(image_size, resize=False))
+    path = Path(text)
+    if text.endswith(".npy"):
+        if not path.is_file():
+            raise ConfigError(f"data file '{text}' does not exist.\nHint: pass an existing .npy file.")
+        return NpyDataset(path)
+    if path.is_dir():
+        try:
+            return datasets.ImageFolder(text, transform=_eval_transform(image_size))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(
+                f"image folder '{text}' has no images in class folders: {e}\n"
+                "Hint: lay it out as root/<class>/<image>.png (torchvision ImageFolder)."
+            ) from e
+    raise ConfigError(
+        f"data source '{text}' is not an image folder, a .npy file or fake:N.\n"
+        "Hint: e.g. --data fake:256, --data images/ (root/<class>/<image>) or --data inputs.npy."
+    )
+
+
+def _eval_transform(size: int, resize: bool = True) -> transforms.Compose:
+    steps: list[Any] = [transforms.Resize(size * 8 // 7), transforms.CenterCrop(size)] if resize else []
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+class NpyDataset(Dataset[torch.Tensor]):
+    """Rows of a ``.npy`` array as tensors, floats as float32 (the file is memory-mapped, not loaded).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from fxstore.sources import NpyDataset
+        >>> path = tempfile.mktemp(suffix=".npy"); np.save(path, np.ones((3, 2), np.float64))
+        >>> ds = NpyDataset(path); len(ds), ds[0].dtype
+        (3, torch.float32)
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        try:
+            self.array = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ConfigError(f"'{path}' is not a .npy array: {e}\nHint: save it with numpy.save.") from e
+        if self.array.ndim < 1 or self.array.dtype.kind not in "biuf":
+            raise ConfigError(
+                f"'{path}' holds a {self.array.dtype} array of shape {self.array.shape}; rows of numbers are needed.\n"
+                "Hint: save a numeric array whose first axis indexes the samples."
+            )
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        row = torch.from_numpy(np.array(self.array[index]))
+        return row.float() if row.is_floating_point() else row

@@ -1,0 +1,77 @@
+"""Small models and data for the dataset, CLI and torchrun tests (importable by subprocesses)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class ToyCNN(nn.Module):
+    """Two convolutions, a pooling head: feature maps, a flatten node and logits in a few ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def toy_cnn() -> ToyCNN:
+    """Factory for ``--model dataset_helpers:toy_cnn`` (the CLI seeds the weights)."""
+    return ToyCNN()
+
+
+class Images(Dataset):
+    """Deterministic random images with integer labels; optionally slow, to be killed mid-run."""
+
+    def __init__(self, n: int, size: int = 16, delay: float = 0.0) -> None:
+        self.n, self.size, self.delay = n, size, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.delay:
+            time.sleep(self.delay)
+        g = torch.Generator().manual_seed(i)
+        return torch.rand(3, self.size, self.size, generator=g), i % 7
+
+
+def shard_bytes(folder) -> dict[str, bytes]:
+    """Every data file of an output folder (everything but the manifest), by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+
+
+LAYERS = ["conv1", "relu2", "fc"]
+
+
+def toy_model() -> ToyCNN:
+    """The same random ToyCNN in every process."""
+    torch.manual_seed(0)
+    return ToyCNN().eval()
+
+
+def run_extraction(out: str, fmt: str, delay: float = 0.0, n: int = 48) -> dict:
+    """The extraction the kill-and-resume test interrupts and repeats."""
+    from fxstore.dataset import extract_dataset
+
+    return extract_dataset(toy_model(), LAYERS, Images(n, delay=delay), out, format=fmt, batch_size=4,
+                           shard_size=8, progress=False)
+
+
+if __name__ == "__main__":  # run as a script: use the importable module, so class names match
+    import sys
+
+    import dataset_helpers
+
+    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]))
