@@ -1,0 +1,21 @@
+"""The registry of cases: name -> function(profile, device) -> rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import _cases_forward
+from ._config import Profile
+from ._report import Row
+
+__all__ = ["CASES"]
+
+Case = Callable[[Profile, torch.device], list[Row]]
+
+CASES: dict[str, Case] = {
+    "eager": _cases_forward.stage_outputs,
+    "taps": _cases_forward.many_taps,
+    "truncated": _cases_forward.truncated,
+}
