@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _cases_forward
+from . import _cases_compile, _cases_forward
 from ._config import Profile
 from ._report import Row
 
@@ -18,4 +18,6 @@ CASES: dict[str, Case] = {
     "eager": _cases_forward.stage_outputs,
     "taps": _cases_forward.many_taps,
     "truncated": _cases_forward.truncated,
+    "compile": _cases_compile.compiled_resnet,
+    "vit": _cases_compile.vit,
 }

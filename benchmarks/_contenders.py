@@ -80,7 +80,7 @@ class HookRecipe:
     def __call__(self, x: torch.Tensor, model: Callable[[torch.Tensor], Any] | None = None) -> Features:
         """Run ``model`` (default: the hooked model) and return what the hooks stored."""
         self.store.clear()
-        out = (model or self.model)(x)
+        out = (model if model is not None else self.model)(x)
         return {**self.store, OUTPUT: out}
 
 
