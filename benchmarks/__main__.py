@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated cases to run (default: all): {', '.join(CASES)}")
     p.add_argument("--json", metavar="PATH", help="also write every row and sample as JSON")
     p.add_argument("--reps", type=int, help="timed repetitions per contender (default: the profile's)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 with --quick)")
     return p
 
 
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     profile = profile_for(args.device, args.quick)
+    if args.threads or profile.threads:
+        torch.set_num_threads(args.threads or profile.threads)
     if args.reps:
         import dataclasses
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _cases_compile, _cases_forward
+from . import _cases_backward, _cases_compile, _cases_cuda, _cases_forward, _cases_trace, _memory
 from ._config import Profile
 from ._report import Row
 
@@ -19,5 +19,9 @@ CASES: dict[str, Case] = {
     "taps": _cases_forward.many_taps,
     "truncated": _cases_forward.truncated,
     "compile": _cases_compile.compiled_resnet,
+    "backward": _cases_backward.backward,
+    "memory": _memory.memory,
+    "trace": _cases_trace.trace_time,
     "vit": _cases_compile.vit,
+    "cuda_copy": _cases_cuda.copy_to_cpu,
 }

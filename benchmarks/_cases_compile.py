@@ -101,10 +101,10 @@ def _setups(model: nn.Module, names: Sequence[str], x: torch.Tensor, profile: Pr
 
 
 def _compiled_rows(case: str, model: nn.Module, names: Sequence[str], x: torch.Tensor, profile: Profile,
-                   device: torch.device, with_torchvision: bool = True) -> list[Row]:
+                   device: torch.device, with_torchvision: bool = True, cold: bool = True) -> list[Row]:
     entries: list[Contender | Failed] = []
     for name, setup in _setups(model, names, x, profile, with_torchvision).items():
-        entries.append(compile_contender(name, setup, profile)[0])
+        entries.append(compile_contender(name, setup, profile, cold=cold)[0])
     keys = {"torchvision extractor, compiled": list(names)}
     return compare(case, entries, forward_reference(model, names, x), profile, device, keys=keys, rtol=RTOL, atol=ATOL)
 
@@ -131,13 +131,15 @@ def vit(profile: Profile, device: torch.device) -> list[Row]:
         attempt("hooks (minimal recipe)", lambda: C.hooks(model, names, x)),
         attempt("torchvision create_feature_extractor", lambda: C.torchvision_extractor(model, names, x)),
     ]
-    reason = C.torchlens_status()
+    reason = C.torchlens_status(profile.torchlens)
     entries.append(Failed("TorchLens", reason) if reason else
                    attempt("TorchLens", lambda: C.torchlens(model, names, x, every=profile.slow_every)))
     reference = forward_reference(model, names, x)
     rows = compare(f"8 ViT eager · {label}", entries, reference, profile, device, keys={"TorchLens": names},
                    rtol=RTOL, atol=ATOL)
+    if not profile.vit_compiled:
+        return rows
     rows += _compiled_rows(f"8 ViT torch.compile ({profile.compile_backend}) · {label}", model, names, x, profile,
-                           device, with_torchvision=False)
+                           device, with_torchvision=False, cold=False)
     return rows
 

@@ -21,7 +21,7 @@ def _input(profile_b: int, r: int, device: torch.device) -> torch.Tensor:
 
 
 def _torchlens(model: nn.Module, names: list[str], x: torch.Tensor, profile: Profile) -> Contender | Failed:
-    reason = C.torchlens_status()
+    reason = C.torchlens_status(profile.torchlens)
     if reason is not None:
         return Failed("TorchLens", reason)
     return attempt("TorchLens", lambda: C.torchlens(model, names, x, every=profile.slow_every))
@@ -69,28 +69,27 @@ def _prefix(model: nn.Module, layer: str) -> nn.Module:
     return nn.Sequential(*stem, model.layer1)
 
 
+def _truncated_one(model_name: str, layer: str, b: int, r: int, profile: Profile, device: torch.device) -> list[Row]:
+    model = build(model_name).to(device)
+    x = _input(b, r, device)
+    case = f"3 truncated · {model_name} b{b} {r}² · only {layer}"
+    entries = [
+        C.plain(model, x, name="plain model (full forward)"),
+        C.plain(_prefix(model, layer), x, name=f"plain prefix up to {layer} (the floor)"),
+        attempt("fxstore keep_output=False", lambda: C.extractor(model, [layer], x, keep_output=False,
+                                                                   name="fxstore keep_output=False")),
+        attempt("hooks (minimal recipe)", lambda: C.hooks(model, [layer], x)),
+        attempt("torchvision create_feature_extractor",
+                lambda: C.torchvision_extractor(model, [layer], x, keep_output=False)),
+    ]
+    only = {e.name: [layer] for e in entries if isinstance(e, Contender)}
+    only["hooks (minimal recipe)"] = [layer, OUTPUT]
+    return compare(case, entries, forward_reference(model, [layer], x), profile, device, keys=only)
+
+
 def truncated(profile: Profile, device: torch.device) -> list[Row]:
     """Case 3: only an early layer, no final output, against the full forward and hooks."""
-    rows: list[Row] = []
-    setups = [(profile.resnet, "layer1", profile.trunc_b, profile.trunc_r)]
+    rows = _truncated_one(profile.resnet, "layer1", profile.trunc_b, profile.trunc_r, profile, device)
     if profile.vgg:
-        setups.append((profile.vgg, "features.3", profile.vgg_b, profile.vgg_r))
-    for model_name, layer, b, r in setups:
-        model = build(model_name).to(device)
-        x = _input(b, r, device)
-        case = f"3 truncated · {model_name} b{b} {r}² · only {layer}"
-        prefix = _prefix(model, layer)
-        entries = [
-            C.plain(model, x, name="plain model (full forward)"),
-            C.plain(prefix, x, name=f"plain prefix up to {layer} (the floor)"),
-            attempt("fxstore keep_output=False", lambda: C.extractor(model, [layer], x, keep_output=False,
-                                                                       name="fxstore keep_output=False")),
-            attempt("hooks (minimal recipe)", lambda: C.hooks(model, [layer], x)),
-            attempt("torchvision create_feature_extractor",
-                    lambda: C.torchvision_extractor(model, [layer], x, keep_output=False)),
-        ]
-        reference = forward_reference(model, [layer], x)
-        only = {e.name: [layer] for e in entries if isinstance(e, Contender)}
-        only["hooks (minimal recipe)"] = [layer, OUTPUT]
-        rows += compare(case, entries, reference, profile, device, keys=only)
+        rows += _truncated_one(profile.vgg, "features.3", profile.vgg_b, profile.vgg_r, profile, device)
     return rows

@@ -18,6 +18,8 @@ class Profile:
     fresh_compile_cache: bool  # cold inductor cache for each compiled contender (honest compile times)
     isolate_memory: bool  # measure memory in a fresh process per contender
     slow_every: int  # TorchLens takes part in every n-th repetition only
+    torchlens: bool  # include TorchLens (when installed)
+    threads: int | None  # torch threads unless --threads says otherwise (None: torch's default)
     resnet: str
     eager_b: int
     eager_r: int
@@ -39,19 +41,20 @@ class Profile:
     vit: str
     vit_b: int
     vit_r: int
+    vit_compiled: bool  # also run the compiled half of the ViT case
     copy_b: int
     copy_r: int
 
 
 _CPU = Profile(
     name="cpu", reps=9, warmup=2, compile_backend="inductor", fresh_compile_cache=True, isolate_memory=True,
-    slow_every=3,
+    slow_every=3, torchlens=True, threads=None,
     resnet="resnet50", eager_b=2, eager_r=128, taps_r=64, trunc_b=2, trunc_r=128,
     vgg="vgg19", vgg_b=1, vgg_r=96,
     small_resnet="resnet18", compile_b=2, compile_r=64, backward_b=4, backward_r=64,
     memory_b=4, memory_r=112, memory_steps=8,
     trace_models=("resnet50", "vit_b_16"),
-    vit="vit_small", vit_b=2, vit_r=96,
+    vit="vit_small", vit_b=2, vit_r=96, vit_compiled=True,
     copy_b=4, copy_r=224,
 )
 
@@ -66,13 +69,13 @@ _CUDA = dataclasses.replace(
 
 _QUICK = Profile(
     name="quick", reps=1, warmup=0, compile_backend="eager", fresh_compile_cache=False, isolate_memory=False,
-    slow_every=1,
+    slow_every=1, torchlens=False, threads=1,
     resnet="resnet_tiny", eager_b=1, eager_r=32, taps_r=32, trunc_b=1, trunc_r=32,
     vgg="", vgg_b=1, vgg_r=32,
     small_resnet="resnet_tiny", compile_b=1, compile_r=32, backward_b=1, backward_r=32,
     memory_b=1, memory_r=32, memory_steps=2,
     trace_models=("resnet_tiny", "vit_tiny"),
-    vit="vit_tiny", vit_b=1, vit_r=32,
+    vit="vit_tiny", vit_b=1, vit_r=32, vit_compiled=False,
     copy_b=1, copy_r=32,
 )
 

@@ -124,8 +124,10 @@ def torchvision_extractor(model: nn.Module, names: Sequence[str], x: torch.Tenso
     return Contender(name, run)
 
 
-def torchlens_status() -> str | None:
+def torchlens_status(enabled: bool = True) -> str | None:
     """``None`` if TorchLens can be used, else why not (shown in the table)."""
+    if not enabled:
+        return "skipped in --quick"
     if importlib.util.find_spec("torchlens") is None:
         return "not installed (pip install torchlens)"
     try:

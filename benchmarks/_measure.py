@@ -59,10 +59,11 @@ def compare(case: str, entries: Sequence[Contender | Failed], reference: Mapping
         except Exception as e:  # reported in the table
             verdicts[c.name] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
             continue
-        verdicts[c.name] = "— (no capture)" if got is None else check(got, reference, keys.get(c.name), rtol, atol)
+        verdicts[c.name] = (c.verdict or "— (no capture)") if got is None else check(
+            got, reference, keys.get(c.name), rtol, atol)
         working.append(c)
     stats = interleave(working, profile.reps, profile.warmup, device)
-    for c in working:  # verify again after timing: state that drifts over calls is caught too
+    for c in working if profile.reps > 1 else []:  # verify again after timing: catches drifting state
         if verdicts[c.name].startswith("FAILED"):
             continue
         got = c.run()
@@ -100,28 +101,36 @@ class Compiled:
     graph_breaks: int
     graphs: int
     reasons: tuple[str, ...]
+    cold: bool
 
     def note(self) -> str:
-        text = f"compile {self.seconds:.1f} s, {self.graph_breaks} graph breaks, {self.graphs} graphs"
+        text = (f"compile {self.seconds:.1f} s{'' if self.cold else ' (warm kernels)'}, "
+                f"{self.graph_breaks} graph breaks, {self.graphs} graphs")
         if self.reasons:
             text += f" ({self.reasons[0][:80]})"
         return text
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "/")
+
+
 def compile_contender(name: str, setup: Callable[[], Callable[[], Features | None]], profile: Profile,
-                      note: str = "") -> tuple[Contender | Failed, Compiled | None]:
+                      note: str = "", cold: bool = True) -> tuple[Contender | Failed, Compiled | None]:
     """Build a compiled contender; its setup and first call (the compilation) are timed apart.
 
     Graph breaks and graphs are read from ``torch._dynamo.utils.counters``, cleared before
-    the setup. With ``profile.fresh_compile_cache`` every contender compiles against an
-    empty inductor cache, so no contender profits from kernels another one compiled.
+    the setup. With ``cold`` (and ``profile.fresh_compile_cache``) every contender compiles
+    against an empty inductor cache, so no contender profits from kernels another one
+    compiled; otherwise kernels compiled earlier in the process are reused ("warm").
     """
+    cold = cold and profile.fresh_compile_cache
     from torch._dynamo.utils import counters
 
     counters.clear()
     start = time.perf_counter()
     try:
-        with cold_cache(profile.fresh_compile_cache):
+        with cold_cache(cold):
             run = setup()
             run()
     except Exception as e:  # a contender that does not compile is FAILED
@@ -129,5 +138,5 @@ def compile_contender(name: str, setup: Callable[[], Callable[[], Features | Non
     seconds = time.perf_counter() - start
     breaks = counters.get("graph_break", {})
     info = Compiled(seconds, int(sum(breaks.values())), int(counters.get("stats", {}).get("unique_graphs", 0)),
-                    tuple(str(r) for r in breaks))
+                    tuple(_one_line(str(r)) for r in breaks), cold)
     return Contender(name, run, note="; ".join(n for n in (info.note(), note) if n)), info

@@ -31,12 +31,15 @@ class Contender:
             verification, or ``None`` for the plain model (nothing captured).
         every: Take part in every ``every``-th repetition only (very slow contenders).
         note: Shown in the table's notes column.
+        verdict: The verification of a contender whose ``run`` returns nothing (checked
+            by its builder instead).
     """
 
     name: str
     run: Callable[[], Features | None]
     every: int = 1
     note: str = ""
+    verdict: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,7 @@ def gradient_reference(model: nn.Module, names: Sequence[str], x: torch.Tensor) 
         grads = torch.autograd.grad(loss, [outputs[n] for n in names])
     for handle in handles:
         handle.remove()
-    return dict(zip(names, grads))
+    return dict(zip(names, grads, strict=True))
 
 
 def check(got: Mapping[str, Any] | None, expected: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None,
