@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in names:
         start = time.perf_counter()
+        torch._dynamo.reset()  # each case compiles from a clean slate (no dynamic shapes carried over)
         try:
             rows += CASES[name](profile, device)
         except Exception as e:  # one broken case must not hide the others

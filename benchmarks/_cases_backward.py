@@ -118,11 +118,11 @@ def backward(profile: Profile, device: torch.device) -> list[Row]:
     rows = compare(f"5 backward eager · {label}", eager, reference, profile, device, rtol=1e-5, atol=1e-7)
 
     def compiled(module: nn.Module, **kwargs: Any) -> Call:
-        return torch.compile(module, backend=profile.compile_backend, **kwargs)
+        return torch.compile(module, backend=profile.backward_compile_backend, **kwargs)
 
     entries = [compile_contender(name, setup, profile, cold=False)[0]
                for name, setup in _setups(model, names, x, compiled).items()]
-    rows += compare(f"5 backward torch.compile ({profile.compile_backend}) · {label}", entries, reference, profile,
+    rows += compare(f"5 backward torch.compile ({profile.backward_compile_backend}) · {label}", entries, reference, profile,
                     device, rtol=RTOL, atol=ATOL)
     return rows
 

@@ -15,6 +15,7 @@ class Profile:
     reps: int
     warmup: int
     compile_backend: str
+    backward_compile_backend: str  # CPU: aot_eager (inductor's C++ codegen of fwd+bwd takes minutes on 2 cores)
     fresh_compile_cache: bool  # cold inductor cache for each compiled contender (honest compile times)
     isolate_memory: bool  # measure memory in a fresh process per contender
     slow_every: int  # TorchLens takes part in every n-th repetition only
@@ -47,7 +48,7 @@ class Profile:
 
 
 _CPU = Profile(
-    name="cpu", reps=9, warmup=2, compile_backend="inductor", fresh_compile_cache=True, isolate_memory=True,
+    name="cpu", reps=9, warmup=2, compile_backend="inductor", backward_compile_backend="aot_eager", fresh_compile_cache=True, isolate_memory=True,
     slow_every=3, torchlens=True, threads=None,
     resnet="resnet50", eager_b=2, eager_r=128, taps_r=64, trunc_b=2, trunc_r=128,
     vgg="vgg19", vgg_b=1, vgg_r=96,
@@ -59,7 +60,7 @@ _CPU = Profile(
 )
 
 _CUDA = dataclasses.replace(
-    _CPU, name="cuda", reps=30, warmup=5, slow_every=10,
+    _CPU, name="cuda", reps=30, warmup=5, slow_every=10, backward_compile_backend="inductor",
     eager_b=4, eager_r=224, taps_r=64, trunc_b=4, trunc_r=224, vgg_b=4, vgg_r=224,
     compile_b=8, compile_r=112, backward_b=16, backward_r=224,
     memory_b=16, memory_r=224, memory_steps=8,
@@ -68,7 +69,7 @@ _CUDA = dataclasses.replace(
 )
 
 _QUICK = Profile(
-    name="quick", reps=1, warmup=0, compile_backend="eager", fresh_compile_cache=False, isolate_memory=False,
+    name="quick", reps=1, warmup=0, compile_backend="eager", backward_compile_backend="eager", fresh_compile_cache=False, isolate_memory=False,
     slow_every=1, torchlens=False, threads=1,
     resnet="resnet_tiny", eager_b=1, eager_r=32, taps_r=32, trunc_b=1, trunc_r=32,
     vgg="", vgg_b=1, vgg_r=32,
