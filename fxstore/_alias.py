@@ -50,7 +50,7 @@ _INPLACE_OPERATORS = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)

@@ -14,9 +14,13 @@ module call is each value computed inside the call and used outside it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import itertools
+import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -72,7 +76,8 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], trai
         TraceError: with the exporter's reason.
     """
     try:
-        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with _quiet_torch_logs():
+            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # export raises anything the model's code raises, and its own errors
         raise TraceError(
             f"torch.export could not export {type(model).__name__}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -96,6 +101,31 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], trai
     module_names = {id(m): name for name, m in model.named_modules()}
     traced = Traced(graph, model, names, module_calls, module_names, training)
     return Exported(traced, module._in_spec, module._out_spec, constants)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silence torch while exporting: a failed export prints (and logs) the partial graph.
+
+    The failure itself reaches the user as a :class:`TraceError` (or as the reason the
+    automatic choice moved on), so nothing is lost.
+    """
+    handlers = {h for name, logger in logging.root.manager.loggerDict.items()
+                if name.startswith("torch") and isinstance(logger, logging.Logger) for h in logger.handlers}
+    drop = _DropAll()
+    for handler in handlers:
+        handler.addFilter(drop)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(drop)
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
 
 
 def _node_names(graph: fx.Graph) -> dict[fx.Node, str]:

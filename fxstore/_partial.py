@@ -10,7 +10,7 @@ At call time the model runs on a *shadow* tree: shallow copies of the Python mod
 whose ``_modules`` point at the rewritten subtrees instead of the originals, so the
 user's model is never changed. Each rewritten subtree returns its normal output to the
 Python code around it and hands its features to a collector; calls after the first get
-the fx suffix for repeated calls (``rpn.head.conv_1``, ``rpn.head.conv_2``, ...).
+``@`` and the run's index (``rpn.head.conv@1``, ``rpn.head.conv@2``, ...).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils import _pytree
 
 from . import _rewrite
 from ._selection import Selected
-from ._tracing import TraceOptions, Traced, shadow_of, trace
+from ._tracing import Traced, TraceOptions, shadow_of, trace
 from .errors import ConfigError, TraceError
 
 __all__ = ["PartialTrace", "PartialRunner", "trace_partial"]
@@ -168,11 +168,15 @@ def _store(value: torch.Tensor, policy: Mapping[str, Any]) -> torch.Tensor:
 
 
 def call_key(key: str, call: int) -> str:
-    """The key of a feature in the ``call``-th call of its module (``conv:0`` -> ``conv_1:0``)."""
+    """The key of a feature in the ``call``-th run of its traced subtree (``conv:0`` -> ``conv@1:0``).
+
+    ``@`` (torch.export's own mark for repeated module calls) keeps these apart from the fx
+    suffixes for repeated calls inside one graph (``conv_1``).
+    """
     if call == 0:
         return key
     base, sep, index = key.partition(":")
-    return f"{base}_{call}{sep}{index}"
+    return f"{base}@{call}{sep}{index}"
 
 
 class PartialRunner:

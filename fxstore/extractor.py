@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,7 +52,7 @@ class _Program:
     grad_keys: tuple[str, ...]
     labels: dict[str, tuple[str, ...]]  # label (alias or spec) -> feature keys
     grad_labels: dict[str, tuple[str, ...]]  # label -> tapped keys (without the suffix)
-    report: TraceReport = dataclasses.field(default_factory=lambda: TraceReport("fx", (), {}, {}))
+    report: TraceReport = dataclasses.field(default_factory=lambda: TraceReport("fx", (), {}, {}, ()))
     runner: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None
 
 
@@ -65,12 +66,14 @@ class TraceReport:
         names: Every selectable node name, in graph order.
         reasons: Frontend tried first -> why it could not capture the model.
         python_modules: For ``"partial"``: module kept as Python -> why fx could not trace it.
+        modules: Module paths whose output can be selected, in graph order.
     """
 
     frontend: str
     names: tuple[str, ...]
     reasons: dict[str, str]
     python_modules: dict[str, str]
+    modules: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"frontend: {self.frontend} ({len(self.names)} nodes)"]
@@ -293,7 +296,7 @@ class FeatureExtractor(nn.Module):
             grad_keys=tuple(s.key + GRAD_SUFFIX for s in tapped),
             labels=_by_label(selected),
             grad_labels=_by_label(tapped),
-            report=TraceReport("fx", tuple(traced.names.values()), {}, {}),
+            report=TraceReport("fx", tuple(traced.names.values()), {}, {}, tuple(traced.module_calls)),
         )
 
     def _build_export(self, training: bool, strict: bool, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> _Program:
@@ -318,7 +321,7 @@ class FeatureExtractor(nn.Module):
         return _Program(
             code=None, keys=keys, grad_keys=grad_keys, labels=_by_label(selected), grad_labels=_by_label(tapped),
             report=TraceReport("export", tuple(exported.traced.names.values()),
-                               dict(self._fx_failures.get(training, {})), {}),
+                               dict(self._fx_failures.get(training, {})), {}, tuple(exported.traced.module_calls)),
             runner=runner,
         )
 
@@ -336,7 +339,8 @@ class FeatureExtractor(nn.Module):
         return _Program(
             code=None, keys=runner.keys, grad_keys=runner.grad_keys,
             labels=_by_label(selected), grad_labels=_by_label(tapped),
-            report=TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons)),
+            report=TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons),
+                               tuple(plan.traced.module_calls)),
             runner=run,
         )
 
@@ -442,6 +446,21 @@ class FeatureExtractor(nn.Module):
             "Hint: read features by key, module object or the name you selected it with."
         )
 
+    def _labelled(self, features: Mapping[str, Any], grads: bool = False) -> dict[str, list[Any]]:
+        """``{label: [value, ...]}`` in call order, repeated runs of partially traced parts included."""
+        program = self._fx_programs[self.training]
+        labels = program.grad_labels if grads else program.labels
+        suffix = GRAD_SUFFIX if grads else ""
+        out: dict[str, list[Any]] = {}
+        for label, keys in labels.items():
+            values = out.setdefault(label, [])
+            for run in itertools.count():
+                found = [v for k in keys for v in _values(features, _partial.call_key(k, run), suffix)]
+                if not found:
+                    break
+                values += found
+        return out
+
     @staticmethod
     def gradients(features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Gradients of the tapped layers, read after ``backward()``.
@@ -480,6 +499,19 @@ class FeatureExtractor(nn.Module):
     def extra_repr(self) -> str:
         program = self._fx_programs[self.training]
         return f"features={list(program.keys)}, grads={[k[:-len(GRAD_SUFFIX)] for k in program.grad_keys]}"
+
+
+def _values(features: Mapping[str, Any], key: str, suffix: str) -> list[Any]:
+    """The value stored under ``key``, or the values of its outputs ``key:0``, ``key:1``, ... ."""
+    if key + suffix in features:
+        return [features[key + suffix]]
+    parts = []
+    for i in itertools.count():
+        name = f"{key}:{i}{suffix}"
+        if name not in features:
+            return parts
+        parts.append(features[name])
+    return parts
 
 
 def _by_label(selected: list[Selected]) -> dict[str, tuple[str, ...]]:
