@@ -566,11 +566,14 @@ def trace_report(
         TraceError: when no frontend can capture the model (naming each frontend's reason).
 
     Example:
-        >>> import torchvision, fxstore
+        >>> import torchvision
+        >>> from fxstore.extractor import trace_report  # also fxstore.trace_report
         >>> model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
-        >>> report = fxstore.trace_report(model, frontend="partial")
-        >>> report.frontend, "backbone.features.0.0.0" in report.names, report.python_modules["head"][:30]
-        ('partial', True, 'Proxy object cannot be iterated')
+        >>> report = trace_report(model, frontend="partial")
+        >>> report.frontend, report.python_modules["head"]
+        ('partial', 'Proxy object cannot be iterated')
+        >>> "backbone.features.0.0" in report.names  # the traced backbone, named with its path
+        True
     """
     modes = {m: m.training for m in model.modules()}
     try:
