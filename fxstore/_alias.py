@@ -79,7 +79,7 @@ class AliasAnalysis:
             written = self._written_value(node)
             if written is not None:
                 self._writes[node] = written
-                if node.op == "call_module" or node.op == "call_method":
+                if node.op in ("call_module", "call_method") or isinstance(node.target, torch._ops.OpOverload):
                     self._union(node, written)  # ``relu_`` returns the tensor it wrote to
         self._write_positions: dict[fx.Node, list[int]] = {}
         for node, written in self._writes.items():
@@ -112,6 +112,8 @@ class AliasAnalysis:
         first = node.args[0] if node.args else None
         if not isinstance(first, fx.Node):
             return None
+        if isinstance(node.target, torch._ops.OpOverload):
+            return _aten_view_source(node)
         if node.op == "call_method" and node.target in _VIEW_METHODS:
             return first
         if node.op == "call_function" and node.target in _VIEW_FUNCTIONS:
@@ -139,6 +141,8 @@ class AliasAnalysis:
         if node.op != "call_function":
             return None
         target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return _aten_written(node)
         if target in _INPLACE_OPERATORS:
             return first
         name = getattr(target, "__name__", "")
@@ -161,3 +165,37 @@ class AliasAnalysis:
             return self._root.get_submodule(str(node.target))
         except AttributeError:
             return None
+
+
+# -- ATen operators (the torch.export frontend): read the schema's alias annotations -----------
+
+
+def _aten_arguments(node: fx.Node) -> list[tuple[torch._C.Argument, Any]]:
+    """``(schema argument, value)`` pairs of an ATen call, keyword arguments included."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    pairs = []
+    for index, argument in enumerate(schema.arguments):
+        if index < len(node.args):
+            pairs.append((argument, node.args[index]))
+        elif argument.name in node.kwargs:
+            pairs.append((argument, node.kwargs[argument.name]))
+    return pairs
+
+
+def _aten_view_source(node: fx.Node) -> fx.Node | None:
+    """The input a view op (``Tensor(a) self -> Tensor(a)``) returns an alias of."""
+    returned = {a for r in node.target._schema.returns if r.alias_info is not None  # type: ignore[union-attr]
+                for a in r.alias_info.before_set}
+    for argument, value in _aten_arguments(node):
+        info = argument.alias_info
+        if info is not None and not info.is_write and returned & set(info.before_set) and isinstance(value, fx.Node):
+            return value
+    return None
+
+
+def _aten_written(node: fx.Node) -> fx.Node | None:
+    """The input an in-place or ``out=`` op (``Tensor(a!) self``) writes into."""
+    for argument, value in _aten_arguments(node):
+        if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
+            return value
+    return None

@@ -17,7 +17,7 @@ generated code reads (abridged)::
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from ._alias import AliasAnalysis
 
-__all__ = ["grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune"]
+__all__ = ["grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune", "capture", "code_module"]
 
 
 def grad_probe(value: torch.Tensor) -> torch.Tensor:
@@ -146,3 +146,45 @@ def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
     for node in reversed(list(graph.nodes)):
         if node not in live:
             graph.erase_node(node)
+
+
+def capture(
+    graph: fx.Graph,
+    root: nn.Module,
+    features: Sequence[fx.Node],
+    taps: Sequence[fx.Node],
+    policy: Mapping[str, Any],
+) -> None:
+    """All passes in order: tap gradients, store features, set the outputs, prune.
+
+    Args:
+        graph: The traced graph, changed in place.
+        root: The module owning the graph's ``call_module`` targets.
+        features: Nodes to store, in key order.
+        taps: Nodes whose gradients are tapped, in key order.
+        policy: ``keep_output``, ``detach``, ``transform``, ``dtype``, ``device``, ``non_blocking``.
+    """
+    probes = add_grad_taps(graph, taps)
+    stored = store_features(
+        graph, features, AliasAnalysis(graph, root),
+        detach=policy["detach"], transform=policy["transform"], dtype=policy["dtype"],
+        device=policy["device"], non_blocking=policy["non_blocking"],
+    )
+    set_outputs(graph, [stored[n] for n in features], [probes[n] for n in taps], policy["keep_output"])
+    prune(graph, AliasAnalysis(graph, root))
+    graph.lint()
+
+
+def code_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule used only to generate (and pickle) the code of ``graph``.
+
+    Its attributes are empty placeholders: the code runs with the extractor (or a shadow
+    of a submodule) as ``self``, so every module and tensor is looked up on live objects.
+    """
+    targets: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            targets[node.target] = nn.Module()
+        elif node.op == "get_attr":
+            targets[node.target] = torch.empty(0)
+    return fx.GraphModule(targets, graph, "FxStoreProgram")

@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.utils import _pytree
 from torchvision.models import feature_extraction as _tv
 
+from ._registry import notrace_functions, notrace_modules
 from .errors import TraceError
 
 __all__ = ["TraceOptions", "Traced", "trace", "shadow_of"]
@@ -53,10 +54,12 @@ class TraceOptions:
         )
 
     def tracer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the tracer, with torchvision's defaults added."""
-        kwargs: dict[str, Any] = {"autowrap_functions": self.autowrap_functions}
-        if self.leaf_modules:
-            kwargs["leaf_modules"] = list(self.leaf_modules)
+        """Keyword arguments for the tracer, with torchvision's defaults and timm's registries added."""
+        functions = self.autowrap_functions + tuple(f for f in notrace_functions() if f not in self.autowrap_functions)
+        leaves = self.leaf_modules + tuple(m for m in notrace_modules() if m not in self.leaf_modules)
+        kwargs: dict[str, Any] = {"autowrap_functions": functions}
+        if leaves:
+            kwargs["leaf_modules"] = list(leaves)
         if self.autowrap_modules:
             kwargs["autowrap_modules"] = tuple(self.autowrap_modules)
         return _tv._set_default_tracer_kwargs(kwargs)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._selection import canonical_specs, spec_label
 from .errors import ConfigError, GradientNotReadyError, LayerNotFoundError
-from .extractor import GRAD_SUFFIX, FeatureExtractor
+from .extractor import FeatureExtractor
 
 __all__ = ["ForwardModuleStorage", "BackwardModuleStorage", "StorageBase", "GroupView"]
 
@@ -183,10 +183,7 @@ class _FxStorage(StorageBase):
 
     def _collect(self, extractor: FeatureExtractor, features: dict[str, torch.Tensor],
                  grads: bool = False) -> dict[str, list[Any]]:
-        program = extractor._fx_programs[extractor.training]
-        labels = program.grad_labels if grads else program.labels
-        suffix = GRAD_SUFFIX if grads else ""
-        return {label: [features[k + suffix] for k in keys] for label, keys in labels.items()}
+        return extractor._labelled(features, grads)
 
     @property
     def extractors(self) -> dict[str | None, FeatureExtractor]:

@@ -1,0 +1,33 @@
+"""The coverage zoo (slow): every torchvision detection, optical-flow and video model, the timm and
+Hugging Face samples, each checked by :func:`fxstore.coverage.check`: output bit-equal to the plain
+model and a random sample of module outputs equal to forward hooks on the plain model.
+
+Detection and optical-flow models are checked with the partial frontend directly (the automatic
+choice tries torch.export first, which costs ~5-20 s per model before it fails; that choice is
+tested once in ``test_partial.py``). Classification and segmentation models are the core zoo test.
+"""
+
+import pytest
+
+from fxstore import coverage
+
+CASES = {c.name: c for c in coverage.cases()}
+ZOO = [n for n in CASES if n.split("/")[0] in ("detection", "optical_flow", "video", "timm", "hf")]
+EXPECTED = {"detection": "partial", "optical_flow": "partial", "video": "fx", "timm": "fx", "hf": "export"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_model_is_captured_and_verified(name):
+    group = name.split("/")[0]
+    frontend = "partial" if group in ("detection", "optical_flow") else "auto"
+    row = coverage.check(CASES[name], frontend=frontend)
+    assert row.frontend == EXPECTED[group], row.note
+    assert row.verified, row.note
+
+
+def test_table_has_a_summary_and_a_row_per_model():
+    rows = [coverage.Row("hf/gpt2", "export", 161, True, "", 1.0), coverage.Row("hf/bert", "-", 0, False, "x", 1.0)]
+    text = coverage.table(rows)
+    assert "| hf | 1 / 2 | -: 1, export: 1 |" in text
+    assert "| hf/bert | - | 0 | NO | x |" in text
