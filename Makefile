@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision are pinned here (not in pyproject.toml) so the library keeps ranges.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench coverage clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m fxstore.demo
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks
+
+coverage: $(VENV)/.installed
+	$(PY) -m fxstore.coverage
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fxstore tests benchmarks

@@ -1,5 +1,7 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
+from ._outdir import OutputError
+from .dataset import extract_dataset
 from .errors import (
     ConfigError,
     FxStoreError,
@@ -8,8 +10,6 @@ from .errors import (
     LayerNotFoundError,
     TraceError,
 )
-from ._outdir import OutputError
-from .dataset import extract_dataset
 from .extractor import FeatureExtractor, node_names
 from .hooks import HookBackwardModuleStorage, HookForwardModuleStorage
 from .manifest import read_manifest

@@ -197,8 +197,15 @@ def test_untraceable_model_names_the_module_and_leaves_no_trace():
     model = Untraceable()
     attrs = {n: set(vars(m)) for n, m in model.named_modules()}
     with pytest.raises(fxstore.TraceError, match=r"(?s)module 'gate' \(Gate\).*leaf_modules=\[Gate\].*HookForwardModuleStorage"):
-        fxstore.FeatureExtractor(model, ["stem"])
+        fxstore.FeatureExtractor(model, ["stem"], frontend="fx")
     assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
+
+
+def test_auto_frontend_falls_back_for_untraceable_models():
+    model = Untraceable()
+    x = torch.randn(2, 4)
+    out, feats = fxstore.FeatureExtractor(model, ["stem"])(x)
+    assert torch.equal(out, model(x)) and torch.equal(feats["stem"], model.stem(x))
 
 
 def test_leaf_modules_make_it_traceable():
