@@ -534,7 +534,8 @@ def _allow_probes_under_compile() -> None:
 
     Dynamo graph-breaks on ``nn.Parameter(...)`` by default; its documented escape hatch
     lifts the new parameter to a graph input instead, which is exactly what a gradient
-    probe needs. fxstore turns it on only when an extractor taps gradients.
+    probe needs. Probes need static shapes, so automatic dynamic shapes are turned off too
+    (a new batch size recompiles). fxstore does this only when an extractor taps gradients.
     """
     global _PROBES_ALLOWED
     if _PROBES_ALLOWED:
@@ -542,6 +543,9 @@ def _allow_probes_under_compile() -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.graph_break_on_nn_param_ctor = False
+    # A probe is a graph input shaped like the probed value, and dynamo can only create it for
+    # a static shape: recompile per new input shape instead of switching to dynamic shapes.
+    dynamo_config.automatic_dynamic_shapes = False
     _PROBES_ALLOWED = True
 
 

@@ -62,6 +62,20 @@ def test_compiled_gradients_equal_autograd_grad(resnet):
     resnet.zero_grad(set_to_none=True)
 
 
+def test_compiled_taps_survive_a_new_batch_size():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    ex = fxstore.FeatureExtractor(model, [], grads=["conv2"])
+    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    for batch in (2, 4, 3):  # a ragged last batch included
+        x = torch.rand(batch, 3, 8, 8)
+        out, feats = compiled(x)
+        scalar_loss(out).backward()
+        ref = node_grads(model, x, ["conv2"], scalar_loss)["conv2"]
+        torch.testing.assert_close(ex.gradients(feats)["conv2"], ref, rtol=1e-5, atol=1e-7)
+        model.zero_grad(set_to_none=True)
+
+
 def test_taps_leave_parameter_gradients_unchanged():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).train()
