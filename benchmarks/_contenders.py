@@ -154,4 +154,4 @@ def torchlens(model: nn.Module, names: Sequence[str], x: torch.Tensor, every: in
         return {n: trace[n].out for n in names}
 
     return Contender(name, run, every=every, note=f"torchlens {tl.__version__}" + (
-        f", every {every}th repetition" if every > 1 else ""))
+        f", 1 in {every} repetitions" if every > 1 else ""))
