@@ -21,7 +21,8 @@ demo: $(VENV)/.installed
 	$(PY) -m fxstore.demo
 
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 coverage: $(VENV)/.installed
 	$(PY) -m fxstore.coverage
