@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch._dynamo
 import torchvision
+from _reference import node_grads, node_values, scalar_loss
 from torch import nn
 
 import fxstore
-
-from ._reference import node_grads, node_values, scalar_loss
 
 pytestmark = [pytest.mark.compile, pytest.mark.xdist_group("compile")]
 

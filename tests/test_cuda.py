@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch._dynamo
 import torchvision
+from _reference import node_grads, scalar_loss
 
 import fxstore
-
-from ._reference import node_grads, scalar_loss
 
 pytestmark = [
     pytest.mark.cuda,

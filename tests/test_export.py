@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from _hooks import hooked_grads, hooked_outputs
 from torch import nn
 
 import fxstore
 from fxstore.extractor import FeatureExtractor, trace_report
-
-from ._hooks import hooked_grads, hooked_outputs
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,11 +7,10 @@ import pickle
 import pytest
 import torch
 import torchvision
+from _reference import hook_outputs, node_values
 from torch import nn
 
 import fxstore
-
-from ._reference import hook_outputs, node_values
 
 
 @pytest.fixture(scope="module")

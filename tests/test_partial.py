@@ -5,13 +5,12 @@ import warnings
 import pytest
 import torch
 import torchvision
+from _hooks import hooked_grads, hooked_outputs
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxstore
 from fxstore.extractor import FeatureExtractor, trace_report
-
-from ._hooks import hooked_grads, hooked_outputs
 
 
 class Head(nn.Module):

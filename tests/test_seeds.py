@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torchvision
+from _reference import hook_outputs
 
 import fxstore
-
-from ._reference import hook_outputs
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torchvision
+from _reference import node_values
 from torch import nn
 from torchvision.models.feature_extraction import get_graph_node_names
 
 import fxstore
-
-from ._reference import node_values
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from _hooks import hooked_outputs
 
 import fxstore
 from fxstore import _registry
 from fxstore._tracing import TraceOptions
 from fxstore.extractor import FeatureExtractor
-
-from ._hooks import hooked_outputs
 
 timm = pytest.importorskip("timm")
 

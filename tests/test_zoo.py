@@ -16,12 +16,11 @@ import random
 import pytest
 import torch
 import torchvision.models as M
+from _reference import node_grads, node_values, scalar_loss
 from torch.utils._pytree import tree_leaves
 from torchvision.models.feature_extraction import get_graph_node_names
 
 import fxstore
-
-from ._reference import node_grads, node_values, scalar_loss
 
 CLASSIFICATION = M.list_models(module=M)
 SEGMENTATION = M.list_models(module=M.segmentation)
