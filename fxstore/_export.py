@@ -94,6 +94,7 @@ def export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], trai
         if node.op == "get_attr" and not _has_attr(model, str(node.target)):
             name = f"_fx_const_{next(_CONSTANTS)}"
             constants[name] = _get_attr(module, str(node.target))
+            setattr(module, name, constants[name])  # the graph's owning module must have it too (lint)
             node.target = name
     graph._codegen = fx.graph.CodeGen()  # flat inputs and outputs: fxstore handles the pytrees
     names = _node_names(graph)

@@ -139,6 +139,7 @@ def trace(model: nn.Module, options: TraceOptions, training: bool | None = None,
     try:
         graph = tracer.trace(shadow, concrete_args=options.concrete_args)
     except Exception as e:  # the tracer raises anything the model's code raises
+        _forget_cached_proxies(model)
         where = tracer.failed_module or "<model>"
         kind = type(model.get_submodule(where)).__name__ if where != "<model>" and _has(model, where) else type(model).__name__
         raise TraceError(
@@ -148,8 +149,23 @@ def trace(model: nn.Module, options: TraceOptions, training: bool | None = None,
             "autowrap_functions=[...], fix arguments with concrete_args={...}, or capture this "
             "model with the hook backend (fxstore.HookForwardModuleStorage)."
         ) from e
+    _forget_cached_proxies(model)
     module_names = {id(m): name for name, m in model.named_modules()}
     return Traced(graph, shadow, dict(tracer.node_to_qualname), tracer.module_calls, module_names, training)
+
+
+def _forget_cached_proxies(model: nn.Module) -> None:
+    """Remove the proxies a model's code cached on its (shared) submodules while being traced.
+
+    Some models memoise tensors in a dict on the module (timm's LeViT caches attention
+    biases per device); traced, that cache keeps a proxy of a finished graph, and the next
+    trace would reuse it. Dropping those entries keeps the user's model as it was.
+    """
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, dict) and any(isinstance(v, fx.Proxy) for v in value.values()):
+                for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                    del value[key]
 
 
 def _has(model: nn.Module, name: str) -> bool:

@@ -94,8 +94,7 @@ def _torchvision_cases() -> list[Case]:
 
     def video(name: str) -> Case:
         def build() -> tuple[nn.Module, Inputs]:
-            shape = (1, 3, 16, 224, 224) if name.startswith("mvit") else (1, 3, 8, 112, 112) \
-                if name == "s3d" else (1, 3, 8, 32, 32)
+            shape = (1, 3, 16, 224, 224) if name.startswith("mvit") or name == "s3d" else (1, 3, 8, 32, 32)
             if name.startswith("swin3d"):
                 shape = (1, 3, 4, 64, 64)
             return M.get_model(name, weights=None), ((torch.rand(*shape),), {})

