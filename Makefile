@@ -25,7 +25,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 coverage: $(VENV)/.installed
-	$(PY) -m fxstore.coverage
+	$(PY) -m fxstore.coverage --write docs/coverage.md
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check fxstore tests benchmarks

@@ -10,7 +10,7 @@ from .errors import (
     LayerNotFoundError,
     TraceError,
 )
-from .extractor import FeatureExtractor, node_names
+from .extractor import FeatureExtractor, TraceReport, node_names, trace_report
 from .hooks import HookBackwardModuleStorage, HookForwardModuleStorage
 from .manifest import read_manifest
 from .reader import ShardedArray, load_features
@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FeatureExtractor",
     "node_names",
+    "trace_report",
+    "TraceReport",
     "ForwardModuleStorage",
     "BackwardModuleStorage",
     "HookForwardModuleStorage",
