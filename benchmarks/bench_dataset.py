@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from fxstore.cli.models import load_model
 from fxstore.dataset import extract_dataset
-from fxstore.models import load_model
 
 
 def _run(model: torch.nn.Module, data: TensorDataset, out: Path, args: argparse.Namespace, overlap: bool) -> float:

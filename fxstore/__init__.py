@@ -1,7 +1,7 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
-from ._outdir import OutputError
-from .dataset import extract_dataset
+from .capture import FeatureExtractor, TraceReport, node_names, trace_report
+from .dataset import OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
     FxStoreError,
@@ -10,11 +10,7 @@ from .errors import (
     LayerNotFoundError,
     TraceError,
 )
-from .extractor import FeatureExtractor, TraceReport, node_names, trace_report
-from .hooks import HookBackwardModuleStorage, HookForwardModuleStorage
-from .manifest import read_manifest
-from .reader import ShardedArray, load_features
-from .storage import BackwardModuleStorage, ForwardModuleStorage
+from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 __version__ = "0.1.0"
 

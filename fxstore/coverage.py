@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .extractor import FeatureExtractor, trace_report
+from .capture.extractor import FeatureExtractor, trace_report
 
 __all__ = ["Case", "Row", "cases", "check", "table", "main"]
 

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli import main as cli
+from .cli._main import main as cli
 
 __all__ = ["main"]
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(manifest, indent=2))
         print("\n# load it (lazy, rows in sample order):")
         print(f">>> feats = fxstore.load_features({str(out)!r})")
-        from .reader import load_features
+        from .dataset.reader import load_features
 
         feats = load_features(out)
         print(">>> {k: v.shape for k, v in feats.items()}")

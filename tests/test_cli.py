@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import fxstore
-from fxstore._reduce import global_avg_pool
 from fxstore.cli import main
-from fxstore.models import load_model
-from fxstore.reader import load_features
-from fxstore.sources import open_source
+from fxstore.cli.models import load_model
+from fxstore.cli.sources import open_source
+from fxstore.dataset._reduce import global_avg_pool
+from fxstore.dataset.reader import load_features
 
 HELPERS = Path(__file__).parent
 

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from fxstore import ConfigError, FeatureExtractor, LayerNotFoundError
-from fxstore._outdir import OutputError
 from fxstore.dataset import extract_dataset
-from fxstore.reader import ShardedArray, load_features
+from fxstore.dataset._outdir import OutputError
+from fxstore.dataset.reader import ShardedArray, load_features
 
 FORMATS = ["safetensors", "npy"]
 
@@ -196,7 +196,7 @@ def test_unwritable_output_is_refused_before_computing(tmp_path):
 def test_too_little_disk_space_is_refused_before_computing(tmp_path, monkeypatch):
     import shutil
 
-    import fxstore._outdir as outdir
+    import fxstore.dataset._outdir as outdir
 
     monkeypatch.setattr(outdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
     with pytest.raises(OutputError, match=r"needs about 2\.0 KiB but its disk has 100\.0 B free"):

@@ -9,7 +9,7 @@ from dataset_helpers import LAYERS, Images, shard_bytes, toy_model
 
 from fxstore import FeatureExtractor
 from fxstore.dataset import extract_dataset
-from fxstore.reader import load_features
+from fxstore.dataset.reader import load_features
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dataset_helpers import run_extraction, shard_bytes
 
-from fxstore.reader import load_features
+from fxstore.dataset.reader import load_features
 
 HELPERS = Path(__file__).with_name("dataset_helpers.py")
 

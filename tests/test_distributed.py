@@ -13,7 +13,7 @@ import pytest
 from dataset_helpers import shard_bytes
 
 from fxstore.cli import main
-from fxstore.reader import load_features
+from fxstore.dataset.reader import load_features
 
 HELPERS = Path(__file__).parent
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxstore
-from fxstore.extractor import FeatureExtractor, trace_report
+from fxstore.capture.extractor import FeatureExtractor, trace_report
 
 
 class Head(nn.Module):

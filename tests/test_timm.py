@@ -6,8 +6,8 @@ from _hooks import hooked_outputs
 
 import fxstore
 from fxstore import _registry
-from fxstore._tracing import TraceOptions
-from fxstore.extractor import FeatureExtractor
+from fxstore.capture._tracing import TraceOptions
+from fxstore.capture.extractor import FeatureExtractor
 
 timm = pytest.importorskip("timm")
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .extractor import FeatureExtractor
+from ..capture.extractor import FeatureExtractor
+from ..errors import ConfigError
 
 __all__ = ["REDUCTIONS", "global_avg_pool", "global_max_pool", "flatten", "build_extractors"]
 

@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["load_model"]
 
@@ -41,7 +41,7 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *, seed
 
     Example:
         >>> import torch
-        >>> from fxstore.models import load_model
+        >>> from fxstore.cli.models import load_model
         >>> a, b = load_model("resnet18"), load_model("resnet18")
         >>> torch.equal(a.conv1.weight, b.conv1.weight), a.training
         (True, False)

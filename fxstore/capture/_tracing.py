@@ -23,8 +23,8 @@ from torch import fx, nn
 from torch.utils import _pytree
 from torchvision.models import feature_extraction as _tv
 
+from ..errors import TraceError
 from ._registry import notrace_functions, notrace_modules
-from .errors import TraceError
 
 __all__ = ["TraceOptions", "Traced", "trace", "shadow_of"]
 

@@ -26,8 +26,8 @@ import torch
 from numpy.lib.format import open_memmap
 from safetensors.torch import save as safetensors_bytes
 
+from ..errors import ConfigError
 from ._outdir import atomic_write
-from .errors import ConfigError
 
 __all__ = ["ArraySpec", "Sink", "SafetensorsSink", "NpySink", "SINKS", "file_stem"]
 

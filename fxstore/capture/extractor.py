@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
 from . import _export, _partial, _rewrite
 from ._selection import Layers, Selected, canonical_specs, resolve, spec_label
 from ._tracing import TraceOptions, trace
-from .errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "GRAD_SUFFIX"]
 
@@ -573,7 +573,7 @@ def trace_report(
 
     Example:
         >>> import torchvision
-        >>> from fxstore.extractor import trace_report  # also fxstore.trace_report
+        >>> from fxstore.capture.extractor import trace_report  # also fxstore.trace_report
         >>> model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
         >>> report = trace_report(model, frontend="partial")
         >>> report.frontend, report.python_modules["head"]

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._selection import ModuleRef, canonical_specs, spec_label
-from .errors import GradientNotReadyError, InvalidLayerError, LayerNotFoundError
-from .storage import StorageBase
+from ..capture._selection import ModuleRef, canonical_specs, spec_label
+from ..errors import GradientNotReadyError, InvalidLayerError, LayerNotFoundError
+from ._fx import StorageBase
 
 __all__ = ["HookForwardModuleStorage", "HookBackwardModuleStorage"]
 

@@ -2,7 +2,7 @@
 
 Each batch goes to the device, through every extractor (features leave the graph already
 reduced, cast and, on CUDA, copied to pinned host memory without blocking), and is handed
-to the :class:`~fxstore._writer.BackgroundWriter`, which waits for the copy's event and
+to the :class:`~fxstore.dataset._writer.BackgroundWriter`, which waits for the copy's event and
 gives the rows to the sink while the next batch computes.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..capture.extractor import FeatureExtractor
+from ..errors import ConfigError, FxStoreError
 from . import _distributed
 from ._batches import Batch, Plan, batch_size_of, pick
 from ._outdir import os_errors
 from ._sinks import ArraySpec, Sink
 from ._writer import BackgroundWriter
-from .errors import ConfigError, FxStoreError
-from .extractor import FeatureExtractor
 
 __all__ = ["TARGET", "probe", "compute"]
 

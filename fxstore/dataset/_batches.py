@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Batch", "Plan", "pick", "make_plan"]
 

@@ -3,7 +3,7 @@
 ``ForwardModuleStorage`` and ``BackwardModuleStorage`` keep the calling conventions of
 hook-based storages (one input, a list of inputs, a named group of layers with its own
 input; ``storage[layer]``) on top of the pure :class:`~fxstore.FeatureExtractor`. The
-state handling is shared with the hook reference backend (:mod:`fxstore.hooks`).
+state handling is shared with the hook reference backend (:mod:`fxstore.storage.hooks`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._selection import canonical_specs, spec_label
-from .errors import ConfigError, GradientNotReadyError, LayerNotFoundError
-from .extractor import FeatureExtractor
+from ..capture._selection import canonical_specs, spec_label
+from ..capture.extractor import FeatureExtractor
+from ..errors import ConfigError, GradientNotReadyError, LayerNotFoundError
 
 __all__ = ["ForwardModuleStorage", "BackwardModuleStorage", "StorageBase", "GroupView"]
 

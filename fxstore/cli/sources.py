@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["open_source", "NpyDataset"]
 
@@ -43,7 +43,7 @@ def open_source(source: str | os.PathLike[str], image_size: int = 224) -> Datase
         ConfigError: the source does not exist or is not one of these forms.
 
     Example:
-        >>> from fxstore.sources import open_source
+        >>> from fxstore.cli.sources import open_source
         >>> data = open_source("fake:4", image_size=32)
         >>> len(data), tuple(data[0][0].shape)
         (4, (3, 32, 32))
@@ -83,7 +83,7 @@ class NpyDataset(Dataset[torch.Tensor]):
 
     Example:
         >>> import tempfile, numpy as np
-        >>> from fxstore.sources import NpyDataset
+        >>> from fxstore.cli.sources import NpyDataset
         >>> path = tempfile.mktemp(suffix=".npy"); np.save(path, np.ones((3, 2), np.float64))
         >>> ds = NpyDataset(path); len(ds), ds[0].dtype
         (3, torch.float32)

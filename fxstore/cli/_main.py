@@ -21,9 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from ..dataset._sinks import SINKS
+from ..errors import FxStoreError
 from ._node_table import format_table, node_rows
-from ._sinks import SINKS
-from .errors import FxStoreError
 
 __all__ = ["main"]
 
@@ -114,7 +114,7 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .dataset import extract_dataset
+    from ..dataset._extract import extract_dataset
     from .models import load_model
     from .sources import open_source
 
@@ -135,7 +135,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .manifest import read_manifest
+    from ..dataset.manifest import read_manifest
 
     manifest: dict[str, Any] = dict(read_manifest(args.out))
     manifest.pop("identity", None)

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import fx, nn
 
+from ..errors import ConfigError, InvalidLayerError, LayerNotFoundError
 from ._tracing import Traced
-from .errors import ConfigError, InvalidLayerError, LayerNotFoundError
 
 __all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "canonical_specs", "resolve", "spec_label"]
 

@@ -25,10 +25,10 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree
 
+from ..errors import ConfigError, TraceError
 from . import _rewrite
 from ._selection import Selected
 from ._tracing import Traced, TraceOptions, shadow_of, trace
-from .errors import ConfigError, TraceError
 
 __all__ = ["PartialTrace", "PartialRunner", "trace_partial"]
 

@@ -51,7 +51,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
     Example:
         >>> import copy, torch
-        >>> from fxstore.manifest import model_fingerprint
+        >>> from fxstore.dataset.manifest import model_fingerprint
         >>> a = torch.nn.Linear(2, 2)
         >>> model_fingerprint(a) == model_fingerprint(copy.deepcopy(a))
         True
@@ -75,7 +75,7 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     Example:
         >>> import tempfile, torch
         >>> from fxstore.dataset import extract_dataset
-        >>> from fxstore.manifest import read_manifest
+        >>> from fxstore.dataset.manifest import read_manifest
         >>> out = tempfile.mkdtemp()
         >>> _ = extract_dataset(torch.nn.Linear(4, 2), "linear", torch.rand(2, 3, 4), out, progress=False)
         >>> read_manifest(out)["num_samples"]
@@ -200,6 +200,6 @@ def write(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]
 
 
 def _fxstore_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

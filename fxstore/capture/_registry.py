@@ -32,7 +32,7 @@ def notrace_modules() -> tuple[type[nn.Module], ...]:
     """Module types registered as not traceable by installed, imported libraries (timm).
 
     Example:
-        >>> import timm, fxstore._registry as r
+        >>> import timm, fxstore.capture._registry as r
         >>> set(r.notrace_modules()) == set(timm.layers.get_notrace_modules())
         True
     """

@@ -11,8 +11,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ._tracing import TraceOptions, trace
-from .errors import ConfigError, TraceError
+from ..capture._tracing import TraceOptions, trace
+from ..errors import ConfigError, TraceError
 
 __all__ = ["node_rows", "format_table"]
 
@@ -58,7 +58,7 @@ def node_rows(model: nn.Module, pattern: str | None = None,
 
     Example:
         >>> import torchvision
-        >>> from fxstore._node_table import node_rows
+        >>> from fxstore.cli._node_table import node_rows
         >>> node_rows(torchvision.models.resnet18(), "layer4.1.relu*", (1, 3, 64, 64))
         [('layer4.1.relu', 'ReLU', '1x512x2x2'), ('layer4.1.relu_1', 'ReLU', '1x512x2x2')]
     """
@@ -92,7 +92,7 @@ def format_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...] = ("no
     """Rows as a left-aligned plain-text table with a header.
 
     Example:
-        >>> from fxstore._node_table import format_table
+        >>> from fxstore.cli._node_table import format_table
         >>> print(format_table([("conv1", "Conv2d", "1x64x32x32")]))
         node   kind    shape
         conv1  Conv2d  1x64x32x32

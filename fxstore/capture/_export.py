@@ -27,8 +27,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree
 
+from ..errors import TraceError
 from ._tracing import Traced
-from .errors import TraceError
 
 __all__ = ["Exported", "export", "signature"]
 

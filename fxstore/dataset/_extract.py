@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture._selection import Layers
+from ..capture.extractor import FeatureExtractor
+from ..errors import ConfigError, FxStoreError
 from . import _distributed, manifest
 from ._batches import Plan, make_plan
 from ._compute import TARGET, compute, probe
 from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
 from ._reduce import build_extractors
-from ._selection import Layers
 from ._sinks import SINKS, ArraySpec, Sink
-from .errors import ConfigError, FxStoreError
-from .extractor import FeatureExtractor
 
 __all__ = ["extract_dataset"]
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import FxStoreError
+from ..errors import FxStoreError
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_json", "check_writable", "check_free_space", "os_errors"]
 
