@@ -1,6 +1,6 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
-from .capture import FeatureExtractor, TraceReport, node_names, trace_report
+from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
 from .dataset import OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
@@ -19,6 +19,8 @@ __all__ = [
     "node_names",
     "trace_report",
     "TraceReport",
+    "FeatureKey",
+    "parse_key",
     "ForwardModuleStorage",
     "BackwardModuleStorage",
     "HookForwardModuleStorage",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,12 +26,12 @@ from torch.utils import _pytree
 
 from ..errors import ConfigError, TraceError
 from . import _rewrite
+from ._keys import GRAD_SUFFIX, call_key, output_key
+from ._policy import StoragePolicy
 from ._selection import Selected
 from ._tracing import Traced, TraceOptions, shadow_of, trace
 
 __all__ = ["PartialTrace", "PartialRunner", "trace_partial"]
-
-GRAD_SUFFIX = ":grad"
 
 
 @dataclasses.dataclass
@@ -154,31 +153,6 @@ def _output_leaves(graph: fx.Graph) -> tuple[fx.Node, ...]:
     return tuple(leaf for leaf in _pytree.tree_leaves(output.args[0]) if isinstance(leaf, fx.Node))
 
 
-def _store(value: torch.Tensor, policy: Mapping[str, Any]) -> torch.Tensor:
-    """The fx storage policy, applied eagerly to the output of a module run as Python."""
-    if policy["detach"]:
-        value = value.detach()
-    if policy["transform"] is not None:
-        value = policy["transform"](value)
-    if policy["dtype"] is not None:
-        value = value.to(dtype=policy["dtype"])
-    if policy["device"] is not None:
-        value = value.to(device=policy["device"], non_blocking=policy["non_blocking"])
-    return value
-
-
-def call_key(key: str, call: int) -> str:
-    """The key of a feature in the ``call``-th run of its traced subtree (``conv:0`` -> ``conv@1:0``).
-
-    ``@`` (torch.export's own mark for repeated module calls) keeps these apart from the fx
-    suffixes for repeated calls inside one graph (``conv_1``).
-    """
-    if call == 0:
-        return key
-    base, sep, index = key.partition(":")
-    return f"{base}@{call}{sep}{index}"
-
-
 class PartialRunner:
     """Runs a partially traced model on a shadow tree, collecting features from every part.
 
@@ -192,7 +166,7 @@ class PartialRunner:
     """
 
     def __init__(self, model: nn.Module, plan: PartialTrace, selected: list[Selected], tapped: list[Selected],
-                 policy: Mapping[str, Any], training: bool) -> None:
+                 policy: StoragePolicy, training: bool) -> None:
         self._policy = policy
         self._active: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
         self._warned: set[str] = set()
@@ -238,7 +212,7 @@ class PartialRunner:
                       features: list[Selected], taps: list[Selected]) -> None:
         """Rewrite one traced subtree and make its shadow run the rewritten code."""
         _rewrite.capture(part.graph, part.root, [s.node for s in features], [s.node for s in taps],
-                         {**self._policy, "keep_output": True})
+                         dataclasses.replace(self._policy, keep_output=True))
         code = type(_rewrite.code_module(part.graph)).forward
         shadow = part.root
         original = type(shadow).forward
@@ -267,10 +241,10 @@ class PartialRunner:
             output = original(shadow, *args, **kwargs)
             leaves, spec = _pytree.tree_flatten(output)
             tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-            values = [_store(leaves[i], policy) for i in tensors]
+            values = [policy.apply(leaves[i]) for i in tensors]
             probes: list[torch.Tensor] = []
             if grad_key is not None:
-                probes = [_rewrite.grad_probe(leaves[i]) for i in tensors]
+                probes = [_rewrite.grad_probe(leaves[i], None, 0) for i in tensors]
                 for i, probe in zip(tensors, probes):
                     leaves[i] = leaves[i] + probe
                 output = _pytree.tree_unflatten(leaves, spec)
@@ -320,7 +294,7 @@ class PartialRunner:
 def _expand(key: str | None, count: int) -> list[str]:
     if key is None:
         return []
-    return [key] if count == 1 else [f"{key}:{i}" for i in range(count)]
+    return [key] if count == 1 else [output_key(key, i) for i in range(count)]
 
 
 def _positions(module: nn.Module, concrete: dict[str, Any]) -> dict[str, int]:

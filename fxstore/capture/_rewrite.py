@@ -5,11 +5,11 @@ model into ``forward(x) -> (output, (feature, ...), (probe, ...))``. For a resne
 ``layer1`` selected, gradients tapped at ``layer1`` and the final output dropped, the
 generated code reads (abridged)::
 
-    def forward(self, x):
+    def forward(self, x, fxstore_probes = None):
         conv1 = self.conv1(x)
         ...
         layer1_2_relu_2 = getattr(self.layer1, "2").relu(add_2)
-        grad_probe = fxstore__rewrite_grad_probe(layer1_2_relu_2)
+        grad_probe = fxstore_capture__rewrite_grad_probe(layer1_2_relu_2, fxstore_probes, 0)
         add_3 = layer1_2_relu_2 + grad_probe
         return (None, (layer1_2_relu_2,), (grad_probe,))
 """
@@ -17,38 +17,51 @@ generated code reads (abridged)::
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ._alias import AliasAnalysis
+from ._policy import StoragePolicy
 
-__all__ = ["grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune", "capture", "code_module"]
+__all__ = ["PROBES", "grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune", "capture", "code_module"]
 
 
-def grad_probe(value: torch.Tensor) -> torch.Tensor:
-    """A zero leaf shaped like ``value``; added to it, its ``.grad`` is d(loss)/d(value).
+PROBES = "fxstore_probes"
+"""Name of the optional last input of a rewritten graph: gradient probes made by the caller."""
 
-    It is an ``nn.Parameter`` because that is the one kind of gradient-requiring leaf
-    ``torch.compile`` can create inside a graph (it lifts it to a graph input).
+
+def grad_probe(value: torch.Tensor, probes: Sequence[torch.Tensor] | None, index: int) -> torch.Tensor:
+    """The zero leaf added to a tapped value; its ``.grad`` is d(loss)/d(value).
+
+    The caller may pass the probes in (``probes[index]``): that is how a compiled program
+    gets them, because ``torch.compile`` cannot create a gradient-requiring leaf inside a
+    graph for dynamic shapes. Eagerly, the probe is made here, shaped like ``value``.
     """
-    return nn.Parameter(torch.zeros_like(value))
+    if probes is None:
+        return torch.zeros_like(value, requires_grad=True)
+    return probes[index]
 
 
 def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx.Node]:
     """Insert ``value + probe`` after each node and route every consumer through it.
 
+    The probes come from a new optional input :data:`PROBES` (``None``: made in the graph).
+
     Returns:
         The probe node of each tapped node.
     """
     probes: dict[fx.Node, fx.Node] = {}
+    if not nodes:
+        return probes
+    given = _probe_input(graph)
     for node in nodes:
         if node in probes:
             continue
         with graph.inserting_after(node):
-            probe = graph.call_function(grad_probe, (node,))
+            probe = graph.call_function(grad_probe, (node, given, len(probes)))
         with graph.inserting_after(probe):
             tapped = graph.call_function(operator.add, (node, probe))
         own = (probe, tapped)
@@ -57,21 +70,26 @@ def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx
     return probes
 
 
+def _probe_input(graph: fx.Graph) -> fx.Node:
+    """The optional :data:`PROBES` input, after the graph's own inputs (before ``**kwargs``)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if placeholders and str(placeholders[-1].target).startswith("**"):
+        where = graph.inserting_before(placeholders[-1])
+    elif placeholders:
+        where = graph.inserting_after(placeholders[-1])
+    else:
+        where = graph.inserting_before(next(iter(graph.nodes)))
+    with where:
+        return graph.placeholder(PROBES, default_value=None)
+
+
 def store_features(
-    graph: fx.Graph,
-    nodes: Sequence[fx.Node],
-    analysis: AliasAnalysis,
-    *,
-    detach: bool,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    dtype: torch.dtype | None,
-    device: torch.device | None,
-    non_blocking: bool,
+    graph: fx.Graph, nodes: Sequence[fx.Node], analysis: AliasAnalysis, policy: StoragePolicy
 ) -> dict[fx.Node, fx.Node]:
     """Build, right after each selected node, the value that will be stored.
 
-    The chain is ``detach -> clone (only if overwritten later) -> transform -> dtype ->
-    device``; each step is a graph node, so ``torch.compile`` can fuse the casts.
+    The chain is the policy's (``detach -> clone (only if overwritten later) -> transform
+    -> dtype -> device``); each step is a graph node, so ``torch.compile`` can fuse the casts.
 
     Returns:
         The stored value's node for each selected node.
@@ -81,27 +99,12 @@ def store_features(
         if node in stored:
             continue
         value = node
-        cursor = node
-
-        def emit(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None, method: bool = False) -> None:
-            nonlocal value, cursor
-            with graph.inserting_after(cursor):
-                if method:
-                    value = graph.call_method(target, args, kwargs or {})
+        for target, extra, kwargs, is_method in policy.steps(analysis.overwritten_later(node)):
+            with graph.inserting_after(value):
+                if is_method:
+                    value = graph.call_method(target, (value, *extra), kwargs)
                 else:
-                    value = graph.call_function(target, args, kwargs or {})
-            cursor = value
-
-        if detach:
-            emit("detach", (value,), method=True)
-        if analysis.overwritten_later(node):
-            emit("clone", (value,), method=True)
-        if transform is not None:
-            emit(transform, (value,))
-        if dtype is not None:
-            emit("to", (value,), {"dtype": dtype}, method=True)
-        if device is not None:
-            emit("to", (value,), {"device": device, "non_blocking": non_blocking}, method=True)
+                    value = graph.call_function(target, (value, *extra), kwargs)
         stored[node] = value
     return stored
 
@@ -153,7 +156,7 @@ def capture(
     root: nn.Module,
     features: Sequence[fx.Node],
     taps: Sequence[fx.Node],
-    policy: Mapping[str, Any],
+    policy: StoragePolicy,
 ) -> None:
     """All passes in order: tap gradients, store features, set the outputs, prune.
 
@@ -162,15 +165,11 @@ def capture(
         root: The module owning the graph's ``call_module`` targets.
         features: Nodes to store, in key order.
         taps: Nodes whose gradients are tapped, in key order.
-        policy: ``keep_output``, ``detach``, ``transform``, ``dtype``, ``device``, ``non_blocking``.
+        policy: The storage policy (``keep_output`` included).
     """
     probes = add_grad_taps(graph, taps)
-    stored = store_features(
-        graph, features, AliasAnalysis(graph, root),
-        detach=policy["detach"], transform=policy["transform"], dtype=policy["dtype"],
-        device=policy["device"], non_blocking=policy["non_blocking"],
-    )
-    set_outputs(graph, [stored[n] for n in features], [probes[n] for n in taps], policy["keep_output"])
+    stored = store_features(graph, features, AliasAnalysis(graph, root), policy)
+    set_outputs(graph, [stored[n] for n in features], [probes[n] for n in taps], policy.keep_output)
     prune(graph, AliasAnalysis(graph, root))
     graph.lint()
 

@@ -17,6 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..errors import ConfigError, InvalidLayerError, LayerNotFoundError
+from ._keys import output_key, repeat_key
 from ._tracing import Traced
 
 __all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "canonical_specs", "resolve", "spec_label"]
@@ -134,7 +135,7 @@ def resolve(traced: Traced, specs: list[tuple[Any, str | None]], *, strict: bool
             continue
         for i, (key, node) in enumerate(matches):
             if alias is not None:
-                key = alias if i == 0 else f"{alias}_{i}"
+                key = repeat_key(alias, i)
             if key in by_key:
                 if by_key[key] is not node:
                     raise ConfigError(
@@ -170,11 +171,11 @@ def _match(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> list[
 def _module_outputs(traced: Traced, name: str) -> list[tuple[str, fx.Node]]:
     out: list[tuple[str, fx.Node]] = []
     for call, nodes in enumerate(traced.module_calls.get(name, [])):
-        base = name if call == 0 else f"{name}_{call}"
+        base = repeat_key(name, call)
         if len(nodes) == 1:
             out.append((base, nodes[0]))
         else:
-            out.extend((f"{base}:{i}", node) for i, node in enumerate(nodes))
+            out.extend((output_key(base, i), node) for i, node in enumerate(nodes))
     return out
 
 

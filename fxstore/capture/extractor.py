@@ -1,9 +1,16 @@
-"""The pure extractor: a model rewritten so that a call returns ``(output, features)``."""
+"""The extractor: a thin ``nn.Module`` shell around a captured program.
+
+A frontend (:mod:`._frontends`) captures the model and returns a :class:`~._program.Program`
+``(owner, args, kwargs, probes) -> (output, features)``; the extractor picks the program of
+its current mode, checks it once against the plain model (:mod:`._selfcheck`), makes the
+gradient probes outside any compiled region when compiled (:mod:`._probes`), and runs it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,22 +19,22 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
-from . import _export, _partial, _rewrite
-from ._selection import Layers, Selected, canonical_specs, resolve, spec_label
+from . import _frontends
+from ._frontends import FRONTENDS, Request
+from ._keys import GRAD_SUFFIX, call_key
+from ._policy import StoragePolicy
+from ._probes import ProbeMaker
+from ._program import GraphRun, Program, TraceReport
+from ._selection import Layers, canonical_specs, spec_label
+from ._selfcheck import Snapshot, compare
 from ._tracing import TraceOptions, trace
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "GRAD_SUFFIX"]
 
-GRAD_SUFFIX = ":grad"
-"""Suffix of the feature keys that hold gradient probes (``"layer1:grad"``)."""
-
-_FRONTENDS = ("auto", "fx", "export", "partial")
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-_first_line = _partial.first_line
-
-
-def _example(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+def _example(example_inputs: Any) -> Inputs | None:
     """``example_inputs`` as ``(args, kwargs)``: a tensor, a tuple of args, or ``(args, kwargs)``."""
     if example_inputs is None:
         return None
@@ -39,68 +46,31 @@ def _example(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | No
     return (example_inputs,), {}
 
 
-@dataclasses.dataclass
-class _Program:
-    """One rewritten model (per training mode): what runs, plus what its outputs mean.
+def _fresh(function: Callable[..., Any]) -> types.FunctionType:
+    """A copy of ``function`` with its own code object.
 
-    The fx frontend runs ``code`` with the extractor as ``self``; the export and partial
-    frontends run ``runner(extractor, args, kwargs) -> (output, features)`` instead.
+    ``torch.compile`` keeps its compiled graphs (and its recompile limit) per code object;
+    giving each extractor its own ``forward`` code makes every extractor its own program,
+    however many there are in one process.
     """
-
-    code: fx.GraphModule | None  # holds the generated ``forward``; its attributes are placeholders
-    keys: tuple[str, ...]
-    grad_keys: tuple[str, ...]
-    labels: dict[str, tuple[str, ...]]  # label (alias or spec) -> feature keys
-    grad_labels: dict[str, tuple[str, ...]]  # label -> tapped keys (without the suffix)
-    sources: dict[str, str] = dataclasses.field(default_factory=dict)  # spec label -> label where aliased
-    report: TraceReport = dataclasses.field(default_factory=lambda: TraceReport("fx", (), {}, {}, ()))
-    runner: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None
+    code = function.__code__.replace()
+    return types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
 
 
-@dataclasses.dataclass(frozen=True)
-class TraceReport:
-    """How a model was captured: the frontend used and why the ones before it failed.
-
-    Attributes:
-        frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen-level) or
-            ``"partial"`` (untraceable modules kept as Python, their children traced).
-        names: Every selectable node name, in graph order.
-        reasons: Frontend tried first -> why it could not capture the model.
-        python_modules: For ``"partial"``: module kept as Python -> why fx could not trace it.
-        modules: Module paths whose output can be selected, in graph order.
-    """
-
-    frontend: str
-    names: tuple[str, ...]
-    reasons: dict[str, str]
-    python_modules: dict[str, str]
-    modules: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        lines = [f"frontend: {self.frontend} ({len(self.names)} nodes)"]
-        lines += [f"  {name} failed: {why}" for name, why in self.reasons.items()]
-        if self.python_modules:
-            lines.append(f"  kept as Python ({len(self.python_modules)} modules):")
-            lines += [f"    {path or '<model>'}: {why}" for path, why in self.python_modules.items()]
-        return "\n".join(lines)
+def _make_probes_outside(extractor: FeatureExtractor, program: Program, args: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    return extractor._probe_maker(program).make(args, kwargs)
 
 
-def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    resolved = getattr(torch, str(value), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ConfigError(f"dtype={value!r} is not a torch dtype.\nHint: use e.g. torch.bfloat16 or 'bfloat16'.")
-    return resolved
-
-
-def _device(value: torch.device | str | None) -> torch.device | None:
-    if value is None or isinstance(value, torch.device):
-        return value
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device={value!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda:0'.") from e
+_probes_outside_compile = torch._dynamo.disable(
+    _make_probes_outside,
+    reason=(
+        "fxstore: the gradient probes of grads= must be made outside the compiled region (torch.compile "
+        "cannot create gradient-requiring leaves in a graph for dynamic shapes). Hint: use ex.compile(...) "
+        "instead of torch.compile(ex, ...); without fullgraph=True this call is a graph break and works"
+    ),
+)
 
 
 class FeatureExtractor(nn.Module):
@@ -108,13 +78,16 @@ class FeatureExtractor(nn.Module):
 
     The model is traced with torch.fx (node names identical to torchvision's
     ``get_graph_node_names``) and rewritten so the selected nodes become extra outputs.
-    The result compiles with ``torch.compile(fullgraph=True)``, runs only what the
-    selected features need when ``keep_output=False``, protects stored values from later
-    in-place ops, and can tap gradients of layer outputs inside the graph.
+    The result compiles with ``torch.compile(fullgraph=True)`` (each extractor is its own
+    program, for any number of extractors), runs only what the selected features need when
+    ``keep_output=False``, protects stored values from later in-place ops, and can tap
+    gradients of layer outputs inside the graph (compile those with :meth:`compile`).
 
     The extractor shares submodules and parameters with ``model`` (like torchvision's
     extractor) and never modifies it; its ``state_dict`` keys equal the model's. The
     graph that runs is the one for the extractor's current mode (``train()``/``eval()``).
+    On the first call it checks once that the captured program reproduces the plain
+    model's output (``verify=False`` skips that).
 
     Args:
         model: The model to capture from.
@@ -142,15 +115,19 @@ class FeatureExtractor(nn.Module):
             tracing, torchvision node names), then ``"export"`` (``torch.export``, ATen-level
             graph named by module path; Hugging Face transformers), then ``"partial"``
             (untraceable modules stay Python, their traceable children are rewritten;
-            detection models). :attr:`trace_report` says which one was used and why.
-        example_inputs: Inputs ``args`` or ``(args, kwargs)`` to export with. Without them the
-            export frontend exports on the first call (and again for every new input
-            signature); give them to build everything up front, e.g. before ``torch.compile``.
+            detection models). A frontend whose program fails the self-check is skipped.
+            :attr:`trace_report` says which one was used and why.
+        example_inputs: Inputs ``args`` or ``(args, kwargs)``: the export frontend exports
+            with them and the self-check runs at build time. Without them both happen on
+            the first call.
+        verify: Check once (first call, or build time with ``example_inputs``) that the
+            captured program reproduces the plain model's output; a mismatch moves
+            ``frontend="auto"`` to the next frontend and raises ``TraceError`` for an explicit one.
 
     Raises:
         LayerNotFoundError: a layer matches nothing (the message suggests close names).
         InvalidLayerError: a layer is not a valid specification.
-        TraceError: the model cannot be traced (the message names the module).
+        TraceError: the model cannot be captured (the message names the module).
         ConfigError: an option is invalid.
 
     Example:
@@ -161,6 +138,8 @@ class FeatureExtractor(nn.Module):
         >>> out, feats = ex(x)
         >>> torch.equal(out, model(x)), {k: tuple(v.shape) for k, v in feats.items()}
         (True, {'layer1': (1, 64, 16, 16), 'layer4': (1, 512, 2, 2)})
+        >>> ex.trace_report.verified
+        'exact'
     """
 
     def __init__(
@@ -181,11 +160,12 @@ class FeatureExtractor(nn.Module):
         concrete_args: dict[str, Any] | None = None,
         frontend: str = "auto",
         example_inputs: Any = None,
+        verify: bool = True,
     ) -> None:
         super().__init__()
-        if frontend not in _FRONTENDS:
+        if frontend not in FRONTENDS:
             raise ConfigError(
-                f"frontend={frontend!r} is not a frontend.\nHint: use one of {', '.join(map(repr, _FRONTENDS))}."
+                f"frontend={frontend!r} is not a frontend.\nHint: use one of {', '.join(map(repr, FRONTENDS))}."
             )
         if not isinstance(model, nn.Module):
             raise InvalidLayerError(
@@ -198,30 +178,28 @@ class FeatureExtractor(nn.Module):
                 "nothing to return: no layers, no grads and keep_output=False.\n"
                 "Hint: select at least one layer, or keep the output."
             )
+        if grad_specs and not specs and not keep_output:
+            raise ConfigError(
+                "grads= with keep_output=False and no layers: nothing is returned that a loss could be "
+                "computed from, so no gradient can ever reach the probes.\n"
+                "Hint: keep the output (keep_output=True), or also store the layers the loss is computed from."
+            )
+        policy = StoragePolicy.build(keep_output=keep_output, detach=detach, transform=transform, dtype=dtype,
+                                     device=device, non_blocking=non_blocking)
         self._mirror(model)
         object.__setattr__(self, "_fx_model", model)  # not a submodule: keeps state_dict keys equal
-        self._fx_specs = specs
-        self._fx_grad_specs = grad_specs
-        self._fx_trace = TraceOptions.build(leaf_modules, autowrap_functions, autowrap_modules, concrete_args)
-        self._fx_policy = {
-            "keep_output": bool(keep_output),
-            "detach": bool(detach),
-            "transform": transform,
-            "dtype": _dtype(dtype),
-            "device": _device(device),
-            "non_blocking": bool(non_blocking),
-        }
-        self._fx_constants: dict[str, torch.Tensor] = {}
-        self._fx_programs: dict[bool, _Program] = {}
-        self._fx_frontend = frontend
+        self._fx_request = Request(model, specs, grad_specs, policy,
+                                   TraceOptions.build(leaf_modules, autowrap_functions, autowrap_modules,
+                                                      concrete_args),
+                                   frontend, self._register_constant)
+        self._fx_programs: dict[bool, Program] = {}
         self._fx_example = _example(example_inputs)
+        self._fx_verify = bool(verify)
         self._fx_failures: dict[bool, dict[str, str]] = {}  # mode -> frontend -> why it failed
-        if grad_specs:
-            _allow_probes_under_compile()
+        self._fx_probe_makers: dict[bool, ProbeMaker] = {}
+        self._bind_forward()
         self.training = model.training  # set directly: never toggle the shared submodules here
-        program = self._build(self.training, strict=True, inputs=self._fx_example)
-        if program is not None:
-            self._fx_programs[self.training] = program
+        self._install(self.training, strict=True)
 
     # -- construction -------------------------------------------------------------------
 
@@ -244,123 +222,107 @@ class FeatureExtractor(nn.Module):
                 "Hint: wrap the model in a small nn.Module, or use the hook backend."
             )
 
-    def _build(self, training: bool, strict: bool, inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-               ) -> _Program | None:
-        """The program for ``training`` from the first frontend that captures the model.
+    def _register_constant(self, name: str, value: torch.Tensor) -> None:
+        if name not in self._buffers:
+            self.register_buffer(name, value, persistent=False)
 
-        Returns ``None`` when the choice needs example inputs that are not there yet.
-        """
-        frontend = self._fx_frontend
+    def _bind_forward(self) -> None:
+        """Give this extractor its own ``forward`` (and compiled-call) code: see :func:`_fresh`."""
+        self.__dict__["forward"] = types.MethodType(_fresh(FeatureExtractor._forward), self)
+        self.__dict__["_fx_run_compiled"] = types.MethodType(_fresh(FeatureExtractor._run_program), self)
+
+    def _install(self, training: bool, strict: bool, inputs: Inputs | None = None) -> Program | None:
+        """Build the program for ``training`` (``None`` while it waits for example inputs) and check it."""
+        inputs = inputs if inputs is not None else self._fx_example
         failures = self._fx_failures.setdefault(training, {})
-        if frontend in ("auto", "fx") and "fx" not in failures:
-            try:
-                return self._build_fx(training, strict)
-            except TraceError as e:
-                if frontend == "fx":
-                    raise
-                failures["fx"] = _first_line(e)
-        if frontend in ("auto", "export") and "export" not in failures:
-            if inputs is None:
-                return None
-            try:
-                return self._build_export(training, strict, inputs)
-            except TraceError as e:
-                if frontend == "export":
-                    raise
-                failures["export"] = _first_line(e)
-        try:
-            return self._build_partial(training, strict, failures)
-        except TraceError as e:
-            tried = "".join(f"\n  {name}: {why}" for name, why in failures.items())
-            raise TraceError(
-                f"fxstore could not capture {type(self._fx_model).__name__} with any frontend:{tried}"
-                f"\n  partial: {_first_line(e)}\n"
-                "Hint: capture this model with the hook backend (fxstore.HookForwardModuleStorage)."
-            ) from e
-
-    def _build_fx(self, training: bool, strict: bool) -> _Program:
-        traced = trace(self._fx_model, self._fx_trace, training, self._fx_constants)
-        for name, value in vars(traced.root).items():
-            if name.startswith("_tensor_constant") and isinstance(value, torch.Tensor):
-                self._fx_constants[name] = value
-                if name not in self._buffers:
-                    self.register_buffer(name, value, persistent=False)
-        selected = resolve(traced, self._fx_specs, strict=strict)
-        tapped = resolve(traced, self._fx_grad_specs, strict=strict)
+        program = _frontends.build(self._fx_request, training, strict, inputs, failures)
+        if program is None:
+            return None
         if not strict:
-            self._warn_missing(traced.training, selected, tapped)
-        graph = traced.graph
-        _rewrite.capture(graph, traced.root, [s.node for s in selected], [s.node for s in tapped], self._fx_policy)
-        return _Program(
-            code=_code_module(graph),
-            keys=tuple(s.key for s in selected),
-            grad_keys=tuple(s.key + GRAD_SUFFIX for s in tapped),
-            labels=_by_label(selected),
-            grad_labels=_by_label(tapped),
-            sources=_sources(selected, tapped),
-            report=TraceReport("fx", tuple(traced.names.values()), {}, {}, tuple(traced.module_calls)),
-        )
+            self._warn_missing(training, program)
+        self._fx_programs[training] = program
+        if self._fx_example is not None and inputs is self._fx_example:
+            program, _ = self._checked(program, inputs, training, real=False)
+        elif not self._fx_verify:
+            program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
+        return program
 
-    def _build_export(self, training: bool, strict: bool, inputs: tuple[tuple[Any, ...], dict[str, Any]]) -> _Program:
-        def build(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            exported = _export.export(self._fx_model, args, kwargs, training)
-            for name, value in exported.constants.items():
-                self.register_buffer(name, value, persistent=False)
-            traced = exported.traced
-            selected = resolve(traced, self._fx_specs, strict=strict)
-            tapped = resolve(traced, self._fx_grad_specs, strict=strict)
-            _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
-                             self._fx_policy)
-            code = type(_code_module(traced.graph)).forward
-            built = (exported, tuple(s.key for s in selected), tuple(s.key + GRAD_SUFFIX for s in tapped), code)
-            labels[id(built)] = (selected, tapped)
-            return built
-
-        labels: dict[int, tuple[list[Selected], list[Selected]]] = {}
-        runner = _export.ExportRunner(build, self._fx_policy["keep_output"])
-        exported, keys, grad_keys, _ = first = runner.prepare(*inputs)
-        selected, tapped = labels[id(first)]
-        return _Program(
-            code=None, keys=keys, grad_keys=grad_keys, labels=_by_label(selected), grad_labels=_by_label(tapped),
-            report=TraceReport("export", tuple(exported.traced.names.values()),
-                               dict(self._fx_failures.get(training, {})), {}, tuple(exported.traced.module_calls)),
-            runner=runner,
-            sources=_sources(selected, tapped),
-        )
-
-    def _build_partial(self, training: bool, strict: bool, failures: dict[str, str]) -> _Program:
-        plan = _partial.trace_partial(self._fx_model, self._fx_trace, training, failures.get("fx"))
-        selected = resolve(plan.traced, self._fx_specs, strict=strict)
-        tapped = resolve(plan.traced, self._fx_grad_specs, strict=strict)
-        runner = _partial.PartialRunner(self._fx_model, plan, selected, tapped, self._fx_policy, training)
-        keep = self._fx_policy["keep_output"]
-
-        def run(_owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-            output, features = runner(args, kwargs)
-            return (output if keep else None), features
-
-        return _Program(
-            code=None, keys=runner.keys, grad_keys=runner.grad_keys,
-            labels=_by_label(selected), grad_labels=_by_label(tapped),
-            report=TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons),
-                               tuple(plan.traced.module_calls)),
-            runner=run,
-            sources=_sources(selected, tapped),
-        )
-
-    def _warn_missing(self, training: bool, selected: list[Selected], tapped: list[Selected]) -> None:
+    def _warn_missing(self, training: bool, program: Program) -> None:
         reference = self._fx_programs.get(not training)
         if reference is None:
             return
-        missing = (set(reference.keys) - {s.key for s in selected}) | (
-            set(reference.grad_keys) - {s.key + GRAD_SUFFIX for s in tapped})
+        missing = (set(reference.keys) - set(program.keys)) | (set(reference.grad_keys) - set(program.grad_keys))
         if missing:
             mode = "train" if training else "eval"
             warnings.warn(
                 f"fxstore: {sorted(missing)} are not produced in {mode} mode (the {mode} graph differs); "
                 "they are missing from the features in that mode.",
-                stacklevel=3,
+                stacklevel=4,
             )
+
+    # -- the self-check -------------------------------------------------------------------
+
+    def _checked(self, program: Program, inputs: Inputs, training: bool, real: bool) -> tuple[Program, Any]:
+        """Check ``program`` against the plain model on ``inputs``; on a mismatch, move on.
+
+        With ``real=True`` the program's own run is the call's result (returned, so the
+        first call costs one extra forward of the plain model); otherwise every trial
+        run is undone. Returns the program that passed and the call's result, if run.
+        """
+        if not self._fx_verify:
+            return program, None
+        args, kwargs = inputs
+        while True:
+            state = Snapshot(self._fx_model, inputs)
+            model, mode = self._fx_model, self._fx_model.training
+            try:
+                model.training = training  # the top-level flag only: the children are shared and set
+                with torch.no_grad():
+                    expected = model(*args, **kwargs)
+            except Exception as e:  # the plain model fails on these inputs: nothing to compare with
+                model.training = mode
+                state.restore()
+                program.report = dataclasses.replace(
+                    program.report, verified=f"skipped: the plain model raised {type(e).__name__}")
+                return program, None
+            model.training = mode
+            state.restore()
+            result = None
+            if program.reference is None:
+                if real:
+                    result = program.run(self, args, kwargs, None)
+                    actual = result[0]
+                else:
+                    with torch.no_grad():
+                        actual = program.run(self, args, kwargs, None)[0]
+            else:
+                with torch.no_grad():
+                    actual = program.reference(self, args, kwargs)
+            if not real or program.reference is not None:
+                state.restore()
+            ok, verdict = compare(expected, actual)
+            if ok:
+                program.report = dataclasses.replace(program.report, verified=verdict)
+                program.reference = None
+                return program, result
+            state.restore()
+            result = None
+            frontend = program.report.frontend
+            failures = self._fx_failures.setdefault(training, {})
+            failures[frontend] = f"self-check: {verdict}"
+            if self._fx_request.frontend != "auto":
+                raise TraceError(
+                    f"the {frontend} frontend captured {type(self._fx_model).__name__} wrongly: its {verdict}.\n"
+                    "Hint: use frontend='auto' to fall back to the next frontend, or report the model; "
+                    "verify=False skips this check."
+                )
+            strict = not any(mode != training for mode in self._fx_programs)
+            rebuilt = _frontends.build(self._fx_request, training, strict, inputs, failures)
+            if rebuilt is None:  # unreachable: with inputs every frontend decides
+                raise TraceError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
+            rebuilt.report = dataclasses.replace(rebuilt.report, reasons=dict(failures))
+            self._fx_programs[training] = program = rebuilt
+            self._fx_probe_makers.pop(training, None)
 
     # -- nn.Module ------------------------------------------------------------------------
 
@@ -368,39 +330,108 @@ class FeatureExtractor(nn.Module):
         """Switch mode like ``nn.Module.train``; the graph of that mode runs from now on."""
         super().train(mode)
         if mode not in self._fx_programs:
-            program = self._build(mode, strict=not self._fx_programs, inputs=self._fx_example)
-            if program is not None:
-                self._fx_programs[mode] = program
+            self._install(mode, strict=not self._fx_programs)
         return self
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    def _forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run the model; return ``(output, features)`` (``output`` is ``None`` if not kept)."""
         program = self._fx_programs.get(self.training)
-        if program is None:
-            program = self._pending(args, kwargs)
-        if program.runner is not None:
-            return program.runner(self, args, kwargs)
-        output, features, probes = type(program.code).forward(self, *args, **kwargs)
-        result = dict(zip(program.keys, features))
-        if probes:
-            result.update(zip(program.grad_keys, probes))
-        return output, result
+        compiling = torch.compiler.is_compiling()
+        if program is None or (not compiling and program.report.verified == "not yet"):
+            program, result = self._first_call(program, args, kwargs)
+            if result is not None:
+                return result
+        if not compiling:
+            compiled = self.__dict__.get("_fx_compiled")
+            if compiled is not None:
+                probes = self._probe_maker(program).make(args, kwargs) if program.grad_keys else None
+                return compiled(args, kwargs, probes)
+            return program.run(self, args, kwargs, None)
+        probes = _probes_outside_compile(self, program, args, kwargs) if program.grad_keys else None
+        return program.run(self, args, kwargs, probes)
 
-    def _pending(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Program:
-        """Build the program that needed example inputs, from this first call's inputs."""
-        if torch.compiler.is_compiling():
-            raise ConfigError(
-                f"{type(self._fx_model).__name__} needs example inputs to pick its frontend, and the first call "
-                "is inside torch.compile.\nHint: pass example_inputs=... to FeatureExtractor, or call it once eagerly."
-            )
-        strict = not self._fx_programs
-        program = self._build(self.training, strict=strict, inputs=(tuple(args), dict(kwargs)))
-        if program is None:  # unreachable: with inputs every frontend decides
-            raise ConfigError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
-        self._fx_programs[self.training] = program
-        return program
+    def _run_program(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     probes: list[torch.Tensor] | None) -> tuple[Any, dict[str, torch.Tensor]]:
+        """What :meth:`compile` compiles: the current mode's program, probes passed in."""
+        return self._fx_programs[self.training].run(self, args, kwargs, probes)
+
+    def _first_call(self, program: Program | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> tuple[Program, Any]:
+        """Build the program that waited for inputs, and run the self-check with this call."""
+        inputs = (tuple(args), dict(kwargs))
+        if program is None:
+            if torch.compiler.is_compiling():
+                raise ConfigError(
+                    f"{type(self._fx_model).__name__} needs example inputs to pick its frontend, and the first "
+                    "call is inside torch.compile.\nHint: pass example_inputs=... to FeatureExtractor, or call it "
+                    "once eagerly."
+                )
+            program = self._install(self.training, strict=not self._fx_programs, inputs=inputs)
+            if program is None:  # unreachable: with inputs every frontend decides
+                raise ConfigError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
+            if not self._fx_verify:
+                return program, None
+        return self._checked(program, inputs, self.training, real=self.__dict__.get("_fx_compiled") is None)
+
+    def compile(self, **torch_compile_kwargs: Any) -> None:  # type: ignore[override]
+        """Compile the captured program with ``torch.compile`` (``fullgraph=True`` by default).
+
+        Unlike ``torch.compile(ex)``, this keeps the creation of gradient probes outside the
+        compiled region, so an extractor with ``grads=`` compiles as one graph that serves
+        every input shape (``dynamic=True`` included). Calls stay ``ex(x)``.
+
+        Args:
+            **torch_compile_kwargs: Passed to ``torch.compile`` (``backend``, ``mode``,
+                ``dynamic``, ``fullgraph``, ``options``).
+
+        Example:
+            >>> import torch, torchvision, fxstore
+            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18(), grads=["layer4"])
+            >>> ex.compile(backend="eager")
+            >>> for batch in (1, 2, 3):
+            ...     out, feats = ex(torch.rand(batch, 3, 32, 32))
+            ...     out.sum().backward()
+            >>> tuple(ex.gradients(feats)["layer4"].shape)
+            (3, 512, 1, 1)
+        """
+        programs = list(self._fx_programs.values())
+        torch_compile_kwargs.setdefault("fullgraph", all(p.fullgraph for p in programs) if programs else True)
+        self.__dict__["_fx_compiled"] = torch.compile(self.__dict__["_fx_run_compiled"], **torch_compile_kwargs)
+
+    def _probe_maker(self, program: Program) -> ProbeMaker:
+        training = self.training
+        maker = self._fx_probe_makers.get(training)
+        if maker is None:
+            keys = program.grad_keys
+
+            def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+                features = program.run(self, args, kwargs, None)[1]
+                return [features[k] for k in keys]
+
+            maker = self._fx_probe_makers[training] = ProbeMaker(run, lambda: Snapshot(self._fx_model, ()))
+        return maker
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("forward", "_fx_run_compiled", "_fx_compiled"):
+            state.pop(name, None)
+        state["_fx_probe_makers"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._bind_forward()
 
     # -- introspection -----------------------------------------------------------------
+
+    def _program(self) -> Program:
+        program = self._fx_programs.get(self.training)
+        if program is None:
+            raise ConfigError(
+                f"the program of {type(self._fx_model).__name__} is built on the first call (its frontend needs "
+                "example inputs).\nHint: call the extractor once, or pass example_inputs=... when building it."
+            )
+        return program
 
     @property
     def trace_report(self) -> TraceReport | None:
@@ -416,9 +447,40 @@ class FeatureExtractor(nn.Module):
         return program.report if program is not None else None
 
     @property
+    def graph(self) -> fx.Graph | None:
+        """The rewritten graph that runs in the current mode (``None`` for the partial frontend).
+
+        Example:
+            >>> import torchvision, fxstore
+            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18(), ["layer1"], keep_output=False)
+            >>> any(node.target == "layer4.0.conv1" for node in ex.graph.nodes)   # cut after layer1
+            False
+        """
+        return self._program().graph
+
+    @property
+    def code(self) -> str | None:
+        """The Python code generated for the current mode's graph (``None`` for the partial frontend).
+
+        Example:
+            >>> import torchvision, fxstore
+            >>> print(fxstore.FeatureExtractor(torchvision.models.vgg11(), ["features.1"], keep_output=False).code.strip())
+            def forward(self, x):
+                features_0 = getattr(self.features, "0")(x);  x = None
+                features_1 = getattr(self.features, "1")(features_0);  features_0 = None
+                return (None, (features_1,), ())
+        """
+        program = self._program()
+        if isinstance(program.run, GraphRun):
+            return program.run.code.code
+        if program.graph is not None:
+            return program.graph.python_code("self").src
+        return None
+
+    @property
     def feature_keys(self) -> tuple[str, ...]:
         """Keys of the stored features in the current mode, in order."""
-        return self._fx_programs[self.training].keys
+        return self._program().keys
 
     def keys_for(self, layer: Any) -> tuple[str, ...]:
         """Feature keys a layer (module object, name or alias) was stored under.
@@ -429,7 +491,7 @@ class FeatureExtractor(nn.Module):
             >>> fxstore.FeatureExtractor(m, [m.relu, "layer1"]).keys_for(m.relu)
             ('relu',)
         """
-        program = self._fx_programs[self.training]
+        program = self._program()
         if isinstance(layer, nn.Module):
             names = [n for n, m in self._fx_model.named_modules() if m is layer]
             layer = names[0] if names else layer
@@ -446,14 +508,14 @@ class FeatureExtractor(nn.Module):
 
     def _labelled(self, features: Mapping[str, Any], grads: bool = False) -> dict[str, list[Any]]:
         """``{label: [value, ...]}`` in call order, repeated runs of partially traced parts included."""
-        program = self._fx_programs[self.training]
+        program = self._program()
         labels = program.grad_labels if grads else program.labels
         suffix = GRAD_SUFFIX if grads else ""
         out: dict[str, list[Any]] = {}
         for label, keys in labels.items():
             values = out.setdefault(label, [])
             for run in itertools.count():
-                found = [v for k in keys for v in _values(features, _partial.call_key(k, run), suffix)]
+                found = [v for k in keys for v in _values(features, call_key(k, run), suffix)]
                 if not found:
                     break
                 values += found
@@ -495,7 +557,9 @@ class FeatureExtractor(nn.Module):
         return grads
 
     def extra_repr(self) -> str:
-        program = self._fx_programs[self.training]
+        program = self._fx_programs.get(self.training)
+        if program is None:
+            return "features=<built on the first call>"
         return f"features={list(program.keys)}, grads={[k[:-len(GRAD_SUFFIX)] for k in program.grad_keys]}"
 
 
@@ -510,43 +574,6 @@ def _values(features: Mapping[str, Any], key: str, suffix: str) -> list[Any]:
             return parts
         parts.append(features[name])
     return parts
-
-
-def _sources(selected: list[Selected], tapped: list[Selected]) -> dict[str, str]:
-    return {s.source: s.label for s in selected + tapped if s.source != s.label}
-
-
-def _by_label(selected: list[Selected]) -> dict[str, tuple[str, ...]]:
-    labels: dict[str, tuple[str, ...]] = {}
-    for s in selected:
-        labels[s.label] = labels.get(s.label, ()) + (s.key,)
-    return labels
-
-
-_code_module = _rewrite.code_module
-
-
-_PROBES_ALLOWED = False
-
-
-def _allow_probes_under_compile() -> None:
-    """Let torch.compile trace the in-graph ``nn.Parameter`` probes of gradient taps.
-
-    Dynamo graph-breaks on ``nn.Parameter(...)`` by default; its documented escape hatch
-    lifts the new parameter to a graph input instead, which is exactly what a gradient
-    probe needs. Probes need static shapes, so automatic dynamic shapes are turned off too
-    (a new batch size recompiles). fxstore does this only when an extractor taps gradients.
-    """
-    global _PROBES_ALLOWED
-    if _PROBES_ALLOWED:
-        return
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.graph_break_on_nn_param_ctor = False
-    # A probe is a graph input shaped like the probed value, and dynamo can only create it for
-    # a static shape: recompile per new input shape instead of switching to dynamic shapes.
-    dynamo_config.automatic_dynamic_shapes = False
-    _PROBES_ALLOWED = True
 
 
 def trace_report(

@@ -47,8 +47,8 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *, seed
         (True, False)
     """
     build = _factory(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # restores the CPU generator; CUDA's is never touched
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every CUDA generator
         model = build()
     if not isinstance(model, nn.Module):
         raise ConfigError(

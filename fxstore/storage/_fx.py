@@ -8,12 +8,13 @@ state handling is shared with the hook reference backend (:mod:`fxstore.storage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..capture._policy import parse_device, parse_dtype
 from ..capture._selection import canonical_specs, spec_label
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, GradientNotReadyError, LayerNotFoundError
@@ -27,6 +28,9 @@ def split_groups(layers: Any) -> dict[str | None, Any]:
             if not isinstance(name, str):
                 raise ConfigError(f"group name {name!r} is not a string.\nHint: use {{'style': [layer, ...]}}.")
         return dict(layers)
+    if layers is not None and not isinstance(layers, (Mapping, list, tuple, str, nn.Module, type)) \
+            and not callable(layers) and isinstance(layers, Iterable):
+        layers = list(layers)  # a generator is read once here: every group and backend sees the same list
     return {None: layers}
 
 
@@ -93,6 +97,11 @@ class StorageBase:
         """``storage[layer]`` -> list of tensors in call order; ``storage[group]`` -> a view."""
         if isinstance(key, str) and key in self._groups:
             return GroupView(self, key)
+        if None not in self._groups:
+            raise LayerNotFoundError(
+                f"{key!r} is not a group of this storage (groups: {sorted(g for g in self._groups if g)}).\n"
+                "Hint: read a group first, storage['group'][layer], or pass a plain list of layers."
+            )
         return [self._read(v) for v in self._state[None].get(self._label(None, key), [])]
 
     def _label(self, group: str | None, layer: Any) -> str:
@@ -283,7 +292,7 @@ class BackwardModuleStorage(_FxStorage):
         dtype: torch.dtype | str | None = None,
         **trace_options: Any,
     ) -> None:
-        self._target = {"device": device, "dtype": dtype}
+        self._target = {"device": parse_device(device), "dtype": parse_dtype(dtype)}
         super().__init__(model, layers, dict(keep_output=True, **trace_options))
 
     def _layer_args(self, layers: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..capture._policy import StoragePolicy, parse_device, parse_dtype
 from ..capture._selection import ModuleRef, canonical_specs, spec_label
 from ..errors import GradientNotReadyError, InvalidLayerError, LayerNotFoundError
 from ._fx import StorageBase
@@ -80,7 +81,7 @@ class HookForwardModuleStorage(_HookStorage):
 
     def __init__(self, model: nn.Module, layers: Any, *, detach: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        self._policy = (detach, device, dtype)
+        self._policy = StoragePolicy.build(detach=detach, device=device, dtype=dtype)
         super().__init__(model, layers)
 
     def _register(self, module: nn.Module, group: str | None, label: str) -> RemovableHandle:
@@ -91,12 +92,7 @@ class HookForwardModuleStorage(_HookStorage):
         return module.register_forward_hook(hook)
 
     def _store(self, output: torch.Tensor) -> torch.Tensor:
-        detach, device, dtype = self._policy
-        if detach:
-            output = output.detach()
-        if device is not None or dtype is not None:
-            output = output.to(device=device, dtype=dtype)
-        return output
+        return self._policy.apply(output)
 
 
 class HookBackwardModuleStorage(_HookStorage):
@@ -116,7 +112,7 @@ class HookBackwardModuleStorage(_HookStorage):
 
     def __init__(self, model: nn.Module, layers: Any, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
-        self._target = (device, dtype)
+        self._target = (parse_device(device), parse_dtype(dtype))
         super().__init__(model, layers)
 
     def _register(self, module: nn.Module, group: str | None, label: str) -> RemovableHandle:

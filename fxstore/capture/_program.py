@@ -1,0 +1,133 @@
+"""What every frontend returns: a program ``(owner, args, kwargs, probes) -> (output, features)``.
+
+A :class:`Program` is one captured, rewritten model for one training mode. The extractor
+runs it without knowing which frontend made it; the keys, labels and report say what its
+outputs mean and how it was captured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ._keys import grad_key
+from ._selection import Selected
+
+__all__ = ["Program", "TraceReport", "Run", "GraphRun", "labels_of"]
+
+Run = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Sequence[torch.Tensor] | None], tuple[Any, dict[str, Any]]]
+"""``run(owner, args, kwargs, probes) -> (output, features)``; ``probes=None`` makes them in the graph."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceReport:
+    """How a model was captured: the frontend used and why the ones before it failed.
+
+    Attributes:
+        frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen-level) or
+            ``"partial"`` (untraceable modules kept as Python, their children traced).
+        names: Every selectable node name, in graph order.
+        reasons: Frontend tried first -> why it could not capture the model (a failed
+            self-check included: ``"self-check: output differs from the plain model ..."``).
+        python_modules: For ``"partial"``: module kept as Python -> why fx could not trace it.
+        modules: Module paths whose output can be selected, in graph order.
+        verified: The self-check's verdict: ``"exact"``, ``"close (max |Δ| ...)"``, ``"not yet"``
+            (before the first call) or ``"skipped: <why>"``.
+    """
+
+    frontend: str
+    names: tuple[str, ...]
+    reasons: dict[str, str]
+    python_modules: dict[str, str]
+    modules: tuple[str, ...] = ()
+    verified: str = "not yet"
+
+    def __str__(self) -> str:
+        lines = [f"frontend: {self.frontend} ({len(self.names)} nodes), self-check: {self.verified}"]
+        lines += [f"  {name} failed: {why}" for name, why in self.reasons.items()]
+        if self.python_modules:
+            lines.append(f"  kept as Python ({len(self.python_modules)} modules):")
+            lines += [f"    {path or '<model>'}: {why}" for path, why in self.python_modules.items()]
+        return "\n".join(lines)
+
+
+class GraphRun:
+    """Runs a rewritten graph's generated code with the extractor as ``self``.
+
+    Picklable (the code lives in a ``GraphModule`` whose attributes are placeholders).
+    """
+
+    def __init__(self, code: fx.GraphModule, keys: tuple[str, ...], grad_keys: tuple[str, ...],
+                 keep_output: bool) -> None:
+        self.code = code
+        self.keys = keys
+        self.grad_keys = grad_keys
+        self.keep_output = keep_output
+
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 probes: Sequence[torch.Tensor] | None) -> tuple[Any, dict[str, Any]]:
+        forward = type(self.code).forward
+        if self.grad_keys:
+            output, features, made = forward(owner, *args, fxstore_probes=probes, **kwargs)
+        else:
+            output, features, made = forward(owner, *args, **kwargs)
+        result = dict(zip(self.keys, features))
+        result.update(zip(self.grad_keys, made))
+        return output, result
+
+
+@dataclasses.dataclass
+class Program:
+    """One captured model (per training mode) and what its outputs mean.
+
+    Attributes:
+        run: ``(owner, args, kwargs, probes) -> (output, features)``.
+        keys: Feature keys, in order.
+        grad_keys: Keys of the gradient probes (``key + ":grad"``).
+        labels: Label (alias or spec) -> feature keys.
+        grad_labels: Label -> tapped keys (without the suffix).
+        sources: Spec label -> label, where a layer was aliased.
+        report: How the model was captured.
+        graph: The rewritten graph that runs (``None`` for the partial frontend).
+        reference: Runs the capture *before* the rewrite, returning the model's output, for the
+            self-check when the program itself does not return it (``keep_output=False``).
+        fullgraph: Whether the whole program is one graph (``torch.compile(fullgraph=True)``).
+    """
+
+    run: Run
+    keys: tuple[str, ...]
+    grad_keys: tuple[str, ...]
+    labels: dict[str, tuple[str, ...]]
+    grad_labels: dict[str, tuple[str, ...]]
+    sources: dict[str, str]
+    report: TraceReport
+    graph: fx.Graph | None = None
+    reference: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
+    fullgraph: bool = True
+
+    @classmethod
+    def from_selection(cls, run: Run, selected: list[Selected], tapped: list[Selected], report: TraceReport,
+                       **extra: Any) -> Program:
+        """A program whose keys, labels and sources come from the selected and tapped nodes."""
+        return cls(
+            run=run,
+            keys=tuple(s.key for s in selected),
+            grad_keys=tuple(grad_key(s.key) for s in tapped),
+            labels=labels_of(selected),
+            grad_labels=labels_of(tapped),
+            sources={s.source: s.label for s in selected + tapped if s.source != s.label},
+            report=report,
+            **extra,
+        )
+
+
+def labels_of(selected: list[Selected]) -> dict[str, tuple[str, ...]]:
+    """Label -> the keys stored under it, in order."""
+    labels: dict[str, tuple[str, ...]] = {}
+    for s in selected:
+        labels[s.label] = labels.get(s.label, ()) + (s.key,)
+    return labels
