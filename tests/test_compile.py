@@ -28,11 +28,19 @@ LAYERS = ["layer1", "layer2.0.add", "layer3.1.relu_1", "flatten"]
 GRADS = ["layer1.0.bn1", "layer2", "layer4.1.relu_1"]
 
 
-def test_zero_graph_breaks_with_features_and_taps(resnet):
-    ex = fxstore.FeatureExtractor(resnet, LAYERS, grads=GRADS)
+def test_zero_graph_breaks_with_features(resnet):
+    ex = fxstore.FeatureExtractor(resnet, LAYERS)
     explanation = torch._dynamo.explain(ex)(torch.rand(2, 3, 32, 32))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_one_graph_with_features_and_taps_through_ex_compile(resnet):
+    graphs = []
+    ex = fxstore.FeatureExtractor(resnet, LAYERS, grads=GRADS)
+    ex.compile(backend=lambda gm, _inputs: graphs.append(gm) or gm.forward)  # fullgraph=True by default
+    out, _ = ex(torch.rand(2, 3, 32, 32))
+    assert len(graphs) == 1
 
 
 def test_compiled_forward_equals_eager_and_reference(resnet):
@@ -50,7 +58,8 @@ def test_compiled_forward_equals_eager_and_reference(resnet):
 def test_compiled_gradients_equal_autograd_grad(resnet):
     x = torch.rand(2, 3, 32, 32)
     ex = fxstore.FeatureExtractor(resnet, [], grads=GRADS)
-    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    ex.compile(backend="aot_eager")  # probes made outside the graph: any shape, one graph
+    compiled = ex
     out, feats = compiled(x)
     scalar_loss(out).backward()
     grads = ex.gradients(feats)
@@ -65,7 +74,8 @@ def test_compiled_taps_survive_a_new_batch_size():
     torch.manual_seed(0)
     model = TinyCNN()
     ex = fxstore.FeatureExtractor(model, [], grads=["conv2"])
-    compiled = torch.compile(ex, backend="aot_eager", fullgraph=True)
+    ex.compile(backend="aot_eager")  # probes made outside the graph: any shape, one graph
+    compiled = ex
     for batch in (2, 4, 3):  # a ragged last batch included
         x = torch.rand(batch, 3, 8, 8)
         out, feats = compiled(x)
@@ -83,7 +93,8 @@ def test_taps_leave_parameter_gradients_unchanged():
     ref_model.load_state_dict(model.state_dict())
     scalar_loss(ref_model(x)).backward()
     ex = fxstore.FeatureExtractor(model, [], grads=GRADS)
-    out, _ = torch.compile(ex, backend="aot_eager", fullgraph=True)(x)
+    ex.compile(backend="aot_eager")
+    out, _ = ex(x)
     scalar_loss(out).backward()
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -109,8 +120,8 @@ def test_inductor_forward_and_gradients():
     x = torch.rand(2, 3, 16, 16)
     ex = fxstore.FeatureExtractor(model, ["conv1", "act_1", "add"], grads=["conv2", "add"],
                                   dtype=torch.bfloat16)
-    compiled = torch.compile(ex, fullgraph=True)
-    out, feats = compiled(x)
+    ex.compile()  # inductor, fullgraph
+    out, feats = ex(x)
     scalar_loss(out).backward()
     eager_ex = fxstore.FeatureExtractor(model, ["conv1", "act_1", "add"], grads=["conv2", "add"], dtype=torch.bfloat16)
     ref_out, ref_feats = eager_ex(x)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree
 
 from ..errors import TraceError
 from . import _export, _partial, _rewrite
@@ -128,6 +129,7 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
                  failures: dict[str, str]) -> Program:
     """``torch.export``: ATen graphs named by module path, run through an :class:`ExportRunner`."""
     selections: list[tuple[Any, Any]] = []
+    references: list[_ExportReference] = []
 
     def rewrite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         exported = _export.export(request.model, args, kwargs, training)
@@ -136,6 +138,8 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         traced = exported.traced
         selected = resolve(traced, request.specs, strict=strict)
         tapped = resolve(traced, request.grad_specs, strict=strict)
+        if not selections and not request.policy.keep_output:  # for the self-check, as in build_fx
+            references.append(_ExportReference(_rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec))
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
                          request.policy)
         code = type(_rewrite.code_module(traced.graph)).forward
@@ -148,7 +152,8 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
     selected, tapped = selections[0]
     report = TraceReport("export", tuple(exported.traced.names.values()), dict(failures), {},
                          tuple(exported.traced.module_calls))
-    return Program.from_selection(_ExportRun(runner), selected, tapped, report, graph=exported.traced.graph)
+    return Program.from_selection(_ExportRun(runner, request.policy.keep_output), selected, tapped, report,
+                                  graph=exported.traced.graph, reference=references[0] if references else None)
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
@@ -159,8 +164,9 @@ def build_partial(request: Request, training: bool, strict: bool, failures: dict
     runner = _partial.PartialRunner(request.model, plan, selected, tapped, request.policy, training)
     report = TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons),
                          tuple(plan.traced.module_calls))
-    return Program.from_selection(_PartialRun(runner, request.policy.keep_output), selected, tapped, report,
-                                  fullgraph=False)
+    run = _PartialRun(runner, request.policy.keep_output)
+    reference = None if request.policy.keep_output else _PartialRun(runner, True).output
+    return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference)
 
 
 class _ReferenceRun:
@@ -173,13 +179,36 @@ class _ReferenceRun:
         return type(self.code).forward(owner, *args, **kwargs)
 
 
+class _ExportReference:
+    """The first exported graph before the rewrite: the model's output, for the self-check."""
+
+    def __init__(self, code: fx.GraphModule, out_spec: Any) -> None:
+        self.code = code
+        self.out_spec = out_spec
+
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        leaves = _pytree.tree_leaves((tuple(args), dict(kwargs)))
+        return _pytree.tree_unflatten(list(type(self.code).forward(owner, *leaves)), self.out_spec)
+
+
 class _ExportRun:
-    def __init__(self, runner: _export.ExportRunner) -> None:
+    def __init__(self, runner: _export.ExportRunner, keep_output: bool) -> None:
         self.runner = runner
+        self.keep_output = keep_output
 
     def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  probes: Any) -> tuple[Any, dict[str, Any]]:
-        return self.runner(owner, args, kwargs)
+        exported, keys, grad_keys, code = self.runner.prepare(args, kwargs)
+        leaves = _pytree.tree_leaves((tuple(args), dict(kwargs)))
+        if grad_keys:
+            output, features, made = code(owner, *leaves, fxstore_probes=probes)
+        else:
+            output, features, made = code(owner, *leaves)
+        result = dict(zip(keys, features))
+        result.update(zip(grad_keys, made))
+        if not self.keep_output:
+            return None, result
+        return _pytree.tree_unflatten(list(output), exported.out_spec), result
 
 
 class _PartialRun:
@@ -191,6 +220,9 @@ class _PartialRun:
                  probes: Any) -> tuple[Any, dict[str, Any]]:
         output, features = self.runner(args, kwargs)
         return (output if self.keep_output else None), features
+
+    def output(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.runner(args, kwargs)[0]
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

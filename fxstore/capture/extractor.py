@@ -386,7 +386,7 @@ class FeatureExtractor(nn.Module):
 
         Example:
             >>> import torch, torchvision, fxstore
-            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18(), grads=["layer4"])
+            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18().eval(), grads=["layer4"])
             >>> ex.compile(backend="eager")
             >>> for batch in (1, 2, 3):
             ...     out, feats = ex(torch.rand(batch, 3, 32, 32))
@@ -465,7 +465,7 @@ class FeatureExtractor(nn.Module):
         Example:
             >>> import torchvision, fxstore
             >>> print(fxstore.FeatureExtractor(torchvision.models.vgg11(), ["features.1"], keep_output=False).code.strip())
-            def forward(self, x):
+            def forward(self, x : torch.Tensor):
                 features_0 = getattr(self.features, "0")(x);  x = None
                 features_1 = getattr(self.features, "1")(features_0);  features_0 = None
                 return (None, (features_1,), ())
