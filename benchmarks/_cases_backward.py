@@ -63,7 +63,8 @@ def _step(model: nn.Module, call: Call, x: torch.Tensor) -> Any:
 
 def _setups(model: nn.Module, names: Sequence[str], x: torch.Tensor,
             wrap: Callable[..., Call]) -> dict[str, Callable[[], Callable[[], Features | None]]]:
-    """Setups of the contenders; ``wrap(module, **kw)`` is identity (eager) or torch.compile."""
+    """Setups of the contenders; ``wrap(module, **kw)`` is identity (eager) or a compilation
+    (``extractor=True``: the extractor's own ``compile``)."""
 
     def plain() -> Callable[[], Features | None]:
         call = wrap(model)
@@ -71,7 +72,7 @@ def _setups(model: nn.Module, names: Sequence[str], x: torch.Tensor,
 
     def extractor() -> Callable[[], Features | None]:
         ex = fxstore.FeatureExtractor(model, [], grads=list(names))
-        call = wrap(ex, fullgraph=True)
+        call = wrap(ex, fullgraph=True, extractor=True)
 
         def run() -> Features:
             _, feats = _step(model, call, x)
@@ -117,7 +118,10 @@ def backward(profile: Profile, device: torch.device) -> list[Row]:
     ]
     rows = compare(f"5 backward eager · {label}", eager, reference, profile, device, rtol=1e-5, atol=1e-7)
 
-    def compiled(module: nn.Module, **kwargs: Any) -> Call:
+    def compiled(module: nn.Module, extractor: bool = False, **kwargs: Any) -> Call:
+        if extractor:  # gradient probes are made outside the compiled region: ex.compile, not torch.compile(ex)
+            module.compile(backend=profile.backward_compile_backend, **kwargs)
+            return module
         return torch.compile(module, backend=profile.backward_compile_backend, **kwargs)
 
     entries = [compile_contender(name, setup, profile, cold=False)[0]

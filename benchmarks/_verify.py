@@ -28,7 +28,9 @@ def loss_of(output: torch.Tensor) -> torch.Tensor:
 
 def _capture(model: nn.Module, names: Sequence[str], store: Callable[[str, torch.Tensor], None]) -> list[Any]:
     modules = dict(model.named_modules())
-    return [modules[n].register_forward_hook(lambda _m, _i, out, n=n: store(n, out)) for n in names]
+    # The hook must return None: a forward hook that returns a tensor replaces the module's output,
+    # and a later in-place op (ResNet's ReLU after bn1) would then write into the stored value.
+    return [modules[n].register_forward_hook(lambda _m, _i, out, n=n: (store(n, out), None)[1]) for n in names]
 
 
 def forward_reference(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
