@@ -157,15 +157,17 @@ def _live(graph: fx.Graph, analysis: AliasAnalysis, guards: set[fx.Node]) -> set
 def _guards_of_live_values(graph: fx.Graph, live: set[fx.Node]) -> set[fx.Node]:
     """The assertions that check only values ``live`` computes anyway.
 
-    A node outside ``live`` is *guard-only* when it is used, and only by assertions or
-    other guard-only nodes (``dim = x.dim(); eq = dim == 3`` before ``_assert(eq)``). An
-    assertion is kept when everything it needs beyond ``live`` is guard-only; one that needs
-    a value also used by the dropped part of the model (the next block's input check of a
-    ViT encoder past the cut) guards that part and goes with it.
+    A node outside ``live`` is *guard-only* when it is used, only by assertions or other
+    guard-only nodes, and reads no module or parameter (``dim = x.dim(); eq = dim == 3``
+    before ``_assert(eq)``; ``(x >= 0).all()``). An assertion is kept when everything it needs
+    beyond ``live`` is guard-only. One that needs a value also used by the dropped part of the
+    model (the next block's input check of a ViT encoder past the cut), or a layer's output
+    that only the dropped model output used, guards the dropped part and goes with it.
     """
     guard_only: set[fx.Node] = set()
     for node in reversed(graph.nodes):
-        if node not in live and node.users and all(_is_guard(u) or u in guard_only for u in node.users):
+        if (node not in live and node.users and not _reads_model_state(node)
+                and all(_is_guard(u) or u in guard_only for u in node.users)):
             guard_only.add(node)
     kept: set[fx.Node] = set()
     for node in graph.nodes:
@@ -183,6 +185,11 @@ def _guards_of_live_values(graph: fx.Graph, live: set[fx.Node]) -> set[fx.Node]:
         else:
             kept.add(node)
     return kept
+
+
+def _reads_model_state(node: fx.Node) -> bool:
+    """A module call or an op on a parameter/buffer: model computation, never part of a check."""
+    return node.op in ("call_module", "get_attr") or any(arg.op == "get_attr" for arg in node.all_input_nodes)
 
 
 def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
