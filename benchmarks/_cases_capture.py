@@ -92,7 +92,7 @@ def many_compiled(profile: Profile, device: torch.device) -> list[Row]:
             model, {layer: layer}), lambda out, layer: out[layer]),
     ]
     label = f"{profile.small_resnet} b{profile.compile_b} {profile.compile_r}² · {len(layers)} extractors"
-    return compare(f"10 many compiled extractors · {label}", entries, reference, profile, device,
+    return compare(f"12 many compiled extractors · {label}", entries, reference, profile, device,
                    keys={e.name: list(layers) for e in entries[1:]}, rtol=RTOL, atol=ATOL, notes=notes)
 
 
@@ -144,7 +144,7 @@ def grads_over_shapes(profile: Profile, device: torch.device) -> list[Row]:
 
     entries = [plain(), extractor()]
     label = f"{profile.small_resnet} {r}² · batch {sizes[0]}..{sizes[-1]} · grads of 2 stages"
-    return compare(f"11 compiled grads over {len(sizes)} batch sizes ({profile.backward_compile_backend}) · {label}",
+    return compare(f"13 compiled grads over {len(sizes)} batch sizes ({profile.backward_compile_backend}) · {label}",
                    entries, reference, profile, device, rtol=RTOL, atol=ATOL, notes=notes)
 
 
@@ -171,7 +171,8 @@ def verify_cost(profile: Profile, device: torch.device) -> list[Row]:
         layers = pick(model)
         reference = forward_reference(model, layers, x)
 
-        def first_call(verify: bool) -> Callable[[], Features]:
+        def first_call(verify: bool, model: nn.Module = model, layers: list[str] = layers,
+                       x: torch.Tensor = x) -> Callable[[], Features]:
             def run() -> Features:
                 with torch.no_grad():
                     ex = fxstore.FeatureExtractor(model, layers, verify=verify)
@@ -179,13 +180,13 @@ def verify_cost(profile: Profile, device: torch.device) -> list[Row]:
                 return {**feats, "output": out}
             return run
 
-        def plain() -> None:
+        def plain(model: nn.Module = model, x: torch.Tensor = x) -> None:
             with torch.no_grad():
                 model(x)
 
         entries = [Contender("plain forward", plain),
                    Contender("build + first call, verify=True (default)", first_call(True)),
                    Contender("build + first call, verify=False", first_call(False))]
-        rows += compare(f"12 self-check cost · {name} b1 {r}² · {len(layers)} layers", entries, reference,
+        rows += compare(f"14 self-check cost · {name} b1 {r}² · {len(layers)} layers", entries, reference,
                         profile, device)
     return rows

@@ -45,6 +45,12 @@ class Profile:
     vit_compiled: bool  # also run the compiled half of the ViT case
     copy_b: int
     copy_r: int
+    cut_vit: str  # the ViT cut after block ``cut_block`` (case 10)
+    cut_vit_b: int
+    cut_vit_r: int
+    cut_block: int
+    shapes_layers: int  # the GPT-2 run over 8 shapes (case 11)
+    shapes_width: int
 
 
 _CPU = Profile(
@@ -57,6 +63,8 @@ _CPU = Profile(
     trace_models=("resnet50", "vit_b_16"),
     vit="vit_small", vit_b=2, vit_r=96, vit_compiled=True,
     copy_b=4, copy_r=224,
+    cut_vit="vit_b_16", cut_vit_b=1, cut_vit_r=224, cut_block=2,
+    shapes_layers=4, shapes_width=256,
 )
 
 _CUDA = dataclasses.replace(
@@ -66,6 +74,7 @@ _CUDA = dataclasses.replace(
     memory_b=16, memory_r=224, memory_steps=8,
     vit="vit_b_16", vit_b=8, vit_r=224,
     copy_b=32, copy_r=224,
+    cut_vit_b=8,
 )
 
 _QUICK = Profile(
@@ -78,6 +87,8 @@ _QUICK = Profile(
     trace_models=("resnet_tiny", "vit_tiny"),
     vit="vit_tiny", vit_b=1, vit_r=32, vit_compiled=False,
     copy_b=1, copy_r=32,
+    cut_vit="vit_small", cut_vit_b=1, cut_vit_r=32, cut_block=2,
+    shapes_layers=2, shapes_width=32,
 )
 
 

@@ -126,26 +126,89 @@ def _has_side_effects(node: fx.Node) -> bool:
         return node.is_impure()
 
 
-def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
-    """Remove every node the outputs do not need.
+_GUARD_NAMES = ("_assert", "assert", "sym_constrain_range")
 
-    Unlike ``Graph.eliminate_dead_code`` this keeps an in-place op whose result is unused
-    but whose written memory a live node reads later (``x.relu_(); return x``), and drops
-    in-place ops past the cut, so truncated extraction really runs less of the model.
-    """
+
+def _is_guard(node: fx.Node) -> bool:
+    """An assertion: a side effect that only checks values (``torch._assert``, ATen's ``_assert_*``)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    name = getattr(target, "__name__", "") if not isinstance(target, torch._ops.OpOverload) else target._opname
+    return name.startswith(_GUARD_NAMES)
+
+
+def _live(graph: fx.Graph, analysis: AliasAnalysis, guards: set[fx.Node]) -> set[fx.Node]:
+    """Nodes needed by the output, by side effects other than assertions, and by ``guards``."""
     live: set[fx.Node] = set()
     read_later: set[fx.Node] = set()
     for node in reversed(graph.nodes):
         written = analysis.written_by(node)
         keep = (
             node.op in ("placeholder", "output")
+            or node in guards
             or any(user in live for user in node.users)
             or (written is not None and analysis.find(written) in read_later)
-            or (node.op == "call_function" and _has_side_effects(node))
+            or (node.op == "call_function" and not _is_guard(node) and _has_side_effects(node))
         )
         if keep:
             live.add(node)
             read_later.update(analysis.find(arg) for arg in node.all_input_nodes)
+    return live
+
+
+def _guards_of_live_values(graph: fx.Graph, live: set[fx.Node]) -> set[fx.Node]:
+    """The assertions that check only values ``live`` computes anyway.
+
+    A node outside ``live`` is *guard-only* when it is used, only by assertions or other
+    guard-only nodes, and reads no module or parameter (``dim = x.dim(); eq = dim == 3``
+    before ``_assert(eq)``; ``(x >= 0).all()``). An assertion is kept when everything it needs
+    beyond ``live`` is guard-only. One that needs a value also used by the dropped part of the
+    model (the next block's input check of a ViT encoder past the cut), or a layer's output
+    that only the dropped model output used, guards the dropped part and goes with it.
+    """
+    guard_only: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if (node not in live and node.users and not _reads_model_state(node)
+                and all(_is_guard(u) or u in guard_only for u in node.users)):
+            guard_only.add(node)
+    kept: set[fx.Node] = set()
+    for node in graph.nodes:
+        if not _is_guard(node) or not _has_side_effects(node):
+            continue
+        stack, seen = list(node.all_input_nodes), set()
+        while stack:
+            needed = stack.pop()
+            if needed in live or needed in seen:
+                continue
+            if needed not in guard_only:
+                break
+            seen.add(needed)
+            stack.extend(needed.all_input_nodes)
+        else:
+            kept.add(node)
+    return kept
+
+
+def _reads_model_state(node: fx.Node) -> bool:
+    """A module call or an op on a parameter/buffer: model computation, never part of a check."""
+    return node.op in ("call_module", "get_attr") or any(arg.op == "get_attr" for arg in node.all_input_nodes)
+
+
+def prune(graph: fx.Graph, analysis: AliasAnalysis) -> None:
+    """Remove every node the outputs do not need.
+
+    Unlike ``Graph.eliminate_dead_code`` this keeps an in-place op whose result is unused
+    but whose written memory a live node reads later (``x.relu_(); return x``), and drops
+    in-place ops past the cut, so truncated extraction really runs less of the model.
+    Assertions stay when they check values the outputs need (an input-shape check before
+    the kept part still raises) and go when they check only values past the cut, which
+    would otherwise keep the whole model alive (each ViT encoder block asserts on its input).
+    """
+    live = _live(graph, analysis, set())
+    guards = _guards_of_live_values(graph, live)
+    if guards:
+        live = _live(graph, analysis, guards)
     for node in reversed(list(graph.nodes)):
         if node not in live:
             graph.erase_node(node)

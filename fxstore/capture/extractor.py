@@ -118,8 +118,8 @@ class FeatureExtractor(nn.Module):
             detection models). A frontend whose program fails the self-check is skipped.
             :attr:`trace_report` says which one was used and why.
         example_inputs: Inputs ``args`` or ``(args, kwargs)``: the export frontend exports
-            with them and the self-check runs at build time. Without them both happen on
-            the first call.
+            with them (once, with dynamic batch and sequence dimensions) and the self-check
+            runs at build time. Without them both happen on the first call.
         verify: Check once (first call, or build time with ``example_inputs``) that the
             captured program reproduces the plain model's output; a mismatch moves
             ``frontend="auto"`` to the next frontend and raises ``TraceError`` for an explicit one.
@@ -476,6 +476,19 @@ class FeatureExtractor(nn.Module):
         if program.graph is not None:
             return program.graph.python_code("self").src
         return None
+
+    @property
+    def exports(self) -> int:
+        """How many times the export frontend has run ``torch.export`` in the current mode (0 for
+        the other frontends): one export serves every input shape its guards admit.
+
+        Example:
+            >>> import torchvision, fxstore
+            >>> fxstore.FeatureExtractor(torchvision.models.resnet18(), ["layer1"]).exports
+            0
+        """
+        runner = getattr(self._program().run, "runner", None)
+        return int(getattr(runner, "exports", 0))
 
     @property
     def feature_keys(self) -> tuple[str, ...]:
