@@ -201,3 +201,20 @@ def test_max_programs_must_be_positive():
 
     with pytest.raises(ConfigError, match=r"(?s)max_programs=0 must be a positive int.*Hint"):
         ExportRunner(lambda args, kwargs: None, keep_output=True, max_programs=0)
+
+
+@pytest.mark.slow
+def test_compiled_gradient_taps_of_an_exported_model_serve_new_shapes():
+    model, _, kwargs = gpt2()
+    tapped = ["h.0", "ln_f"]
+    ex = FeatureExtractor(model, grads=tapped)
+    ex.compile(backend="aot_eager")  # fullgraph; the probes are made outside the graph
+    for shape in [(2, 8), (3, 5), (2, 11), (4, 6)]:
+        ids = _ids(*shape)
+        out, feats = ex(ids, **kwargs)
+        out.last_hidden_state.pow(2).sum().backward()
+        ref = hooked_grads(model, tapped, lambda o: o.last_hidden_state.pow(2).sum(), ids, **kwargs)
+        grads = ex.gradients(feats)
+        for layer in tapped:
+            torch.testing.assert_close(grads[layer], ref[layer][0], rtol=1e-5, atol=1e-6)
+    assert ex.exports == 1
