@@ -9,8 +9,8 @@ every capturing contender was verified against the independent references ("exac
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
