@@ -114,7 +114,8 @@ def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
         + (f", load avg {load[0]:.1f}" if load else "") + ")"
         + (f" · GPU: {info['gpu']}" if "gpu" in info else "")
         + f" · torch {info['torch']}, torchvision {info.get('torchvision', '?')}, Python {info['python']}",
-        f"Command: `{info['command']}` · commit {_short(info.get('commit', 'unknown'))}",
+        f"Command: `{info['command']}` · commit {_short(info.get('commit', 'unknown'))}"
+        + (f" · profile {info['profile']}" if info.get("profile") else ""),
         "",
         "| Case | Contender | Median | × plain | Spread (min–max) | Verified | Notes |",
         "|---|---|---:|---:|---|---|---|",
