@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision are pinned here (not in pyproject.toml) so the library keeps ranges.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo lint bench coverage clean
+.PHONY: test test-fast demo lint bench bench-readme coverage clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $@
 
+# The full suite (CI runs it): library doctests, tests/ (slow model zoos included), the README's
+# examples and the benchmark micro cases run once as tests; the 25 slowest tests are listed.
+PYTEST := $(PY) -m pytest -n 2 --dist loadgroup --durations=25
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --dist loadgroup fxstore tests README.md
+	$(PYTEST) --benchmark-disable fxstore tests README.md benchmarks
+
+# The edit loop: everything but the @pytest.mark.slow tests (model zoos, mutation runs).
+test-fast: $(VENV)/.installed
+	$(PYTEST) -m "not slow" fxstore tests README.md
 
 demo: $(VENV)/.installed
 	$(PY) -m fxstore.demo
@@ -23,6 +30,13 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Record a run in benchmarks/results/ and regenerate the README's table from it.
+bench-readme: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m benchmarks --threads 1 --save 2>&1 | tee .bench-readme.log
+	$(PY) -m benchmarks.readme_table $$(sed -n 's/^saved //p' .bench-readme.log | tail -1)
+	rm -f .bench-readme.log
 
 coverage: $(VENV)/.installed
 	$(PY) -m fxstore.coverage --write docs/coverage.md

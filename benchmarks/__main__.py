@@ -19,7 +19,7 @@ import torch
 
 from ._cases import CASES
 from ._config import profile_for
-from ._report import Row, machine, markdown, write_json
+from ._report import Row, machine, markdown, results_path, write_json
 
 __all__ = ["main"]
 
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated cases to run (default: all): {', '.join(CASES)}")
     p.add_argument("--json", metavar="PATH", help="also write every row and sample as JSON")
+    p.add_argument("--save", action="store_true",
+                   help="also write the JSON to benchmarks/results/<date>-<device>-<commit>.json (what the README "
+                        "table is made from: python -m benchmarks.readme_table FILE)")
     p.add_argument("--reps", type=int, help="timed repetitions per contender (default: the profile's)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 with --quick)")
     return p
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows, info))
     if args.json:
         write_json(args.json, rows, info)
+    if args.save:
+        path = results_path(info)
+        write_json(path, rows, info)
+        print(f"saved {path}", file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ._timing import Stats
 
-__all__ = ["Row", "row", "machine", "markdown", "write_json"]
+__all__ = ["Row", "row", "machine", "commit", "markdown", "write_json", "read_json", "results_path", "RESULTS"]
 
 
 @dataclasses.dataclass
@@ -55,6 +55,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def commit() -> str:
+    """The checked-out commit (``+dirty`` with uncommitted changes), or ``"unknown"`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine(device: torch.device, threads: int, command: str) -> dict[str, Any]:
     """Date, machine, versions and command, for the table header and the JSON file."""
     info: dict[str, Any] = {
@@ -67,6 +79,7 @@ def machine(device: torch.device, threads: int, command: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "device": str(device),
         "command": command,
+        "commit": commit(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -89,6 +102,10 @@ def _time(seconds: float | None) -> str:
     return f"{seconds * 1e6:.3g} µs"
 
 
+def _short(sha: str) -> str:
+    return sha[:12] + ("+dirty" if sha.endswith("+dirty") else "")
+
+
 def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
     """The table, preceded by the machine header."""
     load = info.get("load_average")
@@ -97,7 +114,8 @@ def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
         + (f", load avg {load[0]:.1f}" if load else "") + ")"
         + (f" · GPU: {info['gpu']}" if "gpu" in info else "")
         + f" · torch {info['torch']}, torchvision {info.get('torchvision', '?')}, Python {info['python']}",
-        f"Command: `{info['command']}`",
+        f"Command: `{info['command']}` · commit {_short(info.get('commit', 'unknown'))}"
+        + (f" · profile {info['profile']}" if info.get("profile") else ""),
         "",
         "| Case | Contender | Median | × plain | Spread (min–max) | Verified | Notes |",
         "|---|---|---:|---:|---|---|---|",
@@ -118,3 +136,20 @@ def write_json(path: str | Path, rows: Sequence[Row], info: dict[str, Any]) -> N
     """Everything, including every sample, as JSON."""
     payload = {"machine": info, "rows": [dataclasses.asdict(r) for r in rows]}
     Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where recorded runs are kept (the README's figures come from files here)."""
+
+
+def results_path(info: dict[str, Any]) -> Path:
+    """``benchmarks/results/<date>-<device>-<commit>.json`` for a run's machine header."""
+    day = str(info["date"]).split(" ")[0]
+    return RESULTS / f"{day}-{info['device']}-{_short(str(info.get('commit', 'unknown'))).replace('+', '-')}.json"
+
+
+def read_json(path: str | Path) -> tuple[list[Row], dict[str, Any]]:
+    """The rows and machine header of a file written by :func:`write_json`."""
+    payload = json.loads(Path(path).read_text())
+    rows = [Row(**{**r, "samples_s": tuple(r.get("samples_s", ()))}) for r in payload["rows"]]
+    return rows, payload["machine"]

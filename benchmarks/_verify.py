@@ -26,18 +26,36 @@ def loss_of(output: torch.Tensor) -> torch.Tensor:
     return output.float().pow(2).mean()
 
 
-def _capture(model: nn.Module, names: Sequence[str], store: Callable[[str, torch.Tensor], None]) -> list[Any]:
+def _capture(model: nn.Module, names: Sequence[str], store: Callable[[str, torch.Tensor], Any]) -> list[Any]:
+    """Forward hooks calling ``store(name, output)``; a hook returning a tensor replaces the output."""
     modules = dict(model.named_modules())
     # The hook must return None: a forward hook that returns a tensor replaces the module's output,
     # and a later in-place op (ResNet's ReLU after bn1) would then write into the stored value.
     return [modules[n].register_forward_hook(lambda _m, _i, out, n=n: (store(n, out), None)[1]) for n in names]
 
 
+def _keep_clone(found: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
+    def store(name: str, out: torch.Tensor) -> None:  # returns None: the model's own output flows on
+        found.setdefault(name, out.detach().clone())
+    return store
+
+
+def _probe(probes: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+    """``out + zero probe`` on the first call: d loss / d probe is d loss / d out, even if a later
+    in-place op (``ReLU(inplace=True)``) rewrites the output tensor."""
+    def store(name: str, out: torch.Tensor) -> torch.Tensor | None:
+        if name in probes:
+            return None
+        probes[name] = torch.zeros_like(out, requires_grad=True)
+        return out + probes[name]
+    return store
+
+
 def forward_reference(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: module output}`` plus ``{"output": model(x)}``, on a hooked copy of ``model``."""
     twin = copy.deepcopy(model)
     found: dict[str, torch.Tensor] = {}
-    handles = _capture(twin, names, lambda n, out: found.setdefault(n, out.detach().clone()))
+    handles = _capture(twin, names, _keep_clone(found))
     with torch.no_grad():
         found[OUTPUT] = twin(x)
     for handle in handles:
@@ -48,11 +66,11 @@ def forward_reference(model: nn.Module, names: Sequence[str], x: torch.Tensor) -
 def gradient_reference(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: d loss / d module output}`` computed with ``torch.autograd.grad``."""
     twin = copy.deepcopy(model)
-    outputs: dict[str, torch.Tensor] = {}
-    handles = _capture(twin, names, lambda n, out: outputs.setdefault(n, out))
+    probes: dict[str, torch.Tensor] = {}
+    handles = _capture(twin, names, _probe(probes))
     with torch.enable_grad():
         loss = loss_of(twin(x))
-        grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+        grads = torch.autograd.grad(loss, [probes[n] for n in names])
     for handle in handles:
         handle.remove()
     return dict(zip(names, grads, strict=True))

@@ -5,15 +5,20 @@ compute + device->host copy + disk write, not image decoding. Each configuration
 ``--repeats`` times into a fresh folder; the table shows the median and the on/off ratio.
 
     python benchmarks/bench_dataset.py --device cuda --model resnet50 --samples 4096
-    python benchmarks/bench_dataset.py --device cpu --model resnet18 --image-size 64 --samples 512
+    python benchmarks/bench_dataset.py --device cpu --model resnet18 --image-size 64 --samples 512 --save
+
+``--save`` records the result (with date, commit, machine and command) in
+``benchmarks/results/dataset-<device>-<date>-<commit>.json``; the README quotes that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--save", action="store_true", help="record the result in benchmarks/results")
     args = parser.parse_args()
 
     model = load_model(args.model).to(args.device)
@@ -74,6 +80,20 @@ def main() -> None:
     print(f"ratio on/off: {statistics.median(rates[True]) / statistics.median(rates[False]):.2f}")
     if not args.out_dir:
         shutil.rmtree(root, ignore_errors=True)
+    if args.save:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the package's root
+        from benchmarks._report import RESULTS, machine
+
+        info = machine(torch.device(args.device), torch.get_num_threads(),
+                       "python benchmarks/bench_dataset.py " + " ".join(sys.argv[1:]))
+        result = {"options": {k: v for k, v in vars(args).items() if k != "out_dir"},
+                  "samples_per_s": {"off": rates[False], "on": rates[True]},
+                  "median_samples_per_s": {"off": statistics.median(rates[False]),
+                                           "on": statistics.median(rates[True])},
+                  "written_mib": size / 2**20}
+        path = RESULTS / f"dataset-{args.device}-{info['date'].split(' ')[0]}-{info['commit'][:12]}.json"
+        path.write_text(json.dumps({"machine": info, "result": result}, indent=2) + "\n")
+        print(f"saved {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

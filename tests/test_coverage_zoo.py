@@ -2,9 +2,11 @@
 Hugging Face samples, each checked by :func:`fxstore.coverage.check`: output bit-equal to the plain
 model and a random sample of module outputs equal to forward hooks on the plain model.
 
-Detection and optical-flow models are checked with the partial frontend directly (the automatic
-choice tries torch.export first, which costs ~5-20 s per model before it fails; that choice is
-tested once in ``test_partial.py``). Classification and segmentation models are the core zoo test.
+Every model goes through the automatic frontend choice (``frontend="auto"``) and the test asserts
+the frontend it picked, the one the README's coverage table reports: fx for video, timm; export
+for optical flow (RAFT) and Hugging Face; partial for detection, after fx and torch.export
+failed (export costs ~5-20 s per detection model before it gives up). Classification and
+segmentation models are the core zoo test.
 """
 
 import pytest
@@ -13,7 +15,7 @@ from fxstore import coverage
 
 CASES = {c.name: c for c in coverage.cases()}
 ZOO = [n for n in CASES if n.split("/")[0] in ("detection", "optical_flow", "video", "timm", "hf")]
-EXPECTED = {"detection": "partial", "optical_flow": "partial", "video": "fx", "timm": "fx", "hf": "export"}
+EXPECTED = {"detection": "partial", "optical_flow": "export", "video": "fx", "timm": "fx", "hf": "export"}
 
 
 # torch.fx traces mvit_v2_s without error, but the graph is wrong (torchvision's own
@@ -29,8 +31,7 @@ KNOWN_BAD: dict[str, str] = {}
              for n in ZOO])
 def test_model_is_captured_and_verified(name):
     group = name.split("/")[0]
-    frontend = "partial" if group in ("detection", "optical_flow") else "auto"
-    row = coverage.check(CASES[name], frontend=frontend)
+    row = coverage.check(CASES[name], frontend="auto")
     assert row.frontend == FRONTEND_OF.get(name, EXPECTED[group]), row.note
     assert row.verified, row.note
 

@@ -210,8 +210,11 @@ def test_auto_frontend_falls_back_for_untraceable_models():
 def test_leaf_modules_make_it_traceable():
     model = Untraceable()
     x = torch.randn(2, 4)
-    out, feats = fxstore.FeatureExtractor(model, ["stem", "gate"], leaf_modules=[Gate])(x)
+    ex = fxstore.FeatureExtractor(model, ["stem", "gate"], leaf_modules=[Gate])
+    assert ex.trace_report.frontend == "fx"  # not a silent fallback to another frontend
+    out, feats = ex(x)
     assert torch.equal(out, model(x)) and torch.equal(feats["gate"], model(x))
+    assert torch.equal(feats["stem"], model.stem(x))
 
 
 def scale(x, k):

@@ -95,16 +95,28 @@ def test_model(name):
     model.zero_grad(set_to_none=True)
 
     # train: the train graph runs, output bit-equal to the plain model (same RNG stream,
-    # same batch-norm statistics)
+    # same batch-norm statistics), and the sampled nodes the train graph has equal the
+    # reference run in train mode
     model.train()
     buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def reset_buffers():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+
+    in_train = [n for n in picked if n in tv_train]  # the train graph may lack a node the eval graph has
+    assert in_train, f"none of {picked} is a node of the train graph"
     with torch.no_grad():
         torch.manual_seed(1)
         expected = model(x)
-        for k, v in model.named_buffers():
-            v.copy_(buffers[k])
+        reset_buffers()
+        torch.manual_seed(1)
+        _, train_ref = node_values(model, x, in_train)
+        reset_buffers()
         ex.train()
         torch.manual_seed(1)
         out, feats = ex(x)
     assert same(out, expected)
-    assert set(feats) <= set(picked)  # the train graph may lack a node the eval graph has
+    assert sorted(feats) == sorted(in_train)
+    for node in in_train:
+        assert torch.equal(feats[node], train_ref[node]), node

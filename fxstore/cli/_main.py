@@ -118,6 +118,7 @@ def _extract(args: argparse.Namespace) -> int:
     from .models import load_model
     from .sources import open_source
 
+    _check_device(args.device)
     model = load_model(args.model, args.weights, seed=args.seed)
     data = open_source(args.data, image_size=args.image_size)
     result = extract_dataset(
@@ -132,6 +133,18 @@ def _extract(args: argparse.Namespace) -> int:
         print(f"wrote {result['num_samples']} samples to {args.out} ({result['format']}): {shapes}")
         print(f"load with: fxstore.load_features({str(args.out)!r})")
     return 0
+
+
+def _check_device(name: str) -> None:
+    """Refuse a device this machine does not have before any work (torch would raise a traceback later)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FxStoreError(f"--device {name!r} is not a device.\nHint: use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FxStoreError(f"--device {name!r}: no CUDA device is available here.\nHint: use --device cpu.")
 
 
 def _info(args: argparse.Namespace) -> int:
