@@ -12,9 +12,10 @@ that ``torch.fx`` attaches to the traced root land on the shadow.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -26,7 +27,7 @@ from torchvision.models import feature_extraction as _tv
 from ..errors import TraceError
 from ._registry import notrace_functions, notrace_modules
 
-__all__ = ["TraceOptions", "Traced", "trace", "shadow_of"]
+__all__ = ["TraceOptions", "Traced", "trace", "shadow_of", "modes_restored"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,20 @@ class _Tracer(_tv.NodePathTracer):
         if nodes:
             self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
         return out
+
+
+@contextlib.contextmanager
+def modes_restored(model: nn.Module) -> Iterator[None]:
+    """Run a block that may switch ``model``'s train/eval modes, then give every module its own back.
+
+    (``model.train(flag)`` would reset them all to one flag; the user's mix of modes survives this.)
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def shadow_of(model: nn.Module, training: bool, extra: dict[str, torch.Tensor] | None = None) -> nn.Module:

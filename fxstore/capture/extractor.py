@@ -21,13 +21,13 @@ from torch import fx, nn
 from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
 from . import _frontends
 from ._frontends import FRONTENDS, Request
-from ._keys import GRAD_SUFFIX, call_key
+from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
 from ._probes import ProbeMaker
 from ._program import GraphRun, Program, TraceReport
 from ._selection import Layers, canonical_specs, spec_label
 from ._selfcheck import Snapshot, compare
-from ._tracing import TraceOptions, trace
+from ._tracing import TraceOptions, modes_restored, trace
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "GRAD_SUFFIX"]
 
@@ -582,7 +582,7 @@ def _values(features: Mapping[str, Any], key: str, suffix: str) -> list[Any]:
         return [features[key + suffix]]
     parts = []
     for i in itertools.count():
-        name = f"{key}:{i}{suffix}"
+        name = output_key(key, i) + suffix
         if name not in features:
             return parts
         parts.append(features[name])
@@ -621,15 +621,11 @@ def trace_report(
         >>> "backbone.features.0.0" in report.names  # the traced backbone, named with its path
         True
     """
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with modes_restored(model):
         if train is not None:
             model.train(train)
         extractor = FeatureExtractor(model, None, keep_output=True, frontend=frontend,
                                      example_inputs=example_inputs, **trace_options)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
     report = extractor.trace_report
     if report is None:
         raise ConfigError(
@@ -689,10 +685,6 @@ def node_names(
     options = TraceOptions.build(leaf_modules, autowrap_functions, autowrap_modules, concrete_args)
     if train is None or train == model.training and all(m.training == model.training for m in model.modules()):
         return list(trace(model, options, train).names.values())
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with modes_restored(model):
         model.train(train)
         return list(trace(model, options, train).names.values())
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
