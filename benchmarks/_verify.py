@@ -29,9 +29,7 @@ def loss_of(output: torch.Tensor) -> torch.Tensor:
 def _capture(model: nn.Module, names: Sequence[str], store: Callable[[str, torch.Tensor], Any]) -> list[Any]:
     """Forward hooks calling ``store(name, output)``; a hook returning a tensor replaces the output."""
     modules = dict(model.named_modules())
-    # The hook must return None: a forward hook that returns a tensor replaces the module's output,
-    # and a later in-place op (ResNet's ReLU after bn1) would then write into the stored value.
-    return [modules[n].register_forward_hook(lambda _m, _i, out, n=n: (store(n, out), None)[1]) for n in names]
+    return [modules[n].register_forward_hook(lambda _m, _i, out, n=n: store(n, out)) for n in names]
 
 
 def _keep_clone(found: dict[str, torch.Tensor]) -> Callable[[str, torch.Tensor], None]:
