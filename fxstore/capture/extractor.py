@@ -494,6 +494,43 @@ class FeatureExtractor(nn.Module):
             grads[name] = probe.grad
         return grads
 
+    def export(self, path: Any, example_inputs: Any, format: str = "exported", *, dynamic: bool = True,
+               verify: bool = True) -> Any:
+        """Write this extractor as a deployable artifact whose outputs are the features.
+
+        ``"exported"`` is a ``torch.export`` archive (``torch.export.load(path).module()``), ``"aoti"``
+        an AOTInductor package (``torch._inductor.aoti_load_package(path)``), ``"onnx"`` an ONNX
+        file with outputs named after the feature keys (and ``output`` when kept). A call returns
+        the features dict, or ``(output, features)`` when the output is kept. The batch axis (and
+        the sequence axis of token ids, the image size where the model allows it) is dynamic; the
+        ranges, feature shapes and dtypes are stored in the artifact (see ``fxstore info FILE``).
+
+        Args:
+            path: The file to write.
+            example_inputs: Inputs to export with: a tensor, a tuple of inputs, or ``(args, kwargs)``.
+            format: ``"exported"``, ``"aoti"`` or ``"onnx"``.
+            dynamic: Make batch (and sequence, image size) axes dynamic; ``False`` fixes every shape.
+            verify: Run the artifact on ``example_inputs`` and compare it with this extractor.
+
+        Returns:
+            A ``DeployReport`` (``path``, ``format``, ``metadata``, ``max_diff``).
+
+        Raises:
+            ConfigError: an unknown format, gradient taps, or an extractor in train mode.
+            TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
+
+        Example:
+            >>> import tempfile, torch, torchvision, fxstore
+            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18().eval(), ["layer2"], keep_output=False)
+            >>> path = tempfile.mkdtemp() + "/feats.pt2"
+            >>> report = ex.export(path, (torch.rand(2, 3, 64, 64),), format="exported")
+            >>> report.metadata["features"]["layer2"]["shape"][:2], report.max_diff < 1e-5
+            (['batch', 128], True)
+        """
+        from ._deploy import export_extractor
+
+        return export_extractor(self, path, example_inputs, format, dynamic=dynamic, verify=verify)
+
     def extra_repr(self) -> str:
         program = self._fx_programs[self.training]
         return f"features={list(program.keys)}, grads={[k[:-len(GRAD_SUFFIX)] for k in program.grad_keys]}"
