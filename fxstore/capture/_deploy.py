@@ -37,7 +37,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree
 
-from ..errors import ConfigError, TraceError
+from ..errors import ConfigError, FxStoreError, TraceError
 
 __all__ = ["FORMATS", "DeployReport", "export_extractor", "read_metadata"]
 
@@ -98,8 +98,14 @@ def export_extractor(
         raise ConfigError("the extractor is in train mode; an artifact is exported for inference.\n"
                           "Hint: call extractor.eval() before exporting.")
     args, kwargs = _split(example_inputs)
-    with torch.no_grad():
-        expected = _Deployable(extractor)(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            expected = _Deployable(extractor)(*args, **kwargs)
+    except FxStoreError:
+        raise
+    except Exception as e:  # the model's own code failed on the example
+        raise ConfigError(f"the extractor fails on the example inputs: {type(e).__name__}: {_first_line(e)}\n"
+                          "Hint: pass example inputs the model accepts.") from e
     features = expected if isinstance(expected, dict) else expected[1]
     tapped = [k for k in features if k.endswith(_GRAD_SUFFIX)]
     if tapped:
@@ -170,7 +176,7 @@ def _plans(leaves: list[Any], extractor: nn.Module) -> list[dict[str, tuple[int,
         if name == "sequence":
             first[name], second[name] = (1, max(max_seq, size)), (2, max(max_seq, size))
         elif name in ("height", "width"):
-            first[name], second[name] = (max(2, (size + 1) // 2), 4 * size), (size, 4 * size)
+            first[name], second[name] = (size // 2 + 1, 4 * size), (size, 4 * size)
     plans = [first, second, {"batch": first["batch"]}, {}]
     unique: list[dict[str, tuple[int, int]]] = []
     for plan in plans:
@@ -222,10 +228,15 @@ def _export_program(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         except Exception as e:  # export raises whatever the model's code raises, and its own errors
             last = e
     name = type(getattr(extractor, "_fx_model", extractor)).__name__
-    message = str(last).strip().splitlines()[0] if str(last).strip() else ""
-    raise TraceError(f"torch.export could not export the extractor of {name}: {type(last).__name__}: {message}\n"
+    raise TraceError(f"torch.export could not export the extractor of {name}: {type(last).__name__}: "
+                     f"{_first_line(last)}\n"
                      "Hint: check that the model runs on the example inputs; models torch.export cannot capture "
                      "cannot be deployed this way.") from last
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 @contextlib.contextmanager
@@ -385,7 +396,7 @@ def _write_onnx(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                                              output_names=outputs, verbose=False)
     except Exception as e:  # the ONNX exporter raises its own errors for unsupported operators
         raise TraceError(f"torch.onnx could not convert the exported extractor: {type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
+                         f"{_first_line(e)}\n"
                          "Hint: use format='exported' or 'aoti', which run every ATen operator.") from e
     onnx_program.model.metadata_props[_META_KEY] = json.dumps(metadata)
     onnx_program.save(str(path))
