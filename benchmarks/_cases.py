@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import _cases_backward, _cases_compile, _cases_cuda, _cases_forward, _cases_trace, _memory
+from . import _cases_backward, _cases_compile, _cases_cuda, _cases_deploy, _cases_forward, _cases_trace, _memory
 from ._config import Profile
 from ._report import Row
 
@@ -24,4 +24,5 @@ CASES: dict[str, Case] = {
     "trace": _cases_trace.trace_time,
     "vit": _cases_compile.vit,
     "cuda_copy": _cases_cuda.copy_to_cpu,
+    "deploy": _cases_deploy.deployed,
 }

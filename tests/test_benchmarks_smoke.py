@@ -27,7 +27,7 @@ def test_quick_benchmark_run_prints_a_verified_table(tmp_path: Path) -> None:
     assert "| Case | Contender | Median | × plain |" in done.stdout
     rows = json.loads(out.read_text())["rows"]
     cases = {r["case"].split(" ", 1)[0] for r in rows}
-    assert cases == {str(n) for n in range(1, 10)}
+    assert cases == {str(n) for n in range(1, 11)}
     fxstore_rows = [r for r in rows if r["contender"].startswith("fxstore") and "hook backend" not in r["contender"]]
     assert fxstore_rows
     failed = [(r["case"], r["contender"], r["verified"]) for r in fxstore_rows if r["verified"].startswith("FAILED")]
