@@ -7,6 +7,7 @@ Every artifact is compared with an independent reference: forward hooks on the p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -240,7 +241,13 @@ _FRESH = textwrap.dedent("""
     run = aoti_load_package(sys.argv[1])
     result = run(torch.load(sys.argv[2]))
     leaked = sorted(m for m in sys.modules if m.startswith(("fxstore", "tests", "test_deploy")))
-    torch.save({"result": result, "leaked": leaked, "meta": run.get_metadata()["fxstore"]}, sys.argv[3])
+    try:  # AOTI_RUNTIME_CHECK_INPUTS=1 makes the package check calls against the recorded ranges
+        run(torch.rand(int(sys.argv[4]) + 1, 3, 16, 16))
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    torch.save({"result": result, "leaked": leaked, "meta": run.get_metadata()["fxstore"], "refused": refused},
+               sys.argv[3])
 """)
 
 
@@ -252,11 +259,14 @@ def test_aoti_package_runs_in_a_fresh_process_without_fxstore(tmp_path):
     assert report.max_diff <= ATOL
     x = torch.rand(3, 3, 16, 16)
     torch.save(x, tmp_path / "x.pt")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    hi = report.metadata["dynamic"]["batch"][1]
     subprocess.run([sys.executable, "-c", _FRESH, str(tmp_path / "s.pt2"), str(tmp_path / "x.pt"),
-                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=env, timeout=600)
+                    str(tmp_path / "out.pt"), str(hi)], check=True, cwd=tmp_path,
+                   env={**env, "AOTI_RUNTIME_CHECK_INPUTS": "1"}, timeout=900)
     saved = torch.load(tmp_path / "out.pt")
     assert saved["leaked"] == []
+    assert f"dim value is too large at 0, expected to be <= {hi}" in saved["refused"]
     output, features = saved["result"]
     want_out, seen = hooked_outputs(model, ["conv1", "conv2"], x)
     torch.testing.assert_close(output, want_out, atol=ATOL, rtol=0)

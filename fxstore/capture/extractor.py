@@ -520,12 +520,15 @@ class FeatureExtractor(nn.Module):
             TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
 
         Example:
-            >>> import tempfile, torch, torchvision, fxstore
-            >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18().eval(), ["layer2"], keep_output=False)
+            >>> import tempfile, torch, fxstore
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+            >>> ex = fxstore.FeatureExtractor(model.eval(), ["1"], keep_output=False)
             >>> path = tempfile.mkdtemp() + "/feats.pt2"
-            >>> report = ex.export(path, (torch.rand(2, 3, 64, 64),), format="exported")
-            >>> report.metadata["features"]["layer2"]["shape"][:2], report.max_diff < 1e-5
-            (['batch', 128], True)
+            >>> report = ex.export(path, torch.rand(2, 3, 8, 8), format="exported")
+            >>> report.metadata["features"]["1"]["shape"], report.max_diff
+            (['batch', 4, 'height - 2', 'width - 2'], 0.0)
+            >>> tuple(torch.export.load(path).module()(torch.rand(5, 3, 10, 12))["1"].shape)
+            (5, 4, 8, 10)
         """
         from ._deploy import export_extractor
 
