@@ -99,10 +99,14 @@ def _export(model: nn.Module, r: int, folder: Path, format: str) -> Path:
 
 def deployed(profile: Profile, device: torch.device) -> list[Row]:
     """Case 10: latency and throughput of the deployed forms of one extractor, on CPU."""
+    with tempfile.TemporaryDirectory(prefix="fxstore-bench-deploy-") as folder:
+        return _deployed(profile, Path(folder))
+
+
+def _deployed(profile: Profile, folder: Path) -> list[Row]:
     name, r, batches, with_aoti = _sizes(profile)
     cpu = torch.device("cpu")
     model = build(name, r)
-    folder = Path(tempfile.mkdtemp(prefix="fxstore-bench-deploy-"))
     artifacts: dict[str, Path | Failed] = {}
     for format, label in (("onnx", "fxstore ONNX Runtime"), ("aoti", "fxstore AOTInductor package")):
         if format == "aoti" and not with_aoti:

@@ -91,7 +91,22 @@ def export_extractor(
     verify: bool = True,
     model_name: str | None = None,
 ) -> DeployReport:
-    """Export ``extractor`` to a deployable artifact; see :meth:`fxstore.FeatureExtractor.export`."""
+    """Export ``extractor`` to a deployable artifact (the body of :meth:`fxstore.FeatureExtractor.export`).
+
+    Args:
+        extractor: The extractor, in eval mode, without gradient taps.
+        path: The file to write (an AOTInductor package must end in ``.pt2``).
+        example_inputs: A tensor, a tuple of inputs, or ``(args, kwargs)``.
+        format: One of :data:`FORMATS`.
+        dynamic: Try dynamic batch, sequence and image axes (the widest ranges first).
+        verify: Run the artifact on the example and compare it with the eager extractor.
+        model_name: Recorded in the metadata (default: the model's class name).
+
+    Raises:
+        ConfigError: an unknown format, gradient taps, train mode, or inputs the model rejects.
+        TraceError: ``torch.export`` or the ONNX exporter cannot capture the extractor, or the
+            artifact disagrees with the eager extractor.
+    """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not an export format.\nHint: use one of {', '.join(map(repr, FORMATS))}.")
     if extractor.training:
