@@ -569,6 +569,46 @@ class FeatureExtractor(nn.Module):
             grads[name] = probe.grad
         return grads
 
+    def export(self, path: Any, example_inputs: Any, format: str = "exported", *, dynamic: bool = True,
+               verify: bool = True) -> Any:
+        """Write this extractor as a deployable artifact whose outputs are the features.
+
+        ``"exported"`` is a ``torch.export`` archive (``torch.export.load(path).module()``), ``"aoti"``
+        an AOTInductor package (``torch._inductor.aoti_load_package(path)``), ``"onnx"`` an ONNX
+        file with outputs named after the feature keys (and ``output`` when kept). A call returns
+        the features dict, or ``(output, features)`` when the output is kept. The batch axis (and
+        the sequence axis of token ids, the image size where the model allows it) is dynamic; the
+        ranges, feature shapes and dtypes are stored in the artifact (see ``fxstore info FILE``).
+
+        Args:
+            path: The file to write.
+            example_inputs: Inputs to export with: a tensor, a tuple of inputs, or ``(args, kwargs)``.
+            format: ``"exported"``, ``"aoti"`` or ``"onnx"``.
+            dynamic: Make batch (and sequence, image size) axes dynamic; ``False`` fixes every shape.
+            verify: Run the artifact on ``example_inputs`` and compare it with this extractor.
+
+        Returns:
+            A ``DeployReport`` (``path``, ``format``, ``metadata``, ``max_diff``).
+
+        Raises:
+            ConfigError: an unknown format, gradient taps, or an extractor in train mode.
+            TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
+
+        Example:
+            >>> import tempfile, torch, fxstore
+            >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+            >>> ex = fxstore.FeatureExtractor(model.eval(), ["1"], keep_output=False)
+            >>> path = tempfile.mkdtemp() + "/feats.pt2"
+            >>> report = ex.export(path, torch.rand(2, 3, 8, 8), format="exported")
+            >>> report.metadata["features"]["1"]["shape"], report.max_diff
+            (['batch', 4, 'height - 2', 'width - 2'], 0.0)
+            >>> tuple(torch.export.load(path).module()(torch.rand(5, 3, 10, 12))["1"].shape)
+            (5, 4, 8, 10)
+        """
+        from ._deploy import export_extractor
+
+        return export_extractor(self, path, example_inputs, format, dynamic=dynamic, verify=verify)
+
     def extra_repr(self) -> str:
         program = self._fx_programs.get(self.training)
         if program is None:

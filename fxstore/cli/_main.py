@@ -6,6 +6,7 @@ Examples::
     fxstore extract resnet50 --layers layer3 layer4 --pool avg --data images/ --out feats/
     torchrun --nproc-per-node 2 -m fxstore extract resnet50 --layers layer4 --data fake:1000 --out feats/
     fxstore info feats/
+    fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
 
 Errors in the arguments or the inputs print one line (``fxstore extract: error: ...``)
 and exit with status 2 (usage) or 1 (anything else fxstore refuses).
@@ -23,6 +24,7 @@ from typing import Any, NoReturn
 
 from ..dataset._sinks import SINKS
 from ..errors import FxStoreError
+from . import _export_cmd
 from ._node_table import format_table, node_rows
 
 __all__ = ["main"]
@@ -75,8 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     extract.set_defaults(run=_extract)
 
-    info = commands.add_parser("info", help="show the manifest of an output folder")
-    info.add_argument("out", metavar="DIR")
+    _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
+
+    info = commands.add_parser("info", help="show the manifest of an output folder, or an exported artifact's metadata")
+    info.add_argument("out", metavar="DIR|FILE")
     info.set_defaults(run=_info)
     return parser
 
@@ -149,6 +153,9 @@ def _check_device(name: str) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from ..dataset.manifest import read_manifest
+
+    if os.path.isfile(args.out):
+        return _export_cmd.info(args.out)
 
     manifest: dict[str, Any] = dict(read_manifest(args.out))
     manifest.pop("identity", None)

@@ -1,0 +1,108 @@
+"""``fxstore export``: write a model's extractor as an ONNX file, an AOTInductor package or a torch.export archive.
+
+Examples::
+
+    fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
+    fxstore export resnet50 --weights resnet50.pt --layers layer3 layer4 --format aoti --out feats.pt2
+    fxstore export hf:./gpt2 --layers transformer.h.6 --format exported --out gpt2-h6.pt2
+    fxstore info feats.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["add_parser", "run", "info"]
+
+_HF = "hf:"
+
+
+def add_parser(commands: Any, model_help: str, pools: tuple[str, ...], dtypes: tuple[str, ...], positive: Any) -> None:
+    """Register the ``export`` command on the ``fxstore`` subparsers."""
+    from ..capture._deploy import FORMATS
+
+    p = commands.add_parser("export", help="write a deployable extractor (ONNX, AOTInductor, torch.export)")
+    p.add_argument("model", help=model_help + ", or hf:DIR")
+    p.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
+                   help="node names, module names or glob patterns (see 'fxstore nodes')")
+    p.add_argument("--format", choices=FORMATS, required=True, help="artifact format")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (.onnx or .pt2)")
+    p.add_argument("--weights", metavar="FILE", help="local state_dict file (default: random weights)")
+    p.add_argument("--image-size", type=positive, default=224, help="side of the example image (default: 224)")
+    p.add_argument("--seq-len", type=positive, default=16, help="tokens of the example input of hf: models "
+                   "(default: 16)")
+    p.add_argument("--batch-size", type=positive, default=2, help="batch of the example input (default: 2)")
+    p.add_argument("--pool", choices=pools, default="none", help="reduce each layer in the graph (default: none)")
+    p.add_argument("--dtype", choices=dtypes, help="stored dtype (default: the layer's)")
+    p.add_argument("--keep-output", action="store_true", help="also return the model output (default: features only)")
+    p.add_argument("--static", action="store_true", help="fix every input shape (default: dynamic batch, sequence, "
+                   "image size where the model allows)")
+    p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the eager extractor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.set_defaults(run=run)
+
+
+def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    if args.model.startswith(_HF):
+        try:
+            from .hf import load_hf
+        except ImportError as e:
+            raise ConfigError(f"model '{args.model}' needs the hf: loader, which this fxstore does not have.\n"
+                              "Hint: load the model in Python and call FeatureExtractor.export.") from e
+        model, _ = load_hf(args.model, need_tokenizer=False)
+        if args.weights is not None:
+            raise ConfigError("--weights does not apply to hf: models (their folder holds the weights).\n"
+                              "Hint: drop --weights.")
+        vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            ids = torch.randint(0, vocab, (args.batch_size, args.seq_len))
+        return model, (ids,)
+    from .models import load_model
+
+    model = load_model(args.model, args.weights, seed=args.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+    return model, (x,)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the extractor, export it, verify it, and print what was written."""
+    from ..capture import FeatureExtractor
+    from ..capture._deploy import export_extractor
+    from ..dataset._reduce import REDUCTIONS
+
+    model, example = _model_and_input(args)
+    ex = FeatureExtractor(model, list(args.layers), keep_output=args.keep_output, detach=True,
+                          transform=REDUCTIONS[args.pool], dtype=args.dtype, example_inputs=example)
+    report = export_extractor(ex, args.out, example, args.format, dynamic=not args.static,
+                              verify=not args.no_verify, model_name=args.model)
+    meta = report.metadata
+    shapes = ", ".join(f"{k} {_shape(v['shape'])} {v['dtype']}" for k, v in meta["features"].items())
+    dynamic = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in meta["dynamic"].items()) or "none (static shapes)"
+    print(f"wrote {args.format} {args.out}: {shapes}")
+    print(f"dynamic axes: {dynamic}")
+    if report.max_diff is None:
+        print("not verified (--no-verify)")
+    else:
+        print(f"verified against the eager extractor: max abs difference {report.max_diff:.3g}")
+    return 0
+
+
+def info(path: str) -> int:
+    """``fxstore info FILE``: print the metadata of an exported artifact."""
+    from ..capture._deploy import read_metadata
+
+    print(json.dumps(read_metadata(path), indent=2))
+    return 0
+
+
+def _shape(shape: list[Any]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
