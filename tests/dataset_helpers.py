@@ -74,4 +74,4 @@ if __name__ == "__main__":  # run as a script: use the importable module, so cla
 
     import dataset_helpers
 
-    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(int, sys.argv[4:5]))

@@ -122,7 +122,10 @@ class Sink:
                     bad.append(f"shard {int(path.name)}: unreadable marker")
                     self.forget(int(path.name))
         for shard, marker in sorted(markers.items()):
-            problem = self.check_shard(marker)
+            try:
+                problem = self.check_shard(marker)
+            except (OSError, KeyError, TypeError, ValueError) as e:  # a marker or file that does not fit
+                problem = f"shard {shard}: {type(e).__name__}: {e}"
             if problem is None:
                 done.add(shard)
             else:
