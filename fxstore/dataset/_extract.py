@@ -4,8 +4,10 @@ The flow of :func:`extract_dataset`:
 
 1. build one extractor per reduction group (``_reduce``) and probe the model on a tiny
    first batch, which fixes every stored array's row shape and dtype;
-2. rank 0 checks the output folder (writable, enough space, same run if resuming:
-   ``manifest``) and prepares the sink; every rank learns which shards are left;
+2. rank 0 locks the output folder (``_lock``), refuses foreign files (``_ownership``), checks
+   the run identity, writes the run record before any data file, verifies the shards an
+   earlier run left (recomputing damaged ones) and the free space, and prepares the sink;
+   every rank learns which shards are left;
 3. each rank computes the batches of its shards (``_batches``, ``_compute``); a background
    thread writes them (``_writer``, ``_sinks``) while the next batch computes;
 4. after all ranks finish, rank 0 names the files and writes ``manifest.json``.
@@ -67,9 +69,9 @@ def extract_dataset(
     """Run ``model`` over ``data`` and write the selected layers' outputs to ``out``.
 
     Features are written batch by batch (at most one shard per rank is held in memory),
-    in atomic shards of ``shard_size`` samples. Run the same call again after an
-    interruption and it resumes after the last complete shard, producing byte-identical
-    files; under ``torchrun`` every rank computes its share of the shards and rank 0
+    in atomic, checksummed shards of ``shard_size`` samples. Run the same call again after
+    an interruption and it resumes, keeping the shards that verify and producing
+    byte-identical files (on a finished folder it verifies and repairs); under ``torchrun`` every rank computes its share of the shards and rank 0
     writes the manifest. The model runs in eval mode under ``torch.inference_mode``.
 
     Args:
@@ -95,12 +97,14 @@ def extract_dataset(
             or a dict's ``target``/``targets``/``label``/``labels``/``y`` field if present;
             ``False`` stores nothing.
         shard_size: Samples per shard: the unit of writing, resuming and sharing work.
-        device: Device to run on (default: the model's); the model is moved there.
+        device: Device to run on (default: the model's); the model is moved there (and
+            back, if the run fails).
         overlap: Copy to the host and write in a background thread while the next batch
             computes; default: on for CUDA, off on CPU (where the writer competes with the
             forward pass for cores).
         progress: Show a tqdm progress bar (rank 0 only).
-        overwrite: Delete an earlier extraction in ``out`` instead of resuming it.
+        overwrite: Delete an earlier extraction in ``out`` instead of resuming it (refused,
+            deleting nothing, if ``out`` holds any file fxstore did not write).
         model_name: Name of the model recorded in the manifest.
         data_name: Description of the data recorded in the manifest (part of the identity).
         command: Command recorded in the manifest (default: ``sys.argv``).
@@ -110,7 +114,8 @@ def extract_dataset(
 
     Raises:
         ConfigError: an invalid option, or a model or batch that does not fit the data.
-        OutputError: ``out`` is unwritable, too small, or holds a different extraction.
+        OutputError: ``out`` is unwritable, too small, in use by another run, holds files
+            fxstore did not write, or holds a different extraction.
         LayerNotFoundError: a layer matches nothing.
 
     Example:
