@@ -553,7 +553,7 @@ def test_cli_fault_script(tmp_path):
     """tests/faults_cli.sh: the same faults through the ``fxstore`` command, as a user meets them."""
     script = Path(__file__).with_name("faults_cli.sh")
     run = subprocess.run(["bash", str(script), str(tmp_path)], env={**ENV, "PYTHON": sys.executable},
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all CLI fault scenarios passed" in run.stdout
 
