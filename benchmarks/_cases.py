@@ -6,21 +6,18 @@ from collections.abc import Callable
 
 import torch
 
-<<<<<<< HEAD
 from . import (
     _cases_backward,
     _cases_capture,
     _cases_compile,
     _cases_cuda,
     _cases_cut,
+    _cases_deploy,
     _cases_forward,
     _cases_shapes,
     _cases_trace,
     _memory,
 )
-=======
-from . import _cases_backward, _cases_compile, _cases_cuda, _cases_deploy, _cases_forward, _cases_trace, _memory
->>>>>>> issue10
 from ._config import Profile
 from ._report import Row
 
@@ -38,13 +35,10 @@ CASES: dict[str, Case] = {
     "trace": _cases_trace.trace_time,
     "vit": _cases_compile.vit,
     "cuda_copy": _cases_cuda.copy_to_cpu,
-<<<<<<< HEAD
     "vit_cut": _cases_cut.vit_cut,
     "shapes": _cases_shapes.gpt2_shapes,
     "many": _cases_capture.many_compiled,
     "grads_shapes": _cases_capture.grads_over_shapes,
     "verify": _cases_capture.verify_cost,
-=======
     "deploy": _cases_deploy.deployed,
->>>>>>> issue10
 }

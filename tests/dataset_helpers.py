@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -29,6 +30,30 @@ class ToyCNN(nn.Module):
 def toy_cnn() -> ToyCNN:
     """Factory for ``--model dataset_helpers:toy_cnn`` (the CLI seeds the weights)."""
     return ToyCNN()
+
+
+_CALLS = [0]
+
+
+@torch.fx.wrap
+def _hold(x: torch.Tensor) -> torch.Tensor:
+    """From the second call on (the first is the probe), wait while the file ``$FXSTORE_TEST_HOLD`` exists."""
+    _CALLS[0] += 1
+    while _CALLS[0] > 1 and os.path.exists(os.environ.get("FXSTORE_TEST_HOLD", "/nonexistent")):
+        time.sleep(0.02)
+    return x
+
+
+class HeldCNN(ToyCNN):
+    """ToyCNN that a test can pause mid-run (to start a second run against a live one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_hold(x))
+
+
+def held_cnn() -> HeldCNN:
+    """Factory for ``dataset_helpers:held_cnn``."""
+    return HeldCNN()
 
 
 class Images(Dataset):
@@ -74,4 +99,4 @@ if __name__ == "__main__":  # run as a script: use the importable module, so cla
 
     import dataset_helpers
 
-    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    dataset_helpers.run_extraction(sys.argv[1], sys.argv[2], float(sys.argv[3]), *map(int, sys.argv[4:5]))

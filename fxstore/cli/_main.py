@@ -6,6 +6,7 @@ Examples::
     fxstore extract resnet50 --layers layer3 layer4 --pool avg --data images/ --out feats/
     torchrun --nproc-per-node 2 -m fxstore extract resnet50 --layers layer4 --data fake:1000 --out feats/
     fxstore info feats/
+    fxstore verify feats/
     fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
 
 Errors in the arguments or the inputs print one line (``fxstore extract: error: ...``)
@@ -79,9 +80,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
 
-    info = commands.add_parser("info", help="show the manifest of an output folder, or an exported artifact's metadata")
+    info = commands.add_parser("info", help="show the manifest of an output folder and whether it verifies, "
+                                            "or an exported artifact's metadata")
     info.add_argument("out", metavar="DIR|FILE")
+    info.add_argument("--quick", action="store_true", help="check sizes and headers only, not checksums")
     info.set_defaults(run=_info)
+
+    verify = commands.add_parser("verify", help="check every file of an output folder against its checksums")
+    verify.add_argument("out", metavar="DIR")
+    verify.set_defaults(run=_verify)
     return parser
 
 
@@ -120,7 +127,7 @@ def _nodes(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from ..dataset._extract import extract_dataset
     from .models import load_model
-    from .sources import open_source
+    from .sources import describe_source, open_source
 
     _check_device(args.device)
     model = load_model(args.model, args.weights, seed=args.seed)
@@ -130,7 +137,7 @@ def _extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, num_workers=args.num_workers,
         overlap=None if args.overlap == "auto" else args.overlap == "on", progress=not args.quiet,
         overwrite=args.overwrite,
-        model_name=args.model, data_name=args.data, command=_command(args.argv),
+        model_name=args.model, data_name=describe_source(args.data, args.image_size), command=_command(args.argv),
     )
     if not args.quiet and _is_main():
         shapes = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}" for k, v in result["features"].items())
@@ -153,13 +160,37 @@ def _check_device(name: str) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from ..dataset.manifest import read_manifest
+    from ..dataset.reader import verify_folder
 
     if os.path.isfile(args.out):
         return _export_cmd.info(args.out)
 
     manifest: dict[str, Any] = dict(read_manifest(args.out))
+    problems = verify_folder(args.out, manifest, checksums=not args.quick)
     manifest.pop("identity", None)
+    manifest["verified"] = ("structure only (--quick)" if args.quick else True) if not problems else False
+    if problems:
+        manifest["problems"] = problems
     print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..dataset.manifest import read_manifest
+    from ..dataset.reader import verify_folder
+
+    manifest = read_manifest(args.out)
+    problems = verify_folder(args.out, manifest)
+    files = len(manifest["shards"]) if manifest["format"] == "safetensors" else len(manifest["features"]) + (
+        manifest.get("target") is not None)
+    if problems:
+        for problem in problems:
+            print(f"BAD {problem}")
+        print(f"fxstore verify: error: {len(problems)} of {files} data files of {args.out} are damaged. "
+              "Hint: run the same extraction again: it recomputes what is damaged.", file=sys.stderr)
+        return 1
+    print(f"OK {args.out}: {files} data files, {manifest['num_samples']} samples, every {manifest['checksum']} "
+          "checksum matches")
     return 0
 
 
@@ -193,14 +224,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = argv
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a message at exit
+        return status
+    except BrokenPipeError:  # the reader of our output left (fxstore info DIR | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (FxStoreError, OSError) as e:  # refused input, unreadable data file
         print(f"fxstore {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fxstore {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

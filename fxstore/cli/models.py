@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,16 @@ def _import_path(path: str) -> Callable[[], Any]:
             f"'{module_name}' has no callable '{attr}' for model '{path}'.\n"
             "Hint: name a function or class that builds the model without arguments."
         )
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise ConfigError(
+            f"'{path}' cannot be called without arguments ({e}).\n"
+            "Hint: point to a function that builds the model with no arguments, e.g. a small wrapper "
+            "def make(): return MyModel(width=64)."
+        ) from e
+    except ValueError:  # no signature (a builtin): call it and see
+        pass
     return factory
 
 

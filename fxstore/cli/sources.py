@@ -6,6 +6,7 @@ inputs only), so the extraction reads each rank's shards directly.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from torchvision import datasets, transforms
 
 from ..errors import ConfigError
 
-__all__ = ["open_source", "NpyDataset"]
+__all__ = ["open_source", "describe_source", "NpyDataset"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,6 +71,45 @@ def open_source(source: str | os.PathLike[str], image_size: int = 224) -> Datase
         f"data source '{text}' is not an image folder, a .npy file or fake:N.\n"
         "Hint: e.g. --data fake:256, --data images/ (root/<class>/<image>) or --data inputs.npy."
     )
+
+
+def describe_source(source: str | os.PathLike[str], image_size: int = 224) -> str:
+    """The data's identity for the run record: the source's name plus a digest of its content.
+
+    An image folder is identified by its list of files with their sizes and modification
+    times, a ``.npy`` file by its shape, dtype and the SHA-256 of its bytes, ``fake:N`` by
+    itself (its images are the same in every run); the image size is part of it, since the
+    transform changes the inputs. Two different folders of the same name therefore never
+    resume into each other.
+
+    Example:
+        >>> from fxstore.cli.sources import describe_source
+        >>> describe_source("fake:4", image_size=32)
+        'fake:4 image_size=32'
+    """
+    text = os.fspath(source)
+    label = f"{text} image_size={image_size}"
+    path = Path(text)
+    if re.fullmatch(r"fake:\d+", text) or not path.exists():
+        return label
+    digest = hashlib.sha256()
+    if path.is_dir():
+        count = 0
+        for root, dirs, names in sorted(os.walk(path, followlinks=True)):
+            dirs.sort()
+            for name in sorted(names):
+                file = Path(root, name)
+                info = file.stat()
+                digest.update(f"{file.relative_to(path).as_posix()}|{info.st_size}|{info.st_mtime_ns}\n".encode())
+                count += 1
+        return f"{label} files={count} sha256:{digest.hexdigest()[:16]}"
+    array = np.load(path, mmap_mode="r")
+    digest.update(f"{array.shape}|{array.dtype}|".encode())
+    flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+    step = max(1, (64 << 20) // max(array.itemsize, 1))
+    for lo in range(0, flat.size, step):
+        digest.update(np.ascontiguousarray(flat[lo:lo + step]).view(np.uint8))
+    return f"{text} shape={list(array.shape)} dtype={array.dtype} sha256:{digest.hexdigest()[:16]}"
 
 
 def _eval_transform(size: int, resize: bool = True) -> transforms.Compose:

@@ -4,8 +4,10 @@ The flow of :func:`extract_dataset`:
 
 1. build one extractor per reduction group (``_reduce``) and probe the model on a tiny
    first batch, which fixes every stored array's row shape and dtype;
-2. rank 0 checks the output folder (writable, enough space, same run if resuming:
-   ``manifest``) and prepares the sink; every rank learns which shards are left;
+2. rank 0 locks the output folder (``_lock``), refuses foreign files (``_ownership``), checks
+   the run identity, writes the run record before any data file, verifies the shards an
+   earlier run left (recomputing damaged ones) and the free space, and prepares the sink;
+   every rank learns which shards are left;
 3. each rank computes the batches of its shards (``_batches``, ``_compute``); a background
    thread writes them (``_writer``, ``_sinks``) while the next batch computes;
 4. after all ranks finish, rank 0 names the files and writes ``manifest.json``.
@@ -14,6 +16,7 @@ The flow of :func:`extract_dataset`:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,9 +31,14 @@ from ..errors import ConfigError, FxStoreError
 from . import _distributed, manifest
 from ._batches import Plan, make_plan
 from ._compute import TARGET, compute, probe
-from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from ._lock import FolderLock
+from ._outdir import RUN_FILE, TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from ._ownership import survey, write_run_record
 from ._reduce import build_extractors
 from ._sinks import SINKS, ArraySpec, Sink
+from .reader import verify_folder
+
+_log = logging.getLogger("fxstore.dataset")
 
 __all__ = ["extract_dataset"]
 
@@ -61,9 +69,9 @@ def extract_dataset(
     """Run ``model`` over ``data`` and write the selected layers' outputs to ``out``.
 
     Features are written batch by batch (at most one shard per rank is held in memory),
-    in atomic shards of ``shard_size`` samples. Run the same call again after an
-    interruption and it resumes after the last complete shard, producing byte-identical
-    files; under ``torchrun`` every rank computes its share of the shards and rank 0
+    in atomic, checksummed shards of ``shard_size`` samples. Run the same call again after
+    an interruption and it resumes, keeping the shards that verify and producing
+    byte-identical files (on a finished folder it verifies and repairs); under ``torchrun`` every rank computes its share of the shards and rank 0
     writes the manifest. The model runs in eval mode under ``torch.inference_mode``.
 
     Args:
@@ -89,12 +97,14 @@ def extract_dataset(
             or a dict's ``target``/``targets``/``label``/``labels``/``y`` field if present;
             ``False`` stores nothing.
         shard_size: Samples per shard: the unit of writing, resuming and sharing work.
-        device: Device to run on (default: the model's); the model is moved there.
+        device: Device to run on (default: the model's); the model is moved there (and
+            back, if the run fails).
         overlap: Copy to the host and write in a background thread while the next batch
             computes; default: on for CUDA, off on CPU (where the writer competes with the
             forward pass for cores).
         progress: Show a tqdm progress bar (rank 0 only).
-        overwrite: Delete an earlier extraction in ``out`` instead of resuming it.
+        overwrite: Delete an earlier extraction in ``out`` instead of resuming it (refused,
+            deleting nothing, if ``out`` holds any file fxstore did not write).
         model_name: Name of the model recorded in the manifest.
         data_name: Description of the data recorded in the manifest (part of the identity).
         command: Command recorded in the manifest (default: ``sys.argv``).
@@ -104,7 +114,8 @@ def extract_dataset(
 
     Raises:
         ConfigError: an invalid option, or a model or batch that does not fit the data.
-        OutputError: ``out`` is unwritable, too small, or holds a different extraction.
+        OutputError: ``out`` is unwritable, too small, in use by another run, holds files
+            fxstore did not write, or holds a different extraction.
         LayerNotFoundError: a layer matches nothing.
 
     Example:
@@ -162,6 +173,8 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
              o: _Options) -> dict[str, Any]:
     device = ranks.device(_device_of(model, o.device))
     modes = {m: m.training for m in model.modules()}
+    placement = _placement(model)
+    lock = FolderLock(out)
     try:
         model.to(device).eval()
         extractors, reduction_of = _extractors(model, layers, o, device)
@@ -169,29 +182,70 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
         specs = probe(extractors, first, o, device)
         identity = _identity(model, specs, reduction_of, plan, o)
         sink = SINKS[o.format](out, specs, plan.num_samples)
-        decision = ranks.from_main(_prepare(out, identity, sink, o.overwrite) if ranks.main else None)
+        decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
         if "error" in decision:
             raise decision["error"]
         if "complete" in decision:
             return decision["complete"]
+        if not ranks.main:
+            lock.join()
         mine = _assign(plan, set(decision["done"]), ranks)
         compute(extractors, plan, mine, sink, device, o, ranks)
         ranks.barrier()
         result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
         return ranks.from_main(result)
+    except BaseException:
+        _restore(model, placement)  # a failed run leaves the model where it was
+        raise
     finally:
+        lock.release()
         for module, mode in modes.items():
             module.training = mode
+
+
+def _placement(model: nn.Module) -> dict[str, torch.device]:
+    return {name: t.device for name, t in (*model.named_parameters(), *model.named_buffers())}
+
+
+def _restore(model: nn.Module, placement: dict[str, torch.device]) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in placement and p.device != placement[name]:
+                p.data = p.data.to(placement[name])
+        for module_name, module in model.named_modules():
+            for name, b in list(module._buffers.items()):
+                where = placement.get(f"{module_name}.{name}" if module_name else name)
+                if b is not None and where is not None and b.device != where:
+                    module._buffers[name] = b.to(where)
 
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         try:
-            return torch.device(device)
+            chosen = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"device={device!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda'.") from e
+        _check_device(chosen)
+        return chosen
     first = next(iter(model.parameters()), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def _check_device(device: torch.device) -> None:
+    """Refuse, before the model moves, a device that holds no data or is not available here."""
+    if device.type == "meta":
+        raise ConfigError(
+            "device='meta' holds no data: the model's weights would be lost and no feature computed.\n"
+            "Hint: use a real device, e.g. 'cpu' or 'cuda'."
+        )
+    try:
+        torch.empty(1, device=device)
+    except Exception as e:  # noqa: BLE001 - any backend's refusal (no driver, no such index, not built)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"device={str(device)!r} is not available on this machine: {reason}\n"
+            "Hint: use device='cpu', or check the device index and driver (torch.cuda.is_available())."
+        ) from e
 
 
 def _extractors(model: nn.Module, layers: Any, o: _Options,
@@ -234,30 +288,53 @@ def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, 
     }
 
 
-def _prepare(out: Path, identity: dict[str, Any], sink: Sink, overwrite: bool) -> dict[str, Any]:
-    """Rank 0: check and prepare the folder; the decision every rank follows."""
+def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Options,
+             lock: FolderLock) -> dict[str, Any]:
+    """Rank 0: lock, check and prepare the folder; the decision every rank follows."""
     try:
+        lock.acquire(o.command)
         check_writable(out)
-        state = manifest.state(out, identity, overwrite)
-        if state == "complete":
-            return {"complete": manifest.read_manifest(out)}
         with os_errors(out):
-            for stale in out.glob(f".*{TEMP_SUFFIX}"):
-                stale.unlink()
-            done = sink.done_shards() if state == "resume" else set()
-            if identity["num_samples"] is not None:
-                row = sum(_row_bytes(s) for s in sink.specs)
-                left = identity["num_samples"] - len(done) * identity["shard_size"]
-                check_free_space(out, row * max(left, 0))
+            folder = survey(out)
+            if o.overwrite:
+                folder.clean()
+                folder = survey(out)
+            folder.refuse_foreign()
+            recorded = folder.identity
+            if recorded is not None:
+                differences = manifest.describe_mismatch(recorded, identity)
+                if differences:
+                    raise OutputError(
+                        f"refusing to resume into '{out}': it holds a different extraction ("
+                        + "; ".join(differences) + ").\n"
+                        "Hint: use a new output folder, or overwrite=True (CLI: --overwrite) to start over."
+                    )
+            shards = [plan.shards[k] for k in plan.all_shards() or []] if plan.num_samples is not None else None
+            if folder.record is None and folder.manifest is not None:
+                problems = verify_folder(out, folder.manifest)
+                if not problems:
+                    return {"complete": folder.manifest}
+                _log.warning("fxstore: repairing '%s': %s", out, "; ".join(problems))
+                write_run_record(out, identity, sink.files)
+                sink.restore(folder.manifest["shards"])
+            elif folder.record is None:
+                if shards is not None:
+                    check_free_space(out, sink.bytes_needed(set(), shards))
+                write_run_record(out, identity, sink.files)
+            (out / manifest.MANIFEST).unlink(missing_ok=True)  # from a finish or repair that was interrupted
+            for path in folder.ours:
+                if path.name.endswith(TEMP_SUFFIX):
+                    path.unlink(missing_ok=True)
+            sink.adopt()
+            done, bad = sink.verified_shards()
+            if bad:
+                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, "; ".join(bad))
+            if shards is not None:
+                check_free_space(out, sink.bytes_needed(done, shards))
             sink.prepare()
-            manifest.write_run_file(out, identity)
         return {"done": sorted(done)}
     except FxStoreError as e:
         return {"error": e}
-
-
-def _row_bytes(s: ArraySpec) -> int:
-    return torch.empty((), dtype=s.dtype).element_size() * int(torch.tensor(s.shape).prod().item())
 
 
 def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:
@@ -279,8 +356,8 @@ def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[
 
 
 def _finish(out: Path, identity: dict[str, Any], plan: Plan, sink: Sink, command: str | None) -> dict[str, Any]:
-    """Rank 0, after every rank: check every shard is durable, name files, write the manifest."""
-    missing = sorted(set(plan.shards) - sink.done_shards())
+    """Rank 0, after every rank: check every shard is marked done, name files, write the manifest."""
+    missing = sorted(set(plan.shards) - set(sink.markers()))
     if missing:
         raise OutputError(
             f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
@@ -292,5 +369,8 @@ def _finish(out: Path, identity: dict[str, Any], plan: Plan, sink: Sink, command
             "Hint: check len(data) (a DataLoader with drop_last?), or use format='safetensors'."
         )
     with os_errors(out):
-        files = sink.finalize()
-        return manifest.write(out, identity, plan.shards, files, command)
+        files, shards = sink.finalize(plan.shards)
+        result = manifest.write(out, identity, files, shards, command)
+        sink.remove_progress()
+        (out / RUN_FILE).unlink()
+        return result

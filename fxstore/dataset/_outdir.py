@@ -22,6 +22,11 @@ from ..errors import FxStoreError
 __all__ = ["OutputError", "atomic_write", "atomic_write_json", "check_writable", "check_free_space", "os_errors"]
 
 TEMP_SUFFIX = ".fxstore-tmp"
+RUN_FILE = ".fxstore-run.json"
+"""The run record: written before any data file, it names the run and the files it writes."""
+PROGRESS = ".fxstore-progress"
+"""Folder of per-shard markers (with checksums) of a run in progress."""
+PROBE = ".fxstore-probe"
 
 
 class OutputError(FxStoreError):
@@ -60,8 +65,8 @@ def check_writable(out: Path) -> None:
     """
     with os_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / ".fxstore-probe", b"")
-        (out / ".fxstore-probe").unlink()
+        atomic_write(out / PROBE, b"")
+        (out / PROBE).unlink()
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -70,6 +75,8 @@ def check_free_space(out: Path, needed: int) -> None:
     Raises:
         OutputError: with the needed and available sizes.
     """
+    if needed <= 0:
+        return
     free = shutil.disk_usage(out).free
     if needed > free:
         raise OutputError(
@@ -85,8 +92,8 @@ def os_errors(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        hint = "free space on that disk or write elsewhere" if e.errno == errno.ENOSPC else (
-            "choose a folder you can write to")
+        hint = ("free space on that disk or write elsewhere" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                else "choose a folder you can write to")
         reason = e.strerror or str(e)
         where = e.filename or out
         raise OutputError(

@@ -1,25 +1,29 @@
-"""Sinks: where batches of features go on disk, one shard at a time.
+"""Sinks: where batches of features go on disk, one shard at a time, and how a shard is proven done.
 
 Two formats, both readable without fxstore:
 
 * ``safetensors`` -- one file per shard, ``shard-00000.safetensors``, holding every array
-  for that shard's rows (``safetensors.torch.load_file``). A shard is written in one atomic
-  rename when it is complete, so "the file exists" means "the shard is done".
-* ``npy`` -- one ``.npy`` file per array (``numpy.load(..., mmap_mode="r")``), preallocated
-  with ``numpy.lib.format.open_memmap`` under a hidden name and filled row by row; a marker
-  file records each flushed shard, and the arrays get their final names at the end.
+  for that shard's rows (``safetensors.torch.load_file``), written in one atomic rename.
+* ``npy`` -- one ``.npy`` file per array (``numpy.load(..., mmap_mode="r")``), created under
+  a hidden ``.partial`` name with every block allocated up front (``posix_fallocate``: a
+  full disk is an error before the run, never a ``SIGBUS`` while writing through the
+  memory map), filled row by row, and given its final name at the end.
 
-Both write the same bytes for the same features, however often the run was interrupted.
+A shard is done when its marker ``.fxstore-progress/<shard>`` exists and the checksums it
+records (of the shard file, or of the shard's rows in each ``.npy`` file) match the data:
+a resume keeps the shards that verify and recomputes the others. Both formats write the
+same bytes for the same features, however often the run was interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +31,10 @@ from numpy.lib.format import open_memmap
 from safetensors.torch import save as safetensors_bytes
 
 from ..errors import ConfigError
-from ._outdir import atomic_write
+from ._checksum import ALGORITHM, digest_bytes, digest_file
+from ._outdir import PROGRESS, atomic_write
 
-__all__ = ["ArraySpec", "Sink", "SafetensorsSink", "NpySink", "SINKS", "file_stem"]
+__all__ = ["ArraySpec", "Sink", "SafetensorsSink", "NpySink", "SINKS", "file_stem", "npy_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +45,22 @@ class ArraySpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row."""
+        return torch.empty((), dtype=self.dtype).element_size() * int(np.prod(self.shape, dtype=np.int64))
+
 
 def file_stem(key: str) -> str:
     """A file-name-safe form of a feature key (``"layer1.0:grad"`` -> ``"layer1.0_grad"``)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
+_MARKER = re.compile(r"\d{5,}")
+
+
 class Sink:
-    """Base class: collects the rows of a shard and makes the shard durable when it is complete."""
+    """Base class: collects the rows of a shard, makes the shard durable, proves it done."""
 
     name = ""
 
@@ -56,12 +69,107 @@ class Sink:
         self.specs = specs
         self.num_samples = num_samples
 
-    def done_shards(self) -> set[int]:
-        """Shards already durable in the folder (from an earlier, interrupted run)."""
+    # -- files this format writes ---------------------------------------------------------
+
+    @property
+    def files(self) -> list[str]:
+        """The data files named in the run record before any is written (besides shard files)."""
+        return []
+
+    @staticmethod
+    def owns(name: str, files: list[str]) -> bool:
+        """Whether a folder entry ``name`` is a data file of this format, given the recorded ``files``."""
+        raise NotImplementedError
+
+    # -- progress markers ------------------------------------------------------------------
+
+    def _marker(self, shard: int) -> Path:
+        return self.out / PROGRESS / f"{shard:05d}"
+
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """Every readable marker, by shard."""
+        folder = self.out / PROGRESS
+        found: dict[int, dict[str, Any]] = {}
+        if not folder.is_dir():
+            return found
+        for path in folder.iterdir():
+            if _MARKER.fullmatch(path.name):
+                try:
+                    marker = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    marker = None
+                if isinstance(marker, dict) and marker.get("shard") == int(path.name):
+                    found[int(path.name)] = marker
+        return found
+
+    def write_marker(self, shard: int, start: int, count: int, checksum: Any) -> None:
+        """Record ``shard`` as done, with its checksum(s)."""
+        marker = {"shard": shard, "start": start, "count": count, ALGORITHM: checksum}
+        atomic_write(self._marker(shard), json.dumps(marker).encode())
+
+    def verified_shards(self) -> tuple[set[int], list[str]]:
+        """The shards whose markers verify against the data; bad ones are forgotten (and their files removed).
+
+        Returns:
+            ``(done shards, one line per shard that failed)``.
+        """
+        done, bad = set(), []
+        markers = self.markers()
+        folder = self.out / PROGRESS
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if _MARKER.fullmatch(path.name) and int(path.name) not in markers:
+                    bad.append(f"shard {int(path.name)}: unreadable marker")
+                    self.forget(int(path.name))
+        for shard, marker in sorted(markers.items()):
+            try:
+                problem = self.check_shard(marker)
+            except (OSError, KeyError, TypeError, ValueError) as e:  # a marker or file that does not fit
+                problem = f"shard {shard}: {type(e).__name__}: {e}"
+            if problem is None:
+                done.add(shard)
+            else:
+                bad.append(problem)
+                self.forget(shard)
+        return done, bad
+
+    def check_shard(self, marker: dict[str, Any]) -> str | None:
+        """Why the data of a marked shard does not match its marker (``None``: it matches)."""
+        raise NotImplementedError
+
+    def forget(self, shard: int) -> None:
+        """Drop a shard that failed verification, so that it is computed again."""
+        self._marker(shard).unlink(missing_ok=True)
+
+    def restore(self, shards: list[dict[str, Any]]) -> None:
+        """Turn a finished folder's manifest ``shards`` back into markers (to repair it)."""
+        (self.out / PROGRESS).mkdir(exist_ok=True)
+        for k, s in enumerate(shards):
+            self.write_marker(k, s["start"], s["count"], s[ALGORITHM])
+
+    def remove_progress(self) -> None:
+        """Remove the markers and their folder (only files fxstore names as markers)."""
+        folder = self.out / PROGRESS
+        if not folder.is_dir():
+            return
+        for path in folder.iterdir():
+            if _MARKER.fullmatch(path.name) or path.name.endswith(".fxstore-tmp"):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take back files an interrupted finish already renamed (rank 0, before verifying)."""
+
+    def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
+        """Disk space still to allocate for the shards ``(start, count)`` not in ``done``."""
         raise NotImplementedError
 
     def prepare(self) -> None:
         """Create what all ranks write into (rank 0, before the others open it)."""
+        (self.out / PROGRESS).mkdir(exist_ok=True)
 
     def open(self) -> None:
         """Get ready to write (every rank)."""
@@ -71,22 +179,22 @@ class Sink:
         raise NotImplementedError
 
     def finish(self, shard: int, start: int, count: int) -> None:
-        """Make ``shard`` (rows ``start`` to ``start + count``) durable."""
+        """Make ``shard`` (rows ``start`` to ``start + count``) durable, then mark it done."""
         raise NotImplementedError
 
     def close(self) -> None:
         """Release files (every rank)."""
 
-    def finalize(self) -> dict[str, str]:
-        """Give the files their final names (rank 0, after all ranks closed); return ``{key: file}``."""
-        return {}
+    def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        """Rank 0, after all ranks: final file names; return ``({key: file entry}, shard entries)``."""
+        raise NotImplementedError
 
 
 class SafetensorsSink(Sink):
     """One safetensors file per shard; arrays are keyed by feature key."""
 
     name = "safetensors"
-    _PATTERN = re.compile(r"shard-(\d{5,})\.safetensors")
+    PATTERN = re.compile(r"shard-(\d{5,})\.safetensors")
 
     def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None) -> None:
         super().__init__(out, specs, num_samples)
@@ -97,10 +205,29 @@ class SafetensorsSink(Sink):
         """File name of a shard."""
         return f"shard-{shard:05d}.safetensors"
 
-    def done_shards(self) -> set[int]:
-        if not self.out.is_dir():
-            return set()
-        return {int(m.group(1)) for p in self.out.iterdir() if (m := self._PATTERN.fullmatch(p.name))}
+    @staticmethod
+    def owns(name: str, files: list[str]) -> bool:
+        return SafetensorsSink.PATTERN.fullmatch(name) is not None
+
+    def check_shard(self, marker: dict[str, Any]) -> str | None:
+        name = self.shard_file(marker["shard"])
+        return check_file(self.out / name, name, marker.get("bytes"), marker.get(ALGORITHM))
+
+    def forget(self, shard: int) -> None:
+        super().forget(shard)
+        (self.out / self.shard_file(shard)).unlink(missing_ok=True)
+
+    def restore(self, shards: list[dict[str, Any]]) -> None:
+        (self.out / PROGRESS).mkdir(exist_ok=True)
+        for k, s in enumerate(shards):
+            marker = {"shard": k, "start": s["start"], "count": s["count"], "bytes": s["bytes"],
+                      ALGORITHM: s[ALGORITHM]}
+            atomic_write(self._marker(k), json.dumps(marker).encode())
+
+    def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
+        row = sum(s.row_bytes for s in self.specs)
+        header = 256 + 128 * len(self.specs)
+        return sum(header + count * row for k, (_, count) in enumerate(shards) if k not in done)
 
     def write(self, shard: int, start: int, arrays: dict[str, torch.Tensor]) -> None:
         self._parts.setdefault(shard, []).append(arrays)
@@ -110,14 +237,22 @@ class SafetensorsSink(Sink):
         tensors = {s.key: torch.cat([p[s.key] for p in parts]).contiguous() for s in self.specs}
         # one metadata entry: safetensors writes a metadata map in hash order, which differs between processes
         metadata = {"fxstore": json.dumps({"shard": shard, "start": start, "count": count})}
-        atomic_write(self.out / self.shard_file(shard), safetensors_bytes(tensors, metadata=metadata))
+        data = safetensors_bytes(tensors, metadata=metadata)
+        atomic_write(self.out / self.shard_file(shard), data)
+        marker = {"shard": shard, "start": start, "count": count, "bytes": len(data), ALGORITHM: digest_bytes(data)}
+        atomic_write(self._marker(shard), json.dumps(marker).encode())
+
+    def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        markers = self.markers()
+        entries = [{"file": self.shard_file(k), "start": start, "count": count, "bytes": markers[k]["bytes"],
+                    ALGORITHM: markers[k][ALGORITHM]} for k, (start, count) in sorted(shards.items())]
+        return {}, entries
 
 
 class NpySink(Sink):
-    """One memory-mapped ``.npy`` file per array, rows written in place."""
+    """One memory-mapped ``.npy`` file per array, preallocated, rows written in place."""
 
     name = "npy"
-    PROGRESS = ".fxstore-progress"
 
     def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None) -> None:
         super().__init__(out, specs, num_samples)
@@ -132,34 +267,79 @@ class NpySink(Sink):
                     f"'{s.key}' is bfloat16, which .npy files cannot hold.\n"
                     "Hint: use format='safetensors', or dtype='float16'/'float32'."
                 )
-        self.files = {s.key: file_stem(s.key) + ".npy" for s in specs}
-        if len(set(self.files.values())) != len(self.files):
+        self.names = {s.key: file_stem(s.key) + ".npy" for s in specs}
+        if len(set(self.names.values())) != len(self.names):
             raise ConfigError(
-                f"two arrays would share one file name: {sorted(self.files)}.\n"
+                f"two arrays would share one file name: {sorted(self.names)}.\n"
                 "Hint: give the layers distinct aliases with a dict {layer: alias}."
             )
         self._maps: dict[str, np.memmap] = {}
 
-    def _partial(self, key: str) -> Path:
-        return self.out / f".{self.files[key]}.partial"
+    @property
+    def files(self) -> list[str]:
+        return list(self.names.values())
 
-    def done_shards(self) -> set[int]:
-        progress = self.out / self.PROGRESS
-        if not progress.is_dir():
-            return set()
-        return {int(p.name) for p in progress.iterdir() if p.name.isdigit()}
+    @staticmethod
+    def owns(name: str, files: list[str]) -> bool:
+        return name in files or (name.startswith(".") and name.endswith(".partial") and name[1:-8] in files)
+
+    def _partial(self, key: str) -> Path:
+        return self.out / f".{self.names[key]}.partial"
+
+    def _size(self, s: ArraySpec) -> tuple[int, int]:
+        """(header bytes, total bytes) of the file of ``s``."""
+        offset = _header_bytes(_numpy_dtype(s.dtype), (self.num_samples, *s.shape))
+        return offset, offset + int(self.num_samples) * s.row_bytes
+
+    def _valid(self, s: ArraySpec) -> bool:
+        path = self._partial(s.key)
+        layout = npy_layout(path)
+        return (layout is not None and layout[:2] == ((self.num_samples, *s.shape), _numpy_dtype(s.dtype))
+                and path.stat().st_size == self._size(s)[1])
+
+    def check_shard(self, marker: dict[str, Any]) -> str | None:
+        sums = marker.get(ALGORITHM)
+        if not isinstance(sums, dict):
+            return f"shard {marker['shard']}: its marker holds no checksums"
+        for s in self.specs:
+            name = self.names[s.key]
+            if not self._valid(s):
+                return f"{name}: missing, truncated or of another shape"
+            offset = self._size(s)[0] + marker["start"] * s.row_bytes
+            got = digest_file(self._partial(s.key), offset, marker["count"] * s.row_bytes)
+            if got != sums.get(s.key):
+                return f"{name}: rows {marker['start']}-{marker['start'] + marker['count'] - 1} fail their checksum"
+        return None
+
+    def adopt(self) -> None:
+        for s in self.specs:
+            partial, final = self._partial(s.key), self.out / self.names[s.key]
+            if not partial.exists() and final.exists():  # a finish was interrupted after this rename
+                os.replace(final, partial)
+
+    def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
+        needed = 0
+        for s in self.specs:
+            size = self._size(s)[1]
+            path = self._partial(s.key)
+            allocated = path.stat().st_blocks * 512 if path.exists() and self._valid(s) else 0
+            needed += max(size - allocated, 0)
+        return needed
 
     def prepare(self) -> None:
-        (self.out / self.PROGRESS).mkdir(exist_ok=True)
+        super().prepare()
         for s in self.specs:
-            partial, final = self._partial(s.key), self.out / self.files[s.key]
-            if not partial.exists() and final.exists():  # finalize was interrupted after this rename
-                os.replace(final, partial)
-            if partial.exists():
-                continue
-            array = open_memmap(partial, mode="w+", dtype=_numpy_dtype(s.dtype), shape=(self.num_samples, *s.shape))
-            array.flush()
-            del array
+            partial = self._partial(s.key)
+            if not self._valid(s):
+                partial.unlink(missing_ok=True)
+                array = open_memmap(partial, mode="w+", dtype=_numpy_dtype(s.dtype),
+                                    shape=(self.num_samples, *s.shape))
+                del array
+            fd = os.open(partial, os.O_RDWR)
+            try:  # allocate every block now: writes through the map can then never hit a full disk
+                os.posix_fallocate(fd, 0, self._size(s)[1])
+            finally:
+                os.close(fd)
 
     def open(self) -> None:
         self._maps = {s.key: open_memmap(self._partial(s.key), mode="r+") for s in self.specs}
@@ -175,22 +355,60 @@ class NpySink(Sink):
             array[start:start + len(rows)] = rows
 
     def finish(self, shard: int, start: int, count: int) -> None:
-        for array in self._maps.values():
+        sums = {}
+        for key, array in self._maps.items():
             array.flush()
-        atomic_write(self.out / self.PROGRESS / f"{shard:05d}", b"")
+            sums[key] = digest_bytes(memoryview(np.ascontiguousarray(array[start:start + count])).cast("B"))
+        self.write_marker(shard, start, count, sums)
 
     def close(self) -> None:
         for array in self._maps.values():
             array.flush()
         self._maps = {}
 
-    def finalize(self) -> dict[str, str]:
+    def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        markers = self.markers()
+        entries = [{"start": start, "count": count, ALGORITHM: markers[k][ALGORITHM]}
+                   for k, (start, count) in sorted(shards.items())]
+        files = {}
         for s in self.specs:
-            partial = self._partial(s.key)
-            if partial.exists():
-                os.replace(partial, self.out / self.files[s.key])
-        shutil.rmtree(self.out / self.PROGRESS, ignore_errors=True)
-        return dict(self.files)
+            final = self.out / self.names[s.key]
+            os.replace(self._partial(s.key), final)
+            files[s.key] = {"file": self.names[s.key], "bytes": self._size(s)[1]}
+        return files, entries
+
+
+def check_file(path: Path, name: str, size: Any, checksum: Any) -> str | None:
+    """Why a data file does not match its recorded size and checksum (``None``: it matches)."""
+    if path.is_symlink() or not path.is_file():
+        return f"{name}: missing" if not path.exists() else f"{name}: not a plain file"
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return f"{name}: {actual} bytes, {size} recorded (truncated or extended)"
+    if checksum is not None and digest_file(path) != checksum:
+        return f"{name}: checksum mismatch (the file was changed or damaged)"
+    return None
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """``(shape, dtype, data offset)`` from a ``.npy`` header, or ``None`` if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            return (tuple(shape), dtype, f.tell()) if not fortran else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+    return len(buffer.getvalue())
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

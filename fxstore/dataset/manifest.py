@@ -1,9 +1,10 @@
-"""The manifest: what an output folder holds, and whether a run may resume into it.
+"""The manifest: what a finished output folder holds, checked against its schema before use.
 
-``manifest.json`` is written last, by rank 0, once every shard is durable; its presence
-means the folder is complete. While a run is in progress, ``.fxstore-run.json`` holds the
-run's *identity* (format, model fingerprint, features with shapes and dtypes, sample
-count, shard and batch size, data): a later run resumes only if its identity is equal.
+``manifest.json`` is written last, by rank 0, once every shard is durable and checksummed;
+its presence means the folder is complete. It is data, not instructions: before anything
+is opened, :func:`validate` checks that every file is a plain name inside the folder of the
+form its format writes, that the shards cover the samples in order, and that shapes, dtypes
+and checksums are well formed. Whether the files agree with it is :mod:`.reader`'s check.
 
 Deterministic content: the data files (shards, ``.npy``) depend only on the identity and
 the computed values, never on time, host or number of processes. ``manifest.json`` holds
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,14 @@ import safetensors
 import torch
 from torch import nn
 
-from ._outdir import TEMP_SUFFIX, OutputError, atomic_write_json
-from ._sinks import NpySink, SafetensorsSink, file_stem
+from ._checksum import ALGORITHM
+from ._outdir import RUN_FILE, OutputError, atomic_write_json
+from ._sinks import SINKS
 
-__all__ = ["MANIFEST", "read_manifest", "model_fingerprint"]
+__all__ = ["MANIFEST", "read_manifest", "validate", "model_fingerprint"]
 
 MANIFEST = "manifest.json"
-RUN_FILE = ".fxstore-run.json"
-VERSION = 1
+VERSION = 2
 
 _NAMES = {
     "format": "output format",
@@ -44,6 +44,9 @@ _NAMES = {
     "batch_size": "batch size",
     "data": "data",
 }
+_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
+           "complex64", "complex128", "uint16", "uint32", "uint64"}
+_DIGEST = re.compile(rf"{ALGORITHM}:[0-9a-f]{{64}}")
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -67,10 +70,10 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
-    """The manifest of a finished output folder.
+    """The manifest of a finished output folder, validated against its schema.
 
     Raises:
-        OutputError: the folder holds no finished extraction.
+        OutputError: the folder holds no finished extraction, or its manifest is not valid.
 
     Example:
         >>> import tempfile, torch
@@ -82,14 +85,120 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
         6
     """
     path = Path(out) / MANIFEST
-    if not path.is_file():
+    if not path.is_file() or (Path(out) / RUN_FILE).is_file():
         running = (Path(out) / RUN_FILE).is_file()
         why = "an interrupted run is in it" if running else "nothing fxstore wrote is in it"
         raise OutputError(
             f"'{out}' holds no finished extraction (no {MANIFEST}); {why}.\n"
             "Hint: run the extraction (again: it resumes) to completion, then load it."
         )
-    return json.loads(path.read_text())
+    manifest, problem = parse(path)
+    if problem is not None:
+        raise OutputError(
+            f"'{path}' is not a valid fxstore manifest: {problem}.\n"
+            "Hint: fxstore reads only manifests it wrote; run the extraction again into a new folder."
+        )
+    return manifest
+
+
+def parse(path: Path) -> tuple[dict[str, Any], str | None]:
+    """``(manifest, None)``, or ``({}, why it is not a valid fxstore manifest)``."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return {}, f"not readable JSON ({type(e).__name__})"
+    problem = validate(manifest)
+    return (manifest, None) if problem is None else ({}, problem)
+
+
+def validate(m: Any) -> str | None:
+    """Why ``m`` is not a valid manifest (``None``: it is).
+
+    Example:
+        >>> from fxstore.dataset.manifest import validate
+        >>> validate([1, 2])
+        'a JSON list, not an object'
+    """
+    try:
+        _check(m)
+    except _Invalid as e:
+        return str(e)
+    return None
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise _Invalid(reason)
+
+
+def _count(value: Any, what: str) -> int:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+             f"{what} is {value!r}, not a count")
+    return int(value)
+
+
+def plain_name(name: Any) -> bool:
+    """Whether ``name`` names a file directly inside the folder (no path, no parent, no NUL)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def _check(m: Any) -> None:
+    _require(isinstance(m, dict), f"a JSON {'list' if isinstance(m, list) else type(m).__name__}, not an object")
+    _require(m.get("fxstore_manifest") == VERSION, f"fxstore_manifest is {m.get('fxstore_manifest')!r}, not {VERSION}")
+    fmt = m.get("format")
+    _require(fmt in SINKS, f"format {fmt!r} is not one of {sorted(SINKS)}")
+    n = _count(m.get("num_samples"), "num_samples")
+    features = m.get("features")
+    _require(isinstance(features, dict) and len(features) > 0, "features is not a non-empty object")
+    arrays = dict(features)
+    if m.get("target") is not None:
+        arrays["target"] = m["target"]
+    files = set()
+    for key, entry in arrays.items():
+        _require(isinstance(entry, dict), f"the entry of {key!r} is not an object")
+        shape = entry.get("shape")
+        _require(isinstance(shape, list), f"the shape of {key!r} is not a list")
+        for size in shape:
+            _count(size, f"a dimension of {key!r}")
+        _require(entry.get("dtype") in _DTYPES, f"the dtype of {key!r} is {entry.get('dtype')!r}")
+        if fmt == "npy":
+            name = entry.get("file")
+            _require(plain_name(name) and str(name).endswith(".npy"),
+                     f"the file of {key!r} is {name!r}, not a .npy file name inside the folder")
+            _require(name not in files, f"two arrays name the file {name!r}")
+            files.add(name)
+            _count(entry.get("bytes"), f"the size of {key!r}")
+            _require(entry["dtype"] != "bfloat16", f"{key!r} is bfloat16 in an npy folder")
+    shards = m.get("shards")
+    _require(isinstance(shards, list), "shards is not a list")
+    start = 0
+    for k, shard in enumerate(shards):
+        _require(isinstance(shard, dict), f"shard {k} is not an object")
+        _require(_count(shard.get("start"), f"the start of shard {k}") == start,
+                 f"shard {k} starts at {shard.get('start')}, not at {start} where shard {k - 1} ended")
+        start += _count(shard.get("count"), f"the count of shard {k}")
+        sums = shard.get(ALGORITHM)
+        if fmt == "safetensors":
+            name = shard.get("file")
+            _require(name == f"shard-{k:05d}.safetensors",
+                     f"shard {k} names the file {name!r}, not 'shard-{k:05d}.safetensors'")
+            _count(shard.get("bytes"), f"the size of shard {k}")
+            _require(isinstance(sums, str) and _DIGEST.fullmatch(sums) is not None, f"shard {k} has no checksum")
+        else:
+            _require(isinstance(sums, dict) and set(sums) == set(arrays)
+                     and all(isinstance(v, str) and _DIGEST.fullmatch(v) for v in sums.values()),
+                     f"shard {k} has no checksum for every array")
+    _require(start == n, f"the shards hold {start} samples, num_samples says {n}")
+    identity = m.get("identity")
+    _require(isinstance(identity, dict) and identity.get("format") == fmt, "identity is missing or of another format")
+    recorded = {k: (v.get("shape"), v.get("dtype")) for k, v in features.items()}
+    _require({k: (v.get("shape"), v.get("dtype")) for k, v in identity.get("features", {}).items()} == recorded,
+             "features differ from the run identity")
 
 
 def describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -110,80 +219,17 @@ def _short(value: Any) -> str:
     return repr(value)
 
 
-def state(out: Path, identity: dict[str, Any], overwrite: bool) -> str:
-    """Decide what a run does with ``out``: ``"fresh"``, ``"resume"`` or ``"complete"``.
-
-    Raises:
-        OutputError: ``out`` holds a different run, or files fxstore did not write.
-    """
-    if overwrite:
-        clean(out)
-    recorded = _recorded_identity(out)
-    if recorded is not None:
-        differences = describe_mismatch(recorded, identity)
-        if differences:
-            raise OutputError(
-                f"refusing to resume into '{out}': it holds a different extraction ("
-                + "; ".join(differences) + ").\n"
-                "Hint: use a new output folder, or overwrite=True (CLI: --overwrite) to start over."
-            )
-        return "complete" if (out / MANIFEST).is_file() else "resume"
-    foreign = sorted(p.name for p in out.iterdir() if not _ours(p.name)) if out.is_dir() else []
-    if foreign:
-        raise OutputError(
-            f"the output folder '{out}' is not empty and holds no fxstore extraction ({', '.join(foreign[:3])}"
-            + (", ..." if len(foreign) > 3 else "") + ").\nHint: choose a new or empty folder."
-        )
-    return "fresh"
-
-
-def _recorded_identity(out: Path) -> dict[str, Any] | None:
-    manifest, run = out / MANIFEST, out / RUN_FILE
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("identity")
-    if run.is_file():
-        return json.loads(run.read_text())
-    return None
-
-
-def _ours(name: str) -> bool:
-    return (name in (MANIFEST, RUN_FILE, NpySink.PROGRESS) or name.endswith(TEMP_SUFFIX) or name.endswith(".partial")
-            or re.fullmatch(r"shard-\d{5,}\.safetensors", name) is not None)
-
-
-def clean(out: Path) -> None:
-    """Remove every file an earlier fxstore run wrote into ``out`` (and nothing else)."""
-    if not out.is_dir():
-        return
-    recorded = _recorded_identity(out) or {}
-    npy_files = {file_stem(key) + ".npy" for key in list(recorded.get("features", {})) + ["target"]}
-    for path in out.iterdir():
-        if path.name == NpySink.PROGRESS:
-            shutil.rmtree(path)
-        elif _ours(path.name) or path.name in npy_files:
-            path.unlink()
-
-
-def write_run_file(out: Path, identity: dict[str, Any]) -> None:
-    """Record the identity of a starting run (rank 0)."""
-    atomic_write_json(out / RUN_FILE, identity)
-
-
-def write(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]], files: dict[str, str],
+def write(out: Path, identity: dict[str, Any], files: dict[str, dict[str, Any]], shards: list[dict[str, Any]],
           command: str | None) -> dict[str, Any]:
-    """Write ``manifest.json`` (rank 0, last) and remove the run file; return the manifest."""
+    """Write ``manifest.json`` (rank 0, last, atomically) and return it."""
     manifest: dict[str, Any] = {
         "fxstore_manifest": VERSION,
         "format": identity["format"],
-        "num_samples": sum(count for _, count in shards.values()),
-        "features": {k: {**v, **({"file": files[k]} if k in files else {})} for k, v in identity["features"].items()},
-        "target": None if identity["target"] is None else {
-            **identity["target"], **({"file": files["target"]} if "target" in files else {})},
-        "shards": [
-            {"file": SafetensorsSink.shard_file(k) if identity["format"] == "safetensors" else None,
-             "start": start, "count": count}
-            for k, (start, count) in sorted(shards.items())
-        ],
+        "num_samples": sum(s["count"] for s in shards),
+        "features": {k: {**v, **files.get(k, {})} for k, v in identity["features"].items()},
+        "target": None if identity["target"] is None else {**identity["target"], **files.get("target", {})},
+        "shards": shards,
+        "checksum": ALGORITHM,
         "model": identity["model"],
         "data": identity["data"],
         "command": command if command is not None else " ".join(sys.argv),
@@ -191,11 +237,7 @@ def write(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]
                      "safetensors": safetensors.__version__, "python": sys.version.split()[0]},
         "identity": identity,
     }
-    if identity["format"] != "safetensors":
-        for shard in manifest["shards"]:
-            del shard["file"]
     atomic_write_json(out / MANIFEST, manifest)
-    (out / RUN_FILE).unlink(missing_ok=True)
     return manifest
 
 

@@ -1,4 +1,9 @@
-"""Read an output folder back: one lazy array per feature, rows in sample order."""
+"""Read an output folder back: check it against its manifest, then one lazy array per feature.
+
+Every load checks the folder's structure against the manifest (schema, file sizes, the
+shapes and dtypes in each file's header: cheap, no data read); ``verify=True`` also reads
+every byte and compares the checksums recorded when each file was finished.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,22 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ._checksum import ALGORITHM, digest_file
+from ._outdir import OutputError
+from ._sinks import check_file, npy_layout
 from .manifest import read_manifest
 
-__all__ = ["load_features", "ShardedArray"]
+__all__ = ["load_features", "verify_folder", "ShardedArray"]
 
 
-def load_features(out: str | Path) -> dict[str, Any]:
+def load_features(out: str | Path, verify: bool = False) -> dict[str, Any]:
     """Open the features written by :func:`~fxstore.extract_dataset`, without reading them.
 
     Args:
         out: The output folder.
+        verify: Also read every data file and compare its checksum with the manifest
+            (the structure -- file sizes, shapes and dtypes in the headers -- is always
+            checked).
 
     Returns:
         ``{key: array}`` for every feature, plus ``"target"`` when targets were stored; row
@@ -29,14 +40,15 @@ def load_features(out: str | Path) -> dict[str, Any]:
         (``np.asarray(a)`` or ``a[:]`` loads everything).
 
     Raises:
-        OutputError: the folder holds no finished extraction.
+        OutputError: the folder holds no finished extraction, its manifest is not valid, or
+            files do not match it (each bad file named).
 
     Example:
         >>> import tempfile, numpy as np, torch
         >>> from fxstore.dataset import extract_dataset
         >>> model, data, out = torch.nn.Linear(4, 2), torch.rand(3, 5, 4), tempfile.mkdtemp()
         >>> _ = extract_dataset(model, "linear", data, out, progress=False)
-        >>> feats = load_features(out)
+        >>> feats = load_features(out, verify=True)
         >>> feats["linear"].shape
         (15, 2)
         >>> np.array_equal(feats["linear"][5:10], model(data[1]).detach().numpy())
@@ -44,13 +56,104 @@ def load_features(out: str | Path) -> dict[str, Any]:
     """
     manifest = read_manifest(out)
     root = Path(out)
-    entries = dict(manifest["features"])
-    if manifest.get("target") is not None:
-        entries["target"] = manifest["target"]
+    problems = verify_folder(root, manifest, checksums=verify)
+    if problems:
+        raise OutputError(
+            f"'{out}' does not match its manifest: " + "; ".join(problems[:8])
+            + ("; ..." if len(problems) > 8 else "") + ".\n"
+            "Hint: run the same extraction again: it verifies the folder and recomputes what is damaged."
+        )
+    entries = _arrays(manifest)
     if manifest["format"] == "npy":
         return {key: np.load(root / entry["file"], mmap_mode="r") for key, entry in entries.items()}
     shards = [(root / s["file"], s["count"]) for s in manifest["shards"]]
     return {key: ShardedArray(shards, key, tuple(entry["shape"]), entry["dtype"]) for key, entry in entries.items()}
+
+
+def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = True) -> list[str]:
+    """Check the files of a finished folder against its (valid) manifest.
+
+    Args:
+        out: The output folder.
+        manifest: Its manifest (:func:`~fxstore.dataset.manifest.read_manifest`).
+        checksums: Read every byte and compare checksums (else sizes and headers only).
+
+    Returns:
+        One line per bad file (``"shard-00003.safetensors: checksum mismatch ..."``); empty
+        when the folder is intact.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fxstore.dataset import extract_dataset
+        >>> out = tempfile.mkdtemp()
+        >>> m = extract_dataset(torch.nn.Linear(4, 2), "linear", torch.rand(2, 3, 4), out, progress=False)
+        >>> verify_folder(out, m)
+        []
+    """
+    root, problems = Path(out), []
+    arrays = _arrays(manifest)
+    n = manifest["num_samples"]
+    if manifest["format"] == "npy":
+        for key, entry in arrays.items():
+            name, path = entry["file"], root / entry["file"]
+            problem = check_file(path, name, entry["bytes"], None)
+            layout = npy_layout(path) if problem is None else None
+            expected = ((n, *entry["shape"]), np.dtype(entry["dtype"]))
+            if problem is None and (layout is None or layout[:2] != expected
+                                    or layout[2] + n * _row_bytes(entry) != entry["bytes"]):
+                problem = f"{name}: its header does not say {expected[0]} {expected[1]}"
+            if problem is None and checksums:
+                row = _row_bytes(entry)
+                for shard in manifest["shards"]:
+                    got = digest_file(path, layout[2] + shard["start"] * row, shard["count"] * row)
+                    if got != shard[ALGORITHM][key]:
+                        last = shard["start"] + shard["count"] - 1
+                        problem = f"{name}: rows {shard['start']}-{last} fail their checksum"
+                        break
+            if problem is not None:
+                problems.append(problem)
+        return problems
+    for shard in manifest["shards"]:
+        name, path = shard["file"], root / shard["file"]
+        problem = check_file(path, name, shard["bytes"], shard[ALGORITHM] if checksums else None)
+        if problem is None:
+            problem = _check_header(path, name, arrays, shard["count"])
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def _arrays(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    entries = dict(manifest["features"])
+    if manifest.get("target") is not None:
+        entries["target"] = manifest["target"]
+    return entries
+
+
+def _row_bytes(entry: dict[str, Any]) -> int:
+    itemsize = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
+    return itemsize * int(np.prod(entry["shape"], dtype=np.int64))
+
+
+def _check_header(path: Path, name: str, arrays: dict[str, dict[str, Any]], count: int) -> str | None:
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key, entry in arrays.items():
+                if key not in f.keys():
+                    return f"{name}: holds no array {key!r}"
+                shape = f.get_slice(key).get_shape()
+                dtype = str(f.get_slice(key).get_dtype())
+                if list(shape) != [count, *entry["shape"]] or _ST_DTYPES.get(dtype) != entry["dtype"]:
+                    return f"{name}: {key!r} is {shape} {dtype}, the manifest says {[count, *entry['shape']]} " \
+                           f"{entry['dtype']}"
+    except Exception as e:  # noqa: BLE001 - safetensors' own error on a damaged header
+        return f"{name}: not a readable safetensors file ({type(e).__name__})"
+    return None
+
+
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
+              "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+              "U64": "uint64", "C64": "complex64"}
 
 
 class ShardedArray:
