@@ -43,6 +43,7 @@ _NAMES = {
     "shard_size": "shard size",
     "batch_size": "batch size",
     "data": "data",
+    "text": "tokenizer or text options",
 }
 
 
@@ -185,6 +186,7 @@ def write(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]
             for k, (start, count) in sorted(shards.items())
         ],
         "model": identity["model"],
+        **({"text": identity["text"]} if "text" in identity else {}),
         "data": identity["data"],
         "command": command if command is not None else " ".join(sys.argv),
         "versions": {"fxstore": _fxstore_version(), "torch": torch.__version__, "numpy": np.__version__,
