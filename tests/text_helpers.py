@@ -23,11 +23,11 @@ WORDS = ("the cat sat on a mat while dogs ran far away and birds sang softly in 
 
 
 def corpus(n: int = 24, seed: int = 0) -> list[str]:
-    """``n`` documents of 1 to 20 words, the same in every process."""
+    """``n`` documents of 1 to 12 words (at most 14 tokens: one padded shape), the same in every process."""
     g = torch.Generator().manual_seed(seed)
     docs = []
     for _ in range(n):
-        length = int(torch.randint(1, 21, (), generator=g))
+        length = int(torch.randint(1, 13, (), generator=g))
         docs.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)))
     return docs
 

@@ -11,8 +11,10 @@ stored, so which id pads does not change a stored value.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,8 @@ def load_hf(path: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | No
                           "Hint: save with model.save_pretrained(DIR) (safetensors is its default); "
                           "pickled .bin weights are refused.")
     try:
-        model = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, trust_remote_code=False)
+        with _no_progress_bars():
+            model = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot load model folder '{folder}': {type(e).__name__}: {_first(e)}\n"
                           "Hint: the folder must hold what save_pretrained wrote for this class.") from e
@@ -117,6 +120,20 @@ def with_pad_token(tokenizer: Any) -> Any:
                 tokenizer.pad_token = token
                 break
     return tokenizer
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' weight-loading bars (fxstore's own bar reports the run)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 def _folder(path: str | os.PathLike[str], what: str) -> Path:

@@ -150,6 +150,8 @@ def open_text_source(source: str | os.PathLike[str]) -> Any:
             return [line.rstrip("\r\n") for line in f if line.strip()]
     import datasets
 
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # fxstore's own bar reports the run
     try:
         if path.is_dir():
             loaded = datasets.load_from_disk(text)
@@ -162,3 +164,6 @@ def open_text_source(source: str | os.PathLike[str]) -> Any:
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise ConfigError(f"cannot read text data '{text}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
                           "Hint: .jsonl needs one JSON object per line; folders must come from save_to_disk.") from e
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

@@ -24,7 +24,6 @@ from ._sinks import Sink
 __all__ = ["permutation", "write_permuted"]
 
 _ROUNDS = 6
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -47,7 +46,8 @@ def permutation(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
     """
     half = max(1, -(-max(n - 1, 1).bit_length() // 2))
     low = np.uint64((1 << half) - 1)
-    keys = _mix(np.arange(1, _ROUNDS + 1, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+    base = (seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    keys = _mix(np.array([(base + r) & 0xFFFFFFFFFFFFFFFF for r in range(1, _ROUNDS + 1)], dtype=np.uint64))
     x = np.asarray(indices, dtype=np.uint64).copy()
     todo = np.ones(len(x), dtype=bool)
     while todo.any():  # cycle-walking: re-apply until inside [0, n); at most a few rounds (domain < 4n)
