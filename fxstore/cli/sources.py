@@ -136,7 +136,7 @@ def open_text_source(source: str | os.PathLike[str]) -> Any:
         >>> import tempfile, os
         >>> from fxstore.cli.sources import open_text_source
         >>> path = os.path.join(tempfile.mkdtemp(), "docs.txt")
-        >>> _ = open(path, "w").write("first document\n\nsecond one\n")
+        >>> _ = open(path, "w").write("first document\\n\\nsecond one\\n")
         >>> open_text_source(path)
         ['first document', 'second one']
     """
