@@ -192,6 +192,7 @@ def _probe(extractor: FeatureExtractor, plan: TextPlan, device: torch.device) ->
     if clash:
         raise ConfigError(f"a layer is named {clash[0]!r}, like a stored token column.\n"
                           "Hint: rename the layer with a dict {layer: alias}.")
+    plan.first_rows = rows  # shard 0 starts with this very batch: computed once
     return [ArraySpec(k, tuple(v.shape[1:]), v.dtype) for k, v in rows.items()]
 
 
@@ -287,7 +288,7 @@ def _compute(extractor: FeatureExtractor, plan: TextPlan, mine: list[int], sink:
         with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
             for shard in mine:
                 for batch in plan.batches(shard):
-                    rows = _forward(extractor, batch, device)
+                    rows = plan.take_probe_rows(batch) or _forward(extractor, batch, device)
                     event = None
                     if device.type == "cuda":
                         event = torch.cuda.Event()

@@ -48,11 +48,19 @@ class TextPlan:
     pad_to: int
     pad_id: int
     left: bool
+    first_rows: dict[str, torch.Tensor] | None = None  # the probe's rows of shard 0's first batch
 
     @property
     def num_rows(self) -> int:
         """Stored rows (tokens) in all."""
         return sum(count for _, count in self.shards.values())
+
+    def take_probe_rows(self, batch: TextBatch) -> dict[str, torch.Tensor] | None:
+        """The probe's rows if ``batch`` is the one the probe ran (the first), once."""
+        if self.first_rows is None or int(batch.sequence[0]) != 0:
+            return None
+        rows, self.first_rows = self.first_rows, None
+        return rows
 
     def batches(self, shard: int) -> Iterator[TextBatch]:
         """The batches of ``shard``, in order."""
