@@ -114,6 +114,7 @@ def test_shuffle_is_a_deterministic_permutation(extractor, tmp_path):
         fxstore.extract_dataset(ex, None, docs, tmp_path / name, tokenizer=tok, shuffle=seed, shard_size=50,
                                 batch_size=4, progress=False)
     plain, a, c = rows(tmp_path / "plain"), rows(tmp_path / "a"), rows(tmp_path / "c")
+    assert ex.trace_report.frontend == "export"  # one exported graph served every run
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")  # deterministic
     assert not (tmp_path / "a" / ".fxstore-unshuffled.partial").exists()
     assert len(fxstore.read_manifest(tmp_path / "a")["shards"]) == -(-len(plain["token_id"]) // 50)

@@ -148,9 +148,10 @@ def _plan(model: nn.Module, data: Any, tokenizer: Any, text: TextOptions, o: Any
 @functools.lru_cache(maxsize=64)
 def _accepted(forward: Callable[..., Any]) -> frozenset[str]:
     params = inspect.signature(forward).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return frozenset({"attention_mask", "position_ids"})
-    return frozenset(params)
+    named = {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(named) < len(params):  # **kwargs: the two inputs every language model takes
+        named |= {"attention_mask", "position_ids"}
+    return frozenset(named)
 
 
 def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
