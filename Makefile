@@ -23,6 +23,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) benchmarks/bench_text.py
 
 coverage: $(VENV)/.installed
 	$(PY) -m fxstore.coverage --write docs/coverage.md

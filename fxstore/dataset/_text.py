@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed, _shuffle, manifest
-from ._outdir import TEMP_SUFFIX, check_free_space, check_writable, os_errors
+from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
 from ._sinks import SINKS, ArraySpec, Sink
 from ._text_batches import TextBatch, TextPlan, make_text_plan
 from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
@@ -65,13 +65,17 @@ def extract_text(model: nn.Module, layers: Any, data: Any, out: Path, tokenizer:
                  o: Any) -> dict[str, Any]:
     """Run :func:`~fxstore.extract_dataset`'s text path (``o`` holds its general options)."""
     _check(text, o)
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError("text extraction needs a tokenizer.\nHint: pass tokenizer=AutoTokenizer.from_pretrained(DIR).")
     ranks = _distributed.join()
     modes = {m: m.training for m in model.modules()}
     try:
         device = ranks.device(_device(model, o.device))
         model.to(device).eval()
         extractor = _extractor(model, layers, o.dtype)
-        plan = _plan(model, data, tokenizer, text, o)
+        max_length = _max_length(model, tokenizer, text)
+        text = dataclasses.replace(text, max_length=max_length)
+        plan = _plan(data, tokenizer, max_length, text, o)
         specs = _probe(extractor, plan, device)
         identity = _identity(model, tokenizer, specs, plan, text, o)
         if text.shuffle is None:
@@ -94,6 +98,10 @@ def _check(text: TextOptions, o: Any) -> None:
     if o.reduce not in (None, "none"):
         raise ConfigError(f"reduce={o.reduce!r} does not apply to token rows.\n"
                           "Hint: token rows are stored one per token; leave reduce unset.")
+    for name in ("collate_fn", "input_key", "target_key"):
+        if getattr(o, name) is not None:
+            raise ConfigError(f"{name}= does not apply to text data: fxstore tokenizes and batches it.\n"
+                              "Hint: leave it unset; the text column is text_field=.")
 
 
 def _device(model: nn.Module, device: Any) -> torch.device:
@@ -128,10 +136,8 @@ def _max_length(model: nn.Module, tokenizer: Any, text: TextOptions) -> int:
     return min(known) if known else 512
 
 
-def _plan(model: nn.Module, data: Any, tokenizer: Any, text: TextOptions, o: Any) -> TextPlan:
-    if tokenizer is None or not callable(tokenizer):
-        raise ConfigError("text extraction needs a tokenizer.\nHint: pass tokenizer=AutoTokenizer.from_pretrained(DIR).")
-    sequences = tokenize(data, tokenizer, text_field=text.text_field, max_length=_max_length(model, tokenizer, text),
+def _plan(data: Any, tokenizer: Any, max_length: int, text: TextOptions, o: Any) -> TextPlan:
+    sequences = tokenize(data, tokenizer, text_field=text.text_field, max_length=max_length,
                          context_length=text.context_length)
     stored = np.ones(len(sequences.ids), dtype=bool)
     if text.skip_special:
@@ -220,7 +226,7 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
                           "padding_side": "left" if plan.left else "right", "pad_token_id": plan.pad_id},
             "rows": "one per token: " + ", ".join(TOKEN_COLUMNS) + " and the layers",
             "num_sequences": len(seqs), "num_tokens": int(len(seqs.ids)), "dropped_tokens": seqs.dropped,
-            "max_length": None if text.context_length else int(seqs.lengths.max()),
+            "max_length": None if text.context_length else text.max_length,
             "context_length": text.context_length, "skip_special": text.skip_special,
             "shuffle": text.shuffle, "pad_to": text.pad_to,
         },
@@ -313,8 +319,6 @@ def _write(sink: Sink, batch: TextBatch, rows: dict[str, torch.Tensor], event: A
 
 def _finish(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]], sink: Sink,
             command: str | None) -> dict[str, Any]:
-    from ._outdir import OutputError
-
     missing = sorted(set(shards) - sink.done_shards())
     if missing:
         raise OutputError(f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
