@@ -30,6 +30,7 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
+	$(PY) benchmarks/bench_text.py
 
 # Record a run in benchmarks/results/ and regenerate the README's table from it.
 bench-readme: $(VENV)/.installed

@@ -1,7 +1,7 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
-from .dataset import OutputError, ShardedArray, extract_dataset, load_features, read_manifest
+from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
     FxStoreError,
@@ -29,6 +29,7 @@ __all__ = [
     "load_features",
     "read_manifest",
     "ShardedArray",
+    "BatchLoader",
     "FxStoreError",
     "LayerNotFoundError",
     "InvalidLayerError",

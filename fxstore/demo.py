@@ -2,7 +2,9 @@
 
 A random-weight resnet18 on a synthetic source (``fake:N``), written to a temporary
 folder: the node table (an excerpt), the extraction with its progress bar, the manifest,
-and how to load the result. Extra arguments replace the default extraction arguments,
+and how to load the result. Then a language model: a tiny random GPT-2 with a tokenizer
+trained on the spot, saved with ``save_pretrained``, run over a ``.jsonl`` corpus with one
+row per token. Extra arguments replace the default extraction arguments,
 e.g. ``python -m fxstore.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
 """
 
@@ -51,6 +53,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(">>> {k: v.shape for k, v in feats.items()}")
         print({k: v.shape for k, v in feats.items()})
         print("# or without fxstore: safetensors.torch.load_file(...) on each shard in manifest['shards']")
+        return _text_demo(Path(tmp))
+
+
+TEXT = ("the cat sat on the mat", "a dog ran after the cat", "birds sang in the tall green trees",
+        "the old stone wall stood near the trees", "a cat and a dog sat in the sun")
+
+
+def _tiny_language_model(folder: Path) -> None:
+    """A random 3-block GPT-2 and a WordLevel tokenizer trained on :data:`TEXT`, saved in ``folder``."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TEXT, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                     eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=2, n_positions=64,
+                                         bos_token_id=1, eos_token_id=1)
+        transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _text_demo(tmp: Path) -> int:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("\n(skipping the language-model demo: pip install transformers)")
+        return 0
+    from .cli.hf import _no_progress_bars
+
+    model, corpus, out = tmp / "tiny-gpt2", tmp / "corpus.jsonl", tmp / "acts"
+    with _no_progress_bars():
+        _tiny_language_model(model)
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXT * 40)))
+    print(f"\n# a language model: a random 3-block GPT-2 saved with save_pretrained in {model}, "
+          f"{len(TEXT) * 40} documents in {corpus.name}")
+    step = ["extract", f"hf:{model}", "--layers", "transformer.h.1", "transformer.h.2", "--data", str(corpus),
+            "--text-field", "text", "--max-length", "32", "--dtype", "bfloat16", "--shuffle", "0", "--out", str(out)]
+    print(f"\n$ fxstore {' '.join(step)}", flush=True)
+    status = cli(step)
+    if status:
+        return status
+    from .dataset.reader import load_features
+
+    acts = load_features(out)
+    print(f">>> acts = fxstore.load_features({str(out)!r})  # one row per real token, shuffled")
+    print({k: (v.shape, str(v.dtype)) for k, v in acts.items()})
+    print(">>> acts['token_id'][:5], acts['sequence'][:5], acts['position'][:5]")
+    print(acts["token_id"][:5], acts["sequence"][:5], acts["position"][:5])
+    print("# train on it: for batch in fxstore.BatchLoader(out, batch_size=4096): ...")
     return 0
 
 

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fxstore", description="Capture layer outputs of PyTorch models with torch.fx.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    model_help = "torchvision name (resnet50), timm:NAME, or package.module:factory"
+    model_help = "torchvision name (resnet50), timm:NAME, hf:DIR (local Hugging Face folder), or package.module:factory"
     nodes = commands.add_parser("nodes", help="list the selectable nodes of a model")
     nodes.add_argument("model", help=model_help)
     nodes.add_argument("--filter", metavar="PATTERN", help="glob over node names, e.g. 'layer4.*'")
@@ -60,13 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("model", help=model_help)
     extract.add_argument("--layers", nargs="+", required=True, metavar="LAYER",
                          help="node names, module names or glob patterns (see 'fxstore nodes')")
-    extract.add_argument("--data", required=True, metavar="SOURCE", help="image folder, file.npy or fake:N")
+    extract.add_argument("--data", required=True, metavar="SOURCE", help="image folder, file.npy or fake:N; text: .txt, .jsonl, .parquet or a datasets folder")
     extract.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if interrupted)")
     extract.add_argument("--format", choices=sorted(SINKS), default="safetensors", help="default: safetensors")
     extract.add_argument("--pool", choices=_POOLS, default="none", help="reduce each layer in the graph (default: none)")
     extract.add_argument("--dtype", choices=_DTYPES, help="stored dtype (default: the layer's)")
     extract.add_argument("--batch-size", type=_positive, default=64, help="default: 64")
-    extract.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard (default: 1024)")
+    extract.add_argument("--shard-size", type=_positive, help="samples per shard (default: 1024; text: 16384 tokens)")
     extract.add_argument("--image-size", type=_positive, default=224, help="image side (default: 224)")
     extract.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     extract.add_argument("--num-workers", type=_natural, default=0, help="data loader processes (default: 0)")
@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
                          help="write in a background thread during the next batch (default: auto = on for CUDA)")
     extract.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
+    text = extract.add_argument_group("text (hf:DIR models: one row per token)")
+    text.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model folder)")
+    text.add_argument("--text-field", metavar="NAME", help="text column of .jsonl/.parquet/datasets data "
+                      "(default: text, else input_ids)")
+    text.add_argument("--max-length", type=_positive, metavar="N", help="tokens kept per document "
+                      "(default: the model's maximum)")
+    text.add_argument("--context-length", type=_positive, metavar="N", help="concatenate documents and cut "
+                      "windows of N tokens (no padding)")
+    text.add_argument("--shuffle", type=_natural, metavar="SEED", help="write the rows in a seeded random order")
+    text.add_argument("--skip-special", action="store_true", help="store no BOS/EOS/CLS/SEP rows")
     extract.set_defaults(run=_extract)
 
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
@@ -130,6 +140,10 @@ def _extract(args: argparse.Namespace) -> int:
     from .sources import describe_source, open_source
 
     _check_device(args.device)
+    if args.model.startswith("hf:"):
+        from ._text_command import extract_text_command
+
+        return extract_text_command(args, _command(args.argv), _is_main())
     model = load_model(args.model, args.weights, seed=args.seed)
     data = open_source(args.data, image_size=args.image_size)
     result = extract_dataset(

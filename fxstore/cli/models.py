@@ -27,7 +27,8 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *, seed
     """Build a model by name, in eval mode.
 
     Args:
-        name: A torchvision model name (``"resnet50"``), ``"timm:NAME"`` (needs timm), or
+        name: A torchvision model name (``"resnet50"``), ``"timm:NAME"`` (needs timm),
+            ``"hf:DIR"`` (a local Hugging Face folder, see :func:`fxstore.cli.hf.load_hf`), or
             an import path ``"package.module:factory"`` of a callable returning a module.
         weights: A local ``state_dict`` file (``torch.save(model.state_dict(), path)``);
             default: random weights initialised from ``seed``.
@@ -47,6 +48,10 @@ def load_model(name: str, weights: str | os.PathLike[str] | None = None, *, seed
         >>> torch.equal(a.conv1.weight, b.conv1.weight), a.training
         (True, False)
     """
+    if isinstance(name, str) and name.startswith("hf:"):  # a local Hugging Face folder
+        from .hf import load_hf
+
+        return load_hf(name, need_tokenizer=False)[0]
     build = _factory(name)
     with torch.random.fork_rng(devices=[]):  # restores the CPU generator; CUDA's is never touched
         torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every CUDA generator

@@ -1,4 +1,4 @@
-"""Data sources named on the command line: image folders, ``.npy`` arrays, ``fake:N``.
+"""Data sources named on the command line: image folders, ``.npy`` arrays, ``fake:N``; and text.
 
 Every source is a map-style ``Dataset`` of ``(input, target)`` pairs (``.npy`` gives
 inputs only), so the extraction reads each rank's shards directly.
@@ -19,7 +19,7 @@ from torchvision import datasets, transforms
 
 from ..errors import ConfigError
 
-__all__ = ["open_source", "describe_source", "NpyDataset"]
+__all__ = ["open_source", "open_text_source", "describe_source", "NpyDataset"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,3 +146,64 @@ class NpyDataset(Dataset[torch.Tensor]):
     def __getitem__(self, index: int) -> torch.Tensor:
         row = torch.from_numpy(np.array(self.array[index]))
         return row.float() if row.is_floating_point() else row
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def is_text_source(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a text source (see :func:`open_text_source`)."""
+    path = Path(os.fspath(source))
+    return path.suffix in TEXT_SUFFIXES or (path / "dataset_info.json").is_file()
+
+
+def open_text_source(source: str | os.PathLike[str]) -> Any:
+    """Open the documents of a text file or ``datasets`` folder.
+
+    Args:
+        source: ``.txt`` (one document per non-blank line), ``.jsonl``/``.json`` (one JSON
+            object per line), ``.parquet``, or a folder written by
+            ``datasets.Dataset.save_to_disk``. Tables hold a text column (``--text-field``)
+            or an ``input_ids`` column (already tokenized).
+
+    Returns:
+        A list of strings (``.txt``) or a ``datasets.Dataset``.
+
+    Raises:
+        ConfigError: the source does not exist or cannot be read.
+
+    Example:
+        >>> import tempfile, os
+        >>> from fxstore.cli.sources import open_text_source
+        >>> path = os.path.join(tempfile.mkdtemp(), "docs.txt")
+        >>> _ = open(path, "w").write("first document\\n\\nsecond one\\n")
+        >>> open_text_source(path)
+        ['first document', 'second one']
+    """
+    text = os.fspath(source)
+    path = Path(text)
+    if not path.exists():
+        raise ConfigError(f"text data '{text}' does not exist.\n"
+                          "Hint: pass a .txt, .jsonl or .parquet file, or a datasets save_to_disk folder.")
+    if path.suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f if line.strip()]
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # fxstore's own bar reports the run
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(text)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+            return loaded
+        if path.suffix == ".parquet":
+            return datasets.Dataset.from_parquet(text)
+        return datasets.Dataset.from_json(text)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise ConfigError(f"cannot read text data '{text}': {type(e).__name__}: {str(e).splitlines()[0]}\n"
+                          "Hint: .jsonl needs one JSON object per line; folders must come from save_to_disk.") from e
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()

@@ -57,7 +57,7 @@ def extract_dataset(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     input_key: int | str | None = None,
     target_key: int | str | bool | None = None,
-    shard_size: int = 1024,
+    shard_size: int | None = None,
     device: torch.device | str | None = None,
     overlap: bool | None = None,
     progress: bool = True,
@@ -65,6 +65,12 @@ def extract_dataset(
     model_name: str | None = None,
     data_name: str | None = None,
     command: str | None = None,
+    tokenizer: Any = None,
+    text_field: str | None = None,
+    max_length: int | None = None,
+    context_length: int | None = None,
+    shuffle: int | None = None,
+    skip_special: bool = False,
 ) -> dict[str, Any]:
     """Run ``model`` over ``data`` and write the selected layers' outputs to ``out``.
 
@@ -96,7 +102,9 @@ def extract_dataset(
         target_key: Field stored as ``"target"``; ``None`` stores a tuple's second element
             or a dict's ``target``/``targets``/``label``/``labels``/``y`` field if present;
             ``False`` stores nothing.
-        shard_size: Samples per shard: the unit of writing, resuming and sharing work.
+        shard_size: Samples per shard: the unit of writing, resuming and sharing work
+            (default 1024; for text: rows, i.e. tokens, default 16384, a shard ending at the
+            first document end at or past it).
         device: Device to run on (default: the model's); the model is moved there (and
             back, if the run fails).
         overlap: Copy to the host and write in a background thread while the next batch
@@ -108,6 +116,15 @@ def extract_dataset(
         model_name: Name of the model recorded in the manifest.
         data_name: Description of the data recorded in the manifest (part of the identity).
         command: Command recorded in the manifest (default: ``sys.argv``).
+        tokenizer: A Hugging Face tokenizer: ``data`` is then text (a list of strings, a
+            ``datasets.Dataset`` or list of dicts with a text or ``input_ids`` column, or
+            token-id lists) and one row is stored per real token, with the columns
+            ``token_id``, ``sequence`` and ``position`` (see the README's "Language models").
+        text_field: The text column (default ``"text"``, else ``"input_ids"``).
+        max_length: Tokens per document kept (default: the model's maximum).
+        context_length: Concatenate the documents and run windows of this many tokens.
+        shuffle: Seed: write the token rows in a seeded random order (a permutation).
+        skip_special: Store no BOS/EOS/CLS/SEP/pad rows.
 
     Returns:
         The manifest (also in ``out/manifest.json``).
@@ -128,9 +145,16 @@ def extract_dataset(
         >>> m["num_samples"], m["features"]["1"]["shape"], m["target"]["dtype"], len(m["shards"])
         (10, [4], 'int64', 2)
     """
+    if shard_size is None:
+        shard_size = 1024 if tokenizer is None else 16384
     _check_options(format, batch_size, shard_size, num_workers)
     options = _Options(format, reduce, dtype, batch_size, num_workers, collate_fn, input_key, target_key, shard_size,
                        device, overlap, progress, overwrite, model_name, data_name or type(data).__name__, command)
+    if tokenizer is not None:  # token rows from a language model
+        from ._text import TextOptions, extract_text
+
+        text = TextOptions(text_field, max_length, context_length, shuffle, skip_special)
+        return extract_text(model, layers, data, Path(out), tokenizer, text, options)
     ranks = _distributed.join()
     try:
         return _extract(model, layers, data, Path(out), ranks, options)

@@ -43,6 +43,7 @@ _NAMES = {
     "shard_size": "shard size",
     "batch_size": "batch size",
     "data": "data",
+    "text": "tokenizer or text options",
 }
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
            "complex64", "complex128", "uint16", "uint32", "uint64"}
@@ -231,6 +232,7 @@ def write(out: Path, identity: dict[str, Any], files: dict[str, dict[str, Any]],
         "shards": shards,
         "checksum": ALGORITHM,
         "model": identity["model"],
+        **({"text": identity["text"]} if "text" in identity else {}),
         "data": identity["data"],
         "command": command if command is not None else " ".join(sys.argv),
         "versions": {"fxstore": _fxstore_version(), "torch": torch.__version__, "numpy": np.__version__,

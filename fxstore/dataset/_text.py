@@ -1,0 +1,358 @@
+"""Token-level extraction from language models: one stored row per real token.
+
+:func:`~fxstore.extract_dataset` comes here when it is given a ``tokenizer``. The flow:
+
+1. tokenize the documents (``_text_tokens``), cut them into shards of token rows and the
+   shards into padded batches (``_text_batches``);
+2. probe the first batch: the row shape and dtype of every layer (a layer's output must be
+   ``(batch, sequence, ...)``; a Hugging Face block's output is its hidden states);
+3. rank 0 checks the output folder, every rank computes its shards: the model runs on
+   ``input_ids``, ``attention_mask`` and ``position_ids`` (counted over real tokens, so left
+   and right padding give the values of a document run alone), the real tokens' rows are
+   gathered (on the device) and written with the ``token_id``, ``sequence``, ``position`` columns;
+4. with ``shuffle``, the unshuffled rows are written to a hidden folder first and then
+   permuted into the output (``_shuffle``); rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..capture.extractor import FeatureExtractor
+from ..errors import ConfigError, FxStoreError
+from . import _distributed, _shuffle, manifest
+from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from ._sinks import SINKS, ArraySpec, Sink
+from ._text_batches import TextBatch, TextPlan, make_text_plan
+from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
+from ._writer import BackgroundWriter
+
+__all__ = ["TextOptions", "extract_text", "TOKEN_COLUMNS"]
+
+TOKEN_COLUMNS = ("token_id", "sequence", "position")
+"""The per-row columns stored beside the features."""
+
+STAGING = ".fxstore-unshuffled.partial"
+"""Hidden folder inside the output holding the unshuffled rows while a shuffled run is in progress."""
+
+_COLUMN_DTYPES = {"token_id": torch.int32, "sequence": torch.int64, "position": torch.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOptions:
+    """The text options of :func:`~fxstore.extract_dataset`."""
+
+    text_field: str | None = None
+    max_length: int | None = None
+    context_length: int | None = None
+    shuffle: int | None = None
+    skip_special: bool = False
+    pad_to: int = 16
+
+
+def extract_text(model: nn.Module, layers: Any, data: Any, out: Path, tokenizer: Any, text: TextOptions,
+                 o: Any) -> dict[str, Any]:
+    """Run :func:`~fxstore.extract_dataset`'s text path (``o`` holds its general options)."""
+    _check(text, o)
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError("text extraction needs a tokenizer.\nHint: pass tokenizer=AutoTokenizer.from_pretrained(DIR).")
+    ranks = _distributed.join()
+    modes = {m: m.training for m in model.modules()}
+    try:
+        device = ranks.device(_device(model, o.device))
+        model.to(device).eval()
+        extractor = _extractor(model, layers, o.dtype)
+        max_length = _max_length(model, tokenizer, text)
+        text = dataclasses.replace(text, max_length=max_length)
+        plan = _plan(data, tokenizer, max_length, text, o)
+        specs = _probe(extractor, plan, device)
+        identity = _identity(model, tokenizer, specs, plan, text, o)
+        if text.shuffle is None:
+            return _run(extractor, plan, specs, out, identity, device, o, ranks)
+        return _run_shuffled(extractor, plan, specs, out, identity, device, text.shuffle, o, ranks)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        ranks.close()
+
+
+def _check(text: TextOptions, o: Any) -> None:
+    for name in ("max_length", "context_length", "pad_to"):
+        value = getattr(text, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}={value!r} must be a positive integer.\nHint: e.g. {name}=128.")
+    if text.shuffle is not None and (not isinstance(text.shuffle, int) or isinstance(text.shuffle, bool)
+                                     or text.shuffle < 0):
+        raise ConfigError(f"shuffle={text.shuffle!r} must be a seed (an integer >= 0) or None.\nHint: shuffle=0.")
+    if o.reduce not in (None, "none"):
+        raise ConfigError(f"reduce={o.reduce!r} does not apply to token rows.\n"
+                          "Hint: token rows are stored one per token; leave reduce unset.")
+    for name in ("collate_fn", "input_key", "target_key"):
+        if getattr(o, name) is not None:
+            raise ConfigError(f"{name}= does not apply to text data: fxstore tokenizes and batches it.\n"
+                              "Hint: leave it unset; the text column is text_field=.")
+
+
+def _device(model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device={device!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda'.") from e
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _extractor(model: nn.Module, layers: Any, dtype: Any) -> FeatureExtractor:
+    if isinstance(model, FeatureExtractor):
+        if layers is not None or dtype is not None:
+            raise ConfigError("layers and dtype must be None when a FeatureExtractor is passed.\n"
+                              "Hint: configure the extractor itself, or pass the plain model.")
+        return model
+    if layers is None:
+        raise ConfigError("no layers selected.\nHint: pass layers=[...], e.g. ['transformer.h.6'].")
+    return FeatureExtractor(model, layers, keep_output=False, dtype=dtype)
+
+
+def _max_length(model: nn.Module, tokenizer: Any, text: TextOptions) -> int:
+    if text.max_length is not None:
+        return text.max_length
+    candidates = [getattr(tokenizer, "model_max_length", None)]
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        candidates.append(getattr(config, name, None))
+    known = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]
+    return min(known) if known else 512
+
+
+def _plan(data: Any, tokenizer: Any, max_length: int, text: TextOptions, o: Any) -> TextPlan:
+    sequences = tokenize(data, tokenizer, text_field=text.text_field, max_length=max_length,
+                         context_length=text.context_length)
+    stored = np.ones(len(sequences.ids), dtype=bool)
+    if text.skip_special:
+        stored = ~np.isin(sequences.ids, sorted(special_ids(tokenizer)))
+    if not stored.any():
+        raise ConfigError("no token is left to store: every token is a special token.\n"
+                          "Hint: drop skip_special (--skip-special), or check the data.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return make_text_plan(sequences, stored, o.shard_size, o.batch_size, text.pad_to,
+                          0 if pad is None else int(pad), left)
+
+
+@functools.lru_cache(maxsize=64)
+def _accepted(forward: Callable[..., Any]) -> frozenset[str]:
+    params = inspect.signature(forward).parameters
+    named = {name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if len(named) < len(params):  # **kwargs: the two inputs every language model takes
+        named |= {"attention_mask", "position_ids"}
+    return frozenset(named)
+
+
+def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The stored rows of one batch: features at real tokens, and the token columns."""
+    accepted = _accepted(type(getattr(extractor, "_fx_model", extractor)).forward)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()
+              if k == "input_ids" or k in accepted}
+    if "use_cache" in accepted:
+        inputs["use_cache"] = False  # a cache in the output cannot be exported, and is not needed
+    _, features = extractor(**inputs)
+    keep = batch.keep.to(device)
+    rows: dict[str, torch.Tensor] = {}
+    for key, value in features.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 3 or tuple(value.shape[:2]) != tuple(keep.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(
+                f"layer '{key}' gives {shape}, not one value per token ({tuple(keep.shape)} + feature shape).\n"
+                "Hint: select layers whose output is (batch, sequence, ...): blocks, attention or MLP outputs.")
+        rows[key] = value[keep].to("cpu", non_blocking=True)
+    cpu_keep = batch.keep
+    rows["token_id"] = batch.inputs["input_ids"][cpu_keep].to(torch.int32)
+    rows["sequence"] = batch.sequence[:, None].expand_as(cpu_keep)[cpu_keep]
+    rows["position"] = batch.inputs["position_ids"][cpu_keep].to(torch.int32)
+    return rows
+
+
+def _probe(extractor: FeatureExtractor, plan: TextPlan, device: torch.device) -> list[ArraySpec]:
+    batch = next(plan.batches(0))
+    try:
+        with torch.inference_mode():
+            rows = _forward(extractor, batch, device)
+    except FxStoreError:
+        raise
+    except Exception as e:  # the model's own error on this input
+        raise ConfigError(f"the model fails on the first batch (input_ids {tuple(batch.inputs['input_ids'].shape)}): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                          "Hint: check that the tokenizer belongs to the model.") from e
+    clash = [k for k in rows if k in TOKEN_COLUMNS and k in extractor.feature_keys]
+    if clash:
+        raise ConfigError(f"a layer is named {clash[0]!r}, like a stored token column.\n"
+                          "Hint: rename the layer with a dict {layer: alias}.")
+    plan.first_rows = rows  # shard 0 starts with this very batch: computed once
+    return [ArraySpec(k, tuple(v.shape[1:]), v.dtype) for k, v in rows.items()]
+
+
+def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: TextPlan, text: TextOptions,
+              o: Any) -> dict[str, Any]:
+    def entry(s: ArraySpec) -> dict[str, Any]:
+        kind = {"kind": "token"} if s.key in TOKEN_COLUMNS else {"reduce": "none"}
+        return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), **kind}
+
+    inner = getattr(model, "_fx_model", model)
+    seqs = plan.sequences
+    return {
+        "format": o.format,
+        "model": {"name": o.model_name or type(inner).__name__, "fingerprint": manifest.model_fingerprint(inner)},
+        "features": {s.key: entry(s) for s in specs},
+        "target": None,
+        "num_samples": plan.num_rows,
+        "shard_size": o.shard_size,
+        "batch_size": o.batch_size,
+        "data": o.data_name,
+        "text": {
+            "tokenizer": {"name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+                          "fingerprint": tokenizer_fingerprint(tokenizer),
+                          "padding_side": "left" if plan.left else "right", "pad_token_id": plan.pad_id},
+            "rows": "one per token: " + ", ".join(TOKEN_COLUMNS) + " and the layers",
+            "num_sequences": len(seqs), "num_tokens": int(len(seqs.ids)), "dropped_tokens": seqs.dropped,
+            "max_length": None if text.context_length else text.max_length,
+            "context_length": text.context_length, "skip_special": text.skip_special,
+            "shuffle": text.shuffle, "pad_to": text.pad_to,
+        },
+    }
+
+
+def _prepare(out: Path, identity: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]], overwrite: bool,
+             extra: list[Path]) -> dict[str, Any]:
+    """Rank 0: check and prepare the folder; the decision every rank follows."""
+    try:
+        check_writable(out)
+        if overwrite:
+            for path in extra:
+                shutil.rmtree(path, ignore_errors=True)
+        state = manifest.state(out, identity, overwrite)
+        if state == "complete":
+            return {"complete": manifest.read_manifest(out)}
+        with os_errors(out):
+            for stale in out.glob(f".*{TEMP_SUFFIX}"):
+                stale.unlink()
+            done = sink.done_shards() if state == "resume" else set()
+            row = sum(torch.empty((), dtype=s.dtype).element_size() * int(np.prod(s.shape)) for s in sink.specs)
+            left = sum(c for k, (_, c) in shards.items() if k not in done)
+            check_free_space(out, row * left * (2 if extra else 1))
+            sink.prepare()
+            manifest.write_run_file(out, identity)
+        return {"done": sorted(done)}
+    except FxStoreError as e:
+        return {"error": e}
+
+
+def _start(out: Path, identity: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]], overwrite: bool,
+           ranks: _distributed.Ranks, extra: list[Path] | None = None) -> dict[str, Any]:
+    decision = ranks.from_main(_prepare(out, identity, sink, shards, overwrite, extra or []) if ranks.main else None)
+    if "error" in decision:
+        raise decision["error"]
+    return decision
+
+
+def _mine(shards: list[int], done: set[int], ranks: _distributed.Ranks) -> list[int]:
+    return [k for k in shards if k not in done][ranks.rank::ranks.world]
+
+
+def _run(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path, identity: dict[str, Any],
+         device: torch.device, o: Any, ranks: _distributed.Ranks, overwrite: bool | None = None) -> dict[str, Any]:
+    sink = SINKS[o.format](out, specs, plan.num_rows)
+    decision = _start(out, identity, sink, plan.shards, o.overwrite if overwrite is None else overwrite, ranks)
+    if "complete" in decision:
+        return decision["complete"]
+    mine = _mine(sorted(plan.shards), set(decision["done"]), ranks)
+    _compute(extractor, plan, mine, sink, device, o, ranks)
+    ranks.barrier()
+    result = _finish(out, identity, plan.shards, sink, o.command) if ranks.main else None
+    return ranks.from_main(result)
+
+
+def _compute(extractor: FeatureExtractor, plan: TextPlan, mine: list[int], sink: Sink, device: torch.device,
+             o: Any, ranks: _distributed.Ranks) -> None:
+    total = sum(plan.shards[k][1] for k in mine)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
+               desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
+               disable=not (o.progress and ranks.main))
+    sink.open()
+    try:
+        overlap = device.type == "cuda" if o.overlap is None else o.overlap
+        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
+            for shard in mine:
+                for batch in plan.batches(shard):
+                    rows = plan.take_probe_rows(batch) or _forward(extractor, batch, device)
+                    event = None
+                    if device.type == "cuda":
+                        event = torch.cuda.Event()
+                        event.record()
+                    start, count = plan.shards[shard]
+                    writer.submit(functools.partial(_write, sink, batch, rows, event, start, count))
+                    bar.update(batch.count)
+    finally:
+        with os_errors(sink.out):
+            sink.close()
+
+
+def _write(sink: Sink, batch: TextBatch, rows: dict[str, torch.Tensor], event: Any, start: int, count: int) -> None:
+    if event is not None:
+        event.synchronize()
+    with os_errors(sink.out):
+        sink.write(batch.shard, batch.start, rows)
+        if batch.last:
+            sink.finish(batch.shard, start, count)
+
+
+def _finish(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]], sink: Sink,
+            command: str | None) -> dict[str, Any]:
+    missing = sorted(set(shards) - sink.done_shards())
+    if missing:
+        raise OutputError(f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
+                          "Hint: run the same command again to compute them.")
+    with os_errors(out):
+        files = sink.finalize()
+        return manifest.write(out, identity, shards, files, command)
+
+
+def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path,
+                  identity: dict[str, Any], device: torch.device, seed: int, o: Any,
+                  ranks: _distributed.Ranks) -> dict[str, Any]:
+    """Unshuffled rows into the hidden staging folder, then permuted into ``out``."""
+    staging = out / STAGING
+    n = plan.num_rows
+    shards = {k: (k * o.shard_size, min(o.shard_size, n - k * o.shard_size)) for k in range(-(-n // o.shard_size))}
+    sink = SINKS[o.format](out, specs, n)
+    decision = _start(out, identity, sink, shards, o.overwrite, ranks, extra=[staging])
+    if "complete" in decision:
+        return decision["complete"]
+    unshuffled_identity = {**identity, "text": {**identity["text"], "shuffle": None}}
+    source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
+                  dataclasses.replace(o, format="safetensors", progress=o.progress), ranks, overwrite=False)
+    mine = _mine(sorted(shards), set(decision["done"]), ranks)
+    sink.open()
+    try:
+        _shuffle.write_permuted(staging, source, sink, shards, mine, seed,
+                                progress=o.progress and ranks.main)
+    finally:
+        with os_errors(out):
+            sink.close()
+    ranks.barrier()
+    result = None
+    if ranks.main:
+        result = _finish(out, identity, shards, sink, o.command)
+        shutil.rmtree(staging, ignore_errors=True)
+    return ranks.from_main(result)
