@@ -22,6 +22,8 @@ from ..errors import FxStoreError
 __all__ = ["OutputError", "atomic_write", "atomic_write_json", "check_writable", "check_free_space", "os_errors"]
 
 TEMP_SUFFIX = ".fxstore-tmp"
+STAGING = ".fxstore-unshuffled.partial"
+"""The hidden folder inside ``out`` that holds a shuffled text run's unshuffled rows (itself an fxstore folder)."""
 RUN_FILE = ".fxstore-run.json"
 """The run record: written before any data file, it names the run and the files it writes."""
 PROGRESS = ".fxstore-progress"

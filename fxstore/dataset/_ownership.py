@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_module
 from ._lock import LOCK_FILE, is_lock_file
-from ._outdir import PROBE, PROGRESS, RUN_FILE, TEMP_SUFFIX, OutputError, atomic_write_json
+from ._outdir import PROBE, PROGRESS, RUN_FILE, STAGING, TEMP_SUFFIX, OutputError, atomic_write_json
 from ._sinks import SINKS
 
 __all__ = ["Folder", "survey", "write_run_record"]
@@ -64,7 +65,10 @@ class Folder:
             sink.remove_progress()
         last = {MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
         for path in sorted(self.ours, key=lambda p: last.get(p.name, 0)):
-            if path.name not in (LOCK_FILE, PROGRESS) and path.exists():
+            if path.name == STAGING:
+                survey(path).clean()  # refuses (deleting nothing) if anything foreign got in there
+                shutil.rmtree(path)
+            elif path.name not in (LOCK_FILE, PROGRESS) and path.exists():
                 path.unlink()
 
 
@@ -91,6 +95,11 @@ def _read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
             or not all(manifest_module.plain_name(f) for f in record["files"])):
         return None, "not an fxstore run record"
     return record, None
+
+
+def _is_clean_fxstore_folder(path: Path) -> bool:
+    inner = survey(path)
+    return not inner.foreign and (inner.record is not None or inner.manifest is not None)
 
 
 def survey(out: Path) -> Folder:
@@ -141,6 +150,9 @@ def survey(out: Path) -> Folder:
             folder.ours.append(path)
         elif not path.is_symlink() and path.is_file() and ours(name):
             folder.ours.append(path)
+        elif name == STAGING and folder.record is not None and path.is_dir() and not path.is_symlink() \
+                and _is_clean_fxstore_folder(path):
+            folder.ours.append(path)  # a shuffled text run's unshuffled rows, an fxstore folder of its own
         else:
             folder.foreign.append(name + ("/" if path.is_dir() else ""))
     return folder

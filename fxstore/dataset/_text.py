@@ -32,7 +32,9 @@ from tqdm import tqdm
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed, _shuffle, manifest
-from ._outdir import TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from . import _extract as _folder
+from ._lock import FolderLock
+from ._outdir import STAGING, os_errors
 from ._sinks import SINKS, ArraySpec, Sink
 from ._text_batches import TextBatch, TextPlan, make_text_plan
 from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
@@ -43,7 +45,6 @@ __all__ = ["TextOptions", "extract_text", "TOKEN_COLUMNS"]
 TOKEN_COLUMNS = ("token_id", "sequence", "position")
 """The per-row columns stored beside the features."""
 
-STAGING = ".fxstore-unshuffled.partial"
 """Hidden folder inside the output holding the unshuffled rows while a shuffled run is in progress."""
 
 _COLUMN_DTYPES = {"token_id": torch.int32, "sequence": torch.int64, "position": torch.int32}
@@ -233,36 +234,25 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
     }
 
 
-def _prepare(out: Path, identity: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]], overwrite: bool,
-             extra: list[Path]) -> dict[str, Any]:
-    """Rank 0: check and prepare the folder; the decision every rank follows."""
-    try:
-        check_writable(out)
-        if overwrite:
-            for path in extra:
-                shutil.rmtree(path, ignore_errors=True)
-        state = manifest.state(out, identity, overwrite)
-        if state == "complete":
-            return {"complete": manifest.read_manifest(out)}
-        with os_errors(out):
-            for stale in out.glob(f".*{TEMP_SUFFIX}"):
-                stale.unlink()
-            done = sink.done_shards() if state == "resume" else set()
-            row = sum(torch.empty((), dtype=s.dtype).element_size() * int(np.prod(s.shape)) for s in sink.specs)
-            left = sum(c for k, (_, c) in shards.items() if k not in done)
-            check_free_space(out, row * left * (2 if extra else 1))
-            sink.prepare()
-            manifest.write_run_file(out, identity)
-        return {"done": sorted(done)}
-    except FxStoreError as e:
-        return {"error": e}
+@dataclasses.dataclass
+class _Rows:
+    """What the output-folder protocol (:func:`._extract._prepare` / ``_finish``) reads of a plan."""
+
+    shards: dict[int, tuple[int, int]]
+    num_samples: int
+
+    def all_shards(self) -> list[int]:
+        return sorted(self.shards)
 
 
-def _start(out: Path, identity: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]], overwrite: bool,
-           ranks: _distributed.Ranks, extra: list[Path] | None = None) -> dict[str, Any]:
-    decision = ranks.from_main(_prepare(out, identity, sink, shards, overwrite, extra or []) if ranks.main else None)
+def _start(out: Path, identity: dict[str, Any], sink: Sink, rows: _Rows, o: Any, ranks: _distributed.Ranks,
+           lock: FolderLock) -> dict[str, Any]:
+    """Rank 0 locks, checks and prepares the folder (ownership, identity, checksums); every rank follows."""
+    decision = ranks.from_main(_folder._prepare(out, identity, sink, rows, o, lock) if ranks.main else None)
     if "error" in decision:
         raise decision["error"]
+    if "complete" not in decision and not ranks.main:
+        lock.join()
     return decision
 
 
@@ -271,16 +261,21 @@ def _mine(shards: list[int], done: set[int], ranks: _distributed.Ranks) -> list[
 
 
 def _run(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path, identity: dict[str, Any],
-         device: torch.device, o: Any, ranks: _distributed.Ranks, overwrite: bool | None = None) -> dict[str, Any]:
+         device: torch.device, o: Any, ranks: _distributed.Ranks) -> dict[str, Any]:
     sink = SINKS[o.format](out, specs, plan.num_rows)
-    decision = _start(out, identity, sink, plan.shards, o.overwrite if overwrite is None else overwrite, ranks)
-    if "complete" in decision:
-        return decision["complete"]
-    mine = _mine(sorted(plan.shards), set(decision["done"]), ranks)
-    _compute(extractor, plan, mine, sink, device, o, ranks)
-    ranks.barrier()
-    result = _finish(out, identity, plan.shards, sink, o.command) if ranks.main else None
-    return ranks.from_main(result)
+    rows = _Rows(plan.shards, plan.num_rows)
+    lock = FolderLock(out)
+    try:
+        decision = _start(out, identity, sink, rows, o, ranks, lock)
+        if "complete" in decision:
+            return decision["complete"]
+        mine = _mine(sorted(plan.shards), set(decision["done"]), ranks)
+        _compute(extractor, plan, mine, sink, device, o, ranks)
+        ranks.barrier()
+        result = _folder._finish(out, identity, rows, sink, o.command) if ranks.main else None
+        return ranks.from_main(result)
+    finally:
+        lock.release()
 
 
 def _compute(extractor: FeatureExtractor, plan: TextPlan, mine: list[int], sink: Sink, device: torch.device,
@@ -317,42 +312,35 @@ def _write(sink: Sink, batch: TextBatch, rows: dict[str, torch.Tensor], event: A
             sink.finish(batch.shard, start, count)
 
 
-def _finish(out: Path, identity: dict[str, Any], shards: dict[int, tuple[int, int]], sink: Sink,
-            command: str | None) -> dict[str, Any]:
-    missing = sorted(set(shards) - sink.done_shards())
-    if missing:
-        raise OutputError(f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
-                          "Hint: run the same command again to compute them.")
-    with os_errors(out):
-        files = sink.finalize()
-        return manifest.write(out, identity, shards, files, command)
-
-
 def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path,
                   identity: dict[str, Any], device: torch.device, seed: int, o: Any,
                   ranks: _distributed.Ranks) -> dict[str, Any]:
-    """Unshuffled rows into the hidden staging folder, then permuted into ``out``."""
+    """Unshuffled rows into the hidden staging folder (an fxstore folder of its own), then permuted into ``out``."""
     staging = out / STAGING
     n = plan.num_rows
     shards = {k: (k * o.shard_size, min(o.shard_size, n - k * o.shard_size)) for k in range(-(-n // o.shard_size))}
+    rows = _Rows(shards, n)
     sink = SINKS[o.format](out, specs, n)
-    decision = _start(out, identity, sink, shards, o.overwrite, ranks, extra=[staging])
-    if "complete" in decision:
-        return decision["complete"]
-    unshuffled_identity = {**identity, "text": {**identity["text"], "shuffle": None}}
-    source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
-                  dataclasses.replace(o, format="safetensors", progress=o.progress), ranks, overwrite=False)
-    mine = _mine(sorted(shards), set(decision["done"]), ranks)
-    sink.open()
+    lock = FolderLock(out)
     try:
-        _shuffle.write_permuted(staging, source, sink, shards, mine, seed,
-                                progress=o.progress and ranks.main)
+        decision = _start(out, identity, sink, rows, o, ranks, lock)
+        if "complete" in decision:
+            return decision["complete"]
+        unshuffled_identity = {**identity, "format": "safetensors", "text": {**identity["text"], "shuffle": None}}
+        source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
+                      dataclasses.replace(o, format="safetensors", overwrite=False), ranks)
+        mine = _mine(sorted(shards), set(decision["done"]), ranks)
+        sink.open()
+        try:
+            _shuffle.write_permuted(staging, source, sink, shards, mine, seed, progress=o.progress and ranks.main)
+        finally:
+            with os_errors(out):
+                sink.close()
+        ranks.barrier()
+        result = None
+        if ranks.main:
+            shutil.rmtree(staging)  # before the manifest: a finished folder holds only the shuffled rows
+            result = _folder._finish(out, identity, rows, sink, o.command)
+        return ranks.from_main(result)
     finally:
-        with os_errors(out):
-            sink.close()
-    ranks.barrier()
-    result = None
-    if ranks.main:
-        result = _finish(out, identity, shards, sink, o.command)
-        shutil.rmtree(staging, ignore_errors=True)
-    return ranks.from_main(result)
+        lock.release()
