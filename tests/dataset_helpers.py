@@ -37,9 +37,13 @@ _CALLS = [0]
 
 @torch.fx.wrap
 def _hold(x: torch.Tensor) -> torch.Tensor:
-    """From the second call on (the first is the probe), wait while the file ``$FXSTORE_TEST_HOLD`` exists."""
+    """From the third call on, wait while the file ``$FXSTORE_TEST_HOLD`` exists.
+
+    The first two calls are the probe batch: the extractor's self-check runs the plain model once,
+    then the captured program; so the folder is prepared before the run pauses.
+    """
     _CALLS[0] += 1
-    while _CALLS[0] > 1 and os.path.exists(os.environ.get("FXSTORE_TEST_HOLD", "/nonexistent")):
+    while _CALLS[0] > 2 and os.path.exists(os.environ.get("FXSTORE_TEST_HOLD", "/nonexistent")):
         time.sleep(0.02)
     return x
 

@@ -342,7 +342,8 @@ def test_info_of_a_file_that_is_no_artifact(tmp_path, capsys):
 
 def test_cli_exports_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=16, use_cache=False,
+    # two blocks: the last entry of hidden_states is after the final layer norm, block 0's is not
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=8, vocab_size=20, n_positions=16, use_cache=False,
                                   bos_token_id=0, eos_token_id=0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     argv = ["export", f"hf:{tmp_path / 'gpt2'}", "--layers", "transformer.h.0", "--seq-len", "6",
