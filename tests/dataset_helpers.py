@@ -37,13 +37,14 @@ _CALLS = [0]
 
 @torch.fx.wrap
 def _hold(x: torch.Tensor) -> torch.Tensor:
-    """From the third call on, wait while the file ``$FXSTORE_TEST_HOLD`` exists.
+    """From the fourth call on, wait while the file ``$FXSTORE_TEST_HOLD`` exists.
 
-    The first two calls are the probe batch: the extractor's self-check runs the plain model once,
-    then the captured program; so the folder is prepared before the run pauses.
+    The first three calls are the probe batch: the self-check of a truncated extractor runs the
+    plain model and the uncut trace, then the captured program runs; so the folder is prepared
+    (and a second run reaches the lock) before anything pauses.
     """
     _CALLS[0] += 1
-    while _CALLS[0] > 2 and os.path.exists(os.environ.get("FXSTORE_TEST_HOLD", "/nonexistent")):
+    while _CALLS[0] > 3 and os.path.exists(os.environ.get("FXSTORE_TEST_HOLD", "/nonexistent")):
         time.sleep(0.02)
     return x
 
