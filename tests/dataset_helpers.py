@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -75,6 +78,32 @@ class Images(Dataset):
             time.sleep(self.delay)
         g = torch.Generator().manual_seed(i)
         return torch.rand(3, self.size, self.size, generator=g), i % 7
+
+
+class FailsAt(Images):
+    """Raises at one sample: the run stops after its earlier shards, like an interrupted run."""
+
+    def __init__(self, n: int, bad: int) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == self.bad:
+            raise RuntimeError("interrupted")
+        return super().__getitem__(i)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; fail if it ends first or nothing is ready in time."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, "the extraction ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard was written in time"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def shard_bytes(folder) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import LAYERS, Images, shard_bytes, toy_model
+from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -225,17 +225,6 @@ def test_rerun_of_a_finished_extraction_does_nothing(tmp_path):
     assert again == first and stamps == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
 
 
-class _FailsAt(Images):
-    """Raises at one sample: the run stops after its earlier shards, like an interrupted run."""
-
-    def __init__(self, n: int, bad: int) -> None:
-        super().__init__(n)
-        self.bad = bad
-
-    def __getitem__(self, i: int):
-        if i == self.bad:
-            raise RuntimeError("interrupted")
-        return super().__getitem__(i)
 
 
 class _OtherCNN(type(toy_model())):
@@ -251,7 +240,7 @@ class _OtherCNN(type(toy_model())):
 ])
 def test_mismatched_resume_is_refused(tmp_path, change, match):
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract_dataset(toy_model(), ["fc"], _FailsAt(8, bad=6), tmp_path, shard_size=4, batch_size=2,
+        extract_dataset(toy_model(), ["fc"], FailsAt(8, bad=6), tmp_path, shard_size=4, batch_size=2,
                         data_name="images", progress=False)
     assert (tmp_path / "shard-00000.safetensors").exists() and not (tmp_path / "manifest.json").exists()
     run = {"model": toy_model(), "layers": ["fc"], "data": Images(8), "format": "safetensors", "shard_size": 4}
@@ -267,7 +256,7 @@ def test_mismatched_resume_is_refused(tmp_path, change, match):
 def test_resume_after_an_error_completes_the_same_bytes(tmp_path):
     options = {"shard_size": 4, "batch_size": 2, "data_name": "images", "progress": False}
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract_dataset(toy_model(), LAYERS, _FailsAt(12, bad=9), tmp_path / "a", **options)
+        extract_dataset(toy_model(), LAYERS, FailsAt(12, bad=9), tmp_path / "a", **options)
     first = (tmp_path / "a" / "shard-00000.safetensors").stat().st_ino
     extract_dataset(toy_model(), LAYERS, Images(12), tmp_path / "a", **options)
     extract_dataset(toy_model(), LAYERS, Images(12), tmp_path / "b", **options)

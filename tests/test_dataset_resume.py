@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_helpers import run_extraction, shard_bytes
+from dataset_helpers import kill_when, run_extraction, shard_bytes
 
 from fxstore.dataset.reader import load_features
 
@@ -28,15 +26,7 @@ def _done(out: Path, fmt: str) -> int:
 def _kill_after_two_shards(out: Path, fmt: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS.parent), *sys.path])}
     proc = subprocess.Popen([sys.executable, str(HELPERS), str(out), fmt, "0.05"], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while _done(out, fmt) < 2:
-            assert proc.poll() is None, "the extraction ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard was written in time"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when(proc, lambda: _done(out, fmt) >= 2, timeout=120)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npy"])

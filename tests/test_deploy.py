@@ -151,11 +151,15 @@ def test_in_place_protection_is_part_of_the_artifact(tmp_path):
     torch.testing.assert_close(output, want_out, atol=ATOL, rtol=0)
 
 
-def test_tiny_gpt2_exported_equals_hidden_states(tmp_path):
+def _tiny_gpt2() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32, use_cache=False,
                                   bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_tiny_gpt2_exported_equals_hidden_states(tmp_path):
+    model = _tiny_gpt2()
     ids = torch.randint(0, 50, (2, 8))
     ex = fxstore.FeatureExtractor(model, ["transformer.h.0"], keep_output=False, example_inputs=(ids,))
     report = ex.export(tmp_path / "g.pt2", (ids,), format="exported")
@@ -219,10 +223,7 @@ def test_vit_onnx_keeps_a_dynamic_batch_and_the_fixed_image_size(tmp_path):
 
 
 def test_tiny_gpt2_onnx_equals_hidden_states(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=32, use_cache=False,
-                                  bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = _tiny_gpt2()
     ids = torch.randint(0, 50, (2, 8))
     ex = fxstore.FeatureExtractor(model, ["transformer.h.0"], keep_output=False, example_inputs=(ids,))
     ex.export(tmp_path / "g.onnx", (ids,), format="onnx")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 from _reference import hook_outputs, node_grads, scalar_loss
-from dataset_helpers import LAYERS, Images, shard_bytes, toy_model
+from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -228,15 +228,6 @@ def test_default_dict_keys_find_input_and_target(tmp_path, input_key, target_key
     assert got["target"].tolist() == [i % 7 for i in range(6)]
 
 
-class _FailsAt(Images):
-    def __init__(self, n: int, bad: int) -> None:
-        super().__init__(n)
-        self.bad = bad
-
-    def __getitem__(self, i: int):
-        if i == self.bad:
-            raise RuntimeError("interrupted")
-        return super().__getitem__(i)
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -245,7 +236,7 @@ class _FailsAt(Images):
 ])
 def test_resume_with_another_batch_size_or_other_data_is_refused(tmp_path, change, match):
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract_dataset(toy_model(), ["fc"], _FailsAt(8, bad=6), tmp_path, shard_size=4, batch_size=2,
+        extract_dataset(toy_model(), ["fc"], FailsAt(8, bad=6), tmp_path, shard_size=4, batch_size=2,
                         data_name="images", progress=False)
     run = {"data": Images(8), "batch_size": 2, "data_name": "images", **change}
     with pytest.raises(OutputError, match=f"refusing to resume into .*{match}"):

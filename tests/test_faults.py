@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import LAYERS, Images, shard_bytes, toy_model
+from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 from dataset_helpers import run_extraction as _run_extraction
 
 from fxstore import ConfigError
@@ -191,22 +191,11 @@ def test_truncated_or_missing_file_in_a_finished_folder_is_refused_then_repaired
     assert_identical(tmp_path, fmt, reference)
 
 
-class _FailsAt(Images):
-    """Raises at one sample: the run stops after its earlier shards, like an interrupted run."""
-
-    def __init__(self, n: int, bad: int) -> None:
-        super().__init__(n)
-        self.bad = bad
-
-    def __getitem__(self, i: int):
-        if i == self.bad:
-            raise RuntimeError("interrupted")
-        return super().__getitem__(i)
 
 
 def _interrupted(out: Path, fmt: str) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract_dataset(toy_model(), LAYERS, _FailsAt(N, bad=19), out, format=fmt, batch_size=4, shard_size=8,
+        extract_dataset(toy_model(), LAYERS, FailsAt(N, bad=19), out, format=fmt, batch_size=4, shard_size=8,
                         data_name="Images", progress=False)
 
 
@@ -540,7 +529,7 @@ def test_a_failing_run_leaves_the_model_on_its_device_in_its_mode(tmp_path):
     model = toy_model().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="interrupted"):
-        extract_dataset(model, ["fc"], _FailsAt(16, bad=9), tmp_path, shard_size=4, device="cpu", progress=False)
+        extract_dataset(model, ["fc"], FailsAt(16, bad=9), tmp_path, shard_size=4, device="cpu", progress=False)
     assert all(m.training for m in model.modules())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 

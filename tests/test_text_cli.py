@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import shard_bytes
+from dataset_helpers import kill_when, shard_bytes
 from text_helpers import corpus, run_extraction, save
 
 import fxstore
@@ -148,15 +146,7 @@ def _kill_after_two_shards(folder: Path, out: Path, shuffle: int | None) -> None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(HELPERS.parent), *sys.path])}
     proc = subprocess.Popen([sys.executable, str(HELPERS / "text_helpers.py"), str(folder), str(out), "0.3",
                              "-" if shuffle is None else str(shuffle)], env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while len(list(watched.glob("shard-*.safetensors"))) < 2:
-            assert proc.poll() is None, "the extraction ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard was written in time"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when(proc, lambda: len(list(watched.glob("shard-*.safetensors"))) >= 2, timeout=180)
 
 
 @pytest.mark.slow

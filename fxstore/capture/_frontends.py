@@ -128,8 +128,7 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
 def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
                  failures: dict[str, str]) -> Program:
     """``torch.export``: ATen graphs named by module path, run through an :class:`ExportRunner`."""
-    selections: list[tuple[Any, Any]] = []
-    references: list[_ExportReference] = []
+    first: dict[str, Any] = {}  # what the first export selected (the keys and labels of the program)
 
     def rewrite(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         exported = _export.export(request.model, args, kwargs, training)
@@ -138,22 +137,21 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         traced = exported.traced
         selected = resolve(traced, request.specs, strict=strict)
         tapped = resolve(traced, request.grad_specs, strict=strict)
-        if not selections and not request.policy.keep_output:  # for the self-check, as in build_fx
-            references.append(_ExportReference(_rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec))
+        if not first:  # the self-check's reference is the graph before the rewrite, as in build_fx
+            reference = None if request.policy.keep_output else _ExportReference(
+                _rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec)
+            first.update(selected=selected, tapped=tapped, reference=reference)
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
                          request.policy)
         code = type(_rewrite.code_module(traced.graph)).forward
-        if not selections:
-            selections.append((selected, tapped))
         return exported, tuple(s.key for s in selected), tuple(grad_key(s.key) for s in tapped), code
 
     runner = _export.ExportRunner(rewrite, request.policy.keep_output)
     exported = runner.prepare(*inputs)[0]
-    selected, tapped = selections[0]
     report = TraceReport("export", tuple(exported.traced.names.values()), dict(failures), {},
                          tuple(exported.traced.module_calls))
-    return Program.from_selection(_ExportRun(runner, request.policy.keep_output), selected, tapped, report,
-                                  graph=exported.traced.graph, reference=references[0] if references else None)
+    return Program.from_selection(runner, first["selected"], first["tapped"], report,
+                                  graph=exported.traced.graph, reference=first["reference"])
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
@@ -189,26 +187,6 @@ class _ExportReference:
     def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         leaves = _pytree.tree_leaves((tuple(args), dict(kwargs)))
         return _pytree.tree_unflatten(list(type(self.code).forward(owner, *leaves)), self.out_spec)
-
-
-class _ExportRun:
-    def __init__(self, runner: _export.ExportRunner, keep_output: bool) -> None:
-        self.runner = runner
-        self.keep_output = keep_output
-
-    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 probes: Any) -> tuple[Any, dict[str, Any]]:
-        exported, keys, grad_keys, code = self.runner.prepare(args, kwargs)
-        leaves = _pytree.tree_leaves((tuple(args), dict(kwargs)))
-        if grad_keys:
-            output, features, made = code(owner, *leaves, fxstore_probes=probes)
-        else:
-            output, features, made = code(owner, *leaves)
-        result = dict(zip(keys, features))
-        result.update(zip(grad_keys, made))
-        if not self.keep_output:
-            return None, result
-        return _pytree.tree_unflatten(list(output), exported.out_spec), result
 
 
 class _PartialRun:

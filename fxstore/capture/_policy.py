@@ -53,11 +53,12 @@ def parse_device(value: torch.device | str | None, what: str = "device") -> torc
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ConfigError(f"{what}={value!r}: this machine has no CUDA device.\nHint: use 'cpu'.")
+            raise ConfigError(f"{what}={str(value)!r} is not available on this machine: it has no CUDA device.\n"
+                              "Hint: use 'cpu'.")
         if device.index is not None and device.index >= count:
             raise ConfigError(
-                f"{what}={value!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}).\n"
-                "Hint: pick an index that exists."
+                f"{what}={str(value)!r} is not available on this machine: it has {count} CUDA device(s) "
+                f"(cuda:0..cuda:{count - 1}).\nHint: pick an index that exists."
             )
     return device
 

@@ -241,10 +241,10 @@ class FeatureExtractor(nn.Module):
         if not strict:
             self._warn_missing(training, program)
         self._fx_programs[training] = program
-        if self._fx_example is not None and inputs is self._fx_example:
-            program, _ = self._checked(program, inputs, training, real=False)
-        elif not self._fx_verify:
+        if not self._fx_verify:
             program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
+        elif self._fx_example is not None and inputs is self._fx_example:
+            program, _ = self._checked(program, inputs, training, real=False)
         return program
 
     def _warn_missing(self, training: bool, program: Program) -> None:
@@ -274,55 +274,60 @@ class FeatureExtractor(nn.Module):
         args, kwargs = inputs
         while True:
             state = Snapshot(self._fx_model, inputs)
-            model, mode = self._fx_model, self._fx_model.training
             try:
-                model.training = training  # the top-level flag only: the children are shared and set
-                with torch.no_grad():
-                    expected = model(*args, **kwargs)
+                expected = self._plain_output(inputs, training)
             except Exception as e:  # the plain model fails on these inputs: nothing to compare with
-                model.training = mode
-                state.restore()
                 program.report = dataclasses.replace(
                     program.report, verified=f"skipped: the plain model raised {type(e).__name__}")
                 return program, None
-            model.training = mode
-            state.restore()
-            result = None
-            if program.reference is None:
-                if real:
-                    result = program.run(self, args, kwargs, None)
-                    actual = result[0]
-                else:
-                    with torch.no_grad():
-                        actual = program.run(self, args, kwargs, None)[0]
+            finally:
+                state.restore()
+            kept = real and program.reference is None  # the trial run is the call itself
+            result = program.run(self, args, kwargs, None) if kept else None
+            if kept:
+                actual = result[0]
             else:
                 with torch.no_grad():
-                    actual = program.reference(self, args, kwargs)
-            if not real or program.reference is not None:
-                state.restore()
+                    actual = (program.reference(self, args, kwargs) if program.reference is not None
+                              else program.run(self, args, kwargs, None)[0])
             ok, verdict = compare(expected, actual)
+            if not (kept and ok):
+                state.restore()
             if ok:
                 program.report = dataclasses.replace(program.report, verified=verdict)
                 program.reference = None
                 return program, result
-            state.restore()
-            result = None
-            frontend = program.report.frontend
-            failures = self._fx_failures.setdefault(training, {})
-            failures[frontend] = f"self-check: {verdict}"
-            if self._fx_request.frontend != "auto":
-                raise TraceError(
-                    f"the {frontend} frontend captured {type(self._fx_model).__name__} wrongly: its {verdict}.\n"
-                    "Hint: use frontend='auto' to fall back to the next frontend, or report the model; "
-                    "verify=False skips this check."
-                )
-            strict = not any(mode != training for mode in self._fx_programs)
-            rebuilt = _frontends.build(self._fx_request, training, strict, inputs, failures)
-            if rebuilt is None:  # unreachable: with inputs every frontend decides
-                raise TraceError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
-            rebuilt.report = dataclasses.replace(rebuilt.report, reasons=dict(failures))
-            self._fx_programs[training] = program = rebuilt
-            self._fx_probe_makers.pop(training, None)
+            program = self._next_frontend(program, inputs, training, verdict)
+
+    def _plain_output(self, inputs: Inputs, training: bool) -> Any:
+        """The plain model's output, its top-level flag in ``training`` (the children are shared and set)."""
+        model, mode = self._fx_model, self._fx_model.training
+        model.training = training
+        try:
+            with torch.no_grad():
+                return model(*inputs[0], **inputs[1])
+        finally:
+            model.training = mode
+
+    def _next_frontend(self, program: Program, inputs: Inputs, training: bool, verdict: str) -> Program:
+        """After a failed self-check: the next frontend's program (``"auto"``), else ``TraceError``."""
+        frontend = program.report.frontend
+        failures = self._fx_failures.setdefault(training, {})
+        failures[frontend] = f"self-check: {verdict}"
+        if self._fx_request.frontend != "auto":
+            raise TraceError(
+                f"the {frontend} frontend captured {type(self._fx_model).__name__} wrongly: its {verdict}.\n"
+                "Hint: use frontend='auto' to fall back to the next frontend, or report the model; "
+                "verify=False skips this check."
+            )
+        strict = all(other == training for other in self._fx_programs)
+        rebuilt = _frontends.build(self._fx_request, training, strict, inputs, failures)
+        if rebuilt is None:  # unreachable: with inputs every frontend decides
+            raise TraceError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
+        rebuilt.report = dataclasses.replace(rebuilt.report, reasons=dict(failures))
+        self._fx_programs[training] = rebuilt
+        self._fx_probe_makers.pop(training, None)
+        return rebuilt
 
     # -- nn.Module ------------------------------------------------------------------------
 
@@ -369,8 +374,6 @@ class FeatureExtractor(nn.Module):
             program = self._install(self.training, strict=not self._fx_programs, inputs=inputs)
             if program is None:  # unreachable: with inputs every frontend decides
                 raise ConfigError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
-            if not self._fx_verify:
-                return program, None
         return self._checked(program, inputs, self.training, real=self.__dict__.get("_fx_compiled") is None)
 
     def compile(self, **torch_compile_kwargs: Any) -> None:  # type: ignore[override]
@@ -487,8 +490,7 @@ class FeatureExtractor(nn.Module):
             >>> fxstore.FeatureExtractor(torchvision.models.resnet18(), ["layer1"]).exports
             0
         """
-        runner = getattr(self._program().run, "runner", None)
-        return int(getattr(runner, "exports", 0))
+        return int(getattr(self._program().run, "exports", 0))
 
     @property
     def feature_keys(self) -> tuple[str, ...]:

@@ -161,15 +161,10 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _check_device(name: str) -> None:
-    """Refuse a device this machine does not have before any work (torch would raise a traceback later)."""
-    import torch
+    """Refuse a device this machine does not have before the model is even loaded."""
+    from ..capture._policy import parse_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FxStoreError(f"--device {name!r} is not a device.\nHint: use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FxStoreError(f"--device {name!r}: no CUDA device is available here.\nHint: use --device cpu.")
+    parse_device(name)
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -8,8 +8,9 @@ gives the rows to the sink while the next batch computes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,21 +49,26 @@ def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -
     return features
 
 
+@contextlib.contextmanager
+def first_batch_errors(what: str, hint: str) -> Iterator[None]:
+    """The model's own error on the first batch as one :class:`ConfigError` line (fxstore's errors pass as they are)."""
+    try:
+        yield
+    except FxStoreError:
+        raise
+    except Exception as e:  # the model's own error on this input
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"the model fails on {what}: {type(e).__name__}: {reason}\nHint: {hint}") from e
+
+
 def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.device) -> list[ArraySpec]:
     """Run the first (tiny) batch: the row shape and dtype of every array, checked."""
     x, y = pick(batch, o.input_key, o.target_key)
     n = batch_size_of(x)
-    try:
-        with torch.inference_mode():
-            features = _forward(extractors, x, device)
-    except FxStoreError:
-        raise
-    except Exception as e:  # the model's own error on this input
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ConfigError(
-            f"the model fails on the data's first batch (input {shape}): {type(e).__name__}: {e}\n"
-            "Hint: check the input field (input_key), the image size and the model."
-        ) from e
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    with first_batch_errors(f"the data's first batch (input {shape})",
+                            "check the input field (input_key), the image size and the model."), torch.inference_mode():
+        features = _forward(extractors, x, device)
     if y is not None and not isinstance(y, torch.Tensor):
         if o.target_key is not None:
             raise ConfigError(f"the target field holds {type(y).__name__}, not a tensor.\nHint: use target_key=False.")

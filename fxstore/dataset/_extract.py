@@ -15,17 +15,20 @@ The flow of :func:`extract_dataset`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..capture._policy import parse_device
 from ..capture._selection import Layers
+from ..capture._tracing import modes_restored
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed, manifest
@@ -196,35 +199,42 @@ def _check_options(format: str, batch_size: int, shard_size: int, num_workers: i
 def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distributed.Ranks,
              o: _Options) -> dict[str, Any]:
     device = ranks.device(_device_of(model, o.device))
-    modes = {m: m.training for m in model.modules()}
-    placement = _placement(model)
     lock = FolderLock(out)
     try:
-        model.to(device).eval()
-        extractors, reduction_of = _extractors(model, layers, o, device)
-        plan, first = make_plan(data, o.shard_size, o.collate_fn)
-        specs = probe(extractors, first, o, device)
-        identity = _identity(model, specs, reduction_of, plan, o)
-        sink = SINKS[o.format](out, specs, plan.num_samples)
-        decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
-        if "error" in decision:
-            raise decision["error"]
-        if "complete" in decision:
-            return decision["complete"]
-        if not ranks.main:
-            lock.join()
-        mine = _assign(plan, set(decision["done"]), ranks)
-        compute(extractors, plan, mine, sink, device, o, ranks)
-        ranks.barrier()
-        result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
-        return ranks.from_main(result)
-    except BaseException:
-        _restore(model, placement)  # a failed run leaves the model where it was
-        raise
+        with model_kept(model):
+            model.to(device).eval()
+            extractors, reduction_of = _extractors(model, layers, o, device)
+            plan, first = make_plan(data, o.shard_size, o.collate_fn)
+            specs = probe(extractors, first, o, device)
+            identity = _identity(model, specs, reduction_of, plan, o)
+            sink = SINKS[o.format](out, specs, plan.num_samples)
+            decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
+            if "error" in decision:
+                raise decision["error"]
+            if "complete" in decision:
+                return decision["complete"]
+            if not ranks.main:
+                lock.join()
+            mine = _assign(plan, set(decision["done"]), ranks)
+            compute(extractors, plan, mine, sink, device, o, ranks)
+            ranks.barrier()
+            result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
+            return ranks.from_main(result)
     finally:
         lock.release()
-        for module, mode in modes.items():
-            module.training = mode
+
+
+@contextlib.contextmanager
+def model_kept(model: nn.Module) -> Iterator[None]:
+    """Run a block that moves the model and switches its modes: every module gets its own mode back,
+    and a failure moves parameters and buffers back where they were (the user's model is never left damaged)."""
+    placement = _placement(model)
+    with modes_restored(model):
+        try:
+            yield
+        except BaseException:
+            _restore(model, placement)
+            raise
 
 
 def _placement(model: nn.Module) -> dict[str, torch.device]:
@@ -245,10 +255,7 @@ def _restore(model: nn.Module, placement: dict[str, torch.device]) -> None:
 
 def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
-        try:
-            chosen = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ConfigError(f"device={device!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda'.") from e
+        chosen = parse_device(device)
         _check_device(chosen)
         return chosen
     first = next(iter(model.parameters()), None)

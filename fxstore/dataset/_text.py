@@ -30,9 +30,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..capture.extractor import FeatureExtractor
-from ..errors import ConfigError, FxStoreError
+from ..errors import ConfigError
 from . import _distributed, _shuffle, manifest
 from . import _extract as _folder
+from ._compute import first_batch_errors
 from ._lock import FolderLock
 from ._outdir import STAGING, os_errors
 from ._sinks import SINKS, ArraySpec, Sink
@@ -69,22 +70,20 @@ def extract_text(model: nn.Module, layers: Any, data: Any, out: Path, tokenizer:
     if tokenizer is None or not callable(tokenizer):
         raise ConfigError("text extraction needs a tokenizer.\nHint: pass tokenizer=AutoTokenizer.from_pretrained(DIR).")
     ranks = _distributed.join()
-    modes = {m: m.training for m in model.modules()}
     try:
-        device = ranks.device(_device(model, o.device))
-        model.to(device).eval()
-        extractor = _extractor(model, layers, o.dtype)
-        max_length = _max_length(model, tokenizer, text)
-        text = dataclasses.replace(text, max_length=max_length)
-        plan = _plan(data, tokenizer, max_length, text, o)
-        specs = _probe(extractor, plan, device)
-        identity = _identity(model, tokenizer, specs, plan, text, o)
-        if text.shuffle is None:
-            return _run(extractor, plan, specs, out, identity, device, o, ranks)
-        return _run_shuffled(extractor, plan, specs, out, identity, device, text.shuffle, o, ranks)
+        device = ranks.device(_folder._device_of(model, o.device))
+        with _folder.model_kept(model):
+            model.to(device).eval()
+            extractor = _extractor(model, layers, o.dtype)
+            max_length = _max_length(model, tokenizer, text)
+            text = dataclasses.replace(text, max_length=max_length)
+            plan = _plan(data, tokenizer, max_length, text, o)
+            specs = _probe(extractor, plan, device)
+            identity = _identity(model, tokenizer, specs, plan, text, o)
+            if text.shuffle is None:
+                return _run(extractor, plan, specs, out, identity, device, o, ranks)
+            return _run_shuffled(extractor, plan, specs, out, identity, device, text.shuffle, o, ranks)
     finally:
-        for module, mode in modes.items():
-            module.training = mode
         ranks.close()
 
 
@@ -103,16 +102,6 @@ def _check(text: TextOptions, o: Any) -> None:
         if getattr(o, name) is not None:
             raise ConfigError(f"{name}= does not apply to text data: fxstore tokenizes and batches it.\n"
                               "Hint: leave it unset; the text column is text_field=.")
-
-
-def _device(model: nn.Module, device: Any) -> torch.device:
-    if device is not None:
-        try:
-            return torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ConfigError(f"device={device!r} is not a device: {e}.\nHint: use e.g. 'cpu' or 'cuda'.") from e
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _extractor(model: nn.Module, layers: Any, dtype: Any) -> FeatureExtractor:
@@ -187,15 +176,9 @@ def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device
 
 def _probe(extractor: FeatureExtractor, plan: TextPlan, device: torch.device) -> list[ArraySpec]:
     batch = next(plan.batches(0))
-    try:
-        with torch.inference_mode():
-            rows = _forward(extractor, batch, device)
-    except FxStoreError:
-        raise
-    except Exception as e:  # the model's own error on this input
-        raise ConfigError(f"the model fails on the first batch (input_ids {tuple(batch.inputs['input_ids'].shape)}): "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-                          "Hint: check that the tokenizer belongs to the model.") from e
+    with first_batch_errors(f"the first batch (input_ids {tuple(batch.inputs['input_ids'].shape)})",
+                            "check that the tokenizer belongs to the model."), torch.inference_mode():
+        rows = _forward(extractor, batch, device)
     clash = [k for k in rows if k in TOKEN_COLUMNS and k in extractor.feature_keys]
     if clash:
         raise ConfigError(f"a layer is named {clash[0]!r}, like a stored token column.\n"
