@@ -79,6 +79,15 @@ def test_coverage_summary_equals_the_recorded_coverage_table():
     assert summary(README) == summary(recorded)
 
 
+def test_the_coverage_count_quoted_in_the_prose_is_the_recorded_one():
+    recorded = (ROOT / "docs" / "coverage.md").read_text()
+    rows = re.findall(r"^\| [a-z_]+ \| (\d+) / (\d+) \|", recorded, re.M)
+    verified, total = (sum(int(r[i]) for r in rows) for i in (0, 1))
+    assert f"{total} models" in recorded
+    quoted = re.findall(r"verifies (\d+) / (\d+) models", README)
+    assert quoted == [(str(verified), str(total))], (quoted, verified, total)
+
+
 _RERUN = [  # (words before the figure in the README, case prefix, contender) of the rerun paragraph
     (r"fxstore compiled \(inductor\)", "4 torch.compile", "fxstore, compiled fullgraph=True"),
     (r"torchvision's compiled extractor at", "4 torch.compile", "torchvision extractor, compiled"),
