@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fxstore._checkout import commit
+
 from ._timing import Stats
 
 __all__ = ["Row", "row", "machine", "commit", "markdown", "write_json", "read_json", "results_path", "RESULTS"]
@@ -53,18 +55,6 @@ def _cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    """The checked-out commit (``+dirty`` with uncommitted changes), or ``"unknown"`` outside git."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def machine(device: torch.device, threads: int, command: str) -> dict[str, Any]:

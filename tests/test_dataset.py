@@ -225,8 +225,6 @@ def test_rerun_of_a_finished_extraction_does_nothing(tmp_path):
     assert again == first and stamps == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
 
 
-
-
 class _OtherCNN(type(toy_model())):
     """Same weights, another architecture class."""
 

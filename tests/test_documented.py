@@ -228,8 +228,6 @@ def test_default_dict_keys_find_input_and_target(tmp_path, input_key, target_key
     assert got["target"].tolist() == [i % 7 for i in range(6)]
 
 
-
-
 @pytest.mark.parametrize(("change", "match"), [
     ({"batch_size": 4}, "batch size: 2 before, 4 now"),
     ({"data": Images(8, size=12), "data_name": "other-images"}, "data"),

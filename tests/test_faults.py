@@ -191,8 +191,6 @@ def test_truncated_or_missing_file_in_a_finished_folder_is_refused_then_repaired
     assert_identical(tmp_path, fmt, reference)
 
 
-
-
 def _interrupted(out: Path, fmt: str) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         extract_dataset(toy_model(), LAYERS, FailsAt(N, bad=19), out, format=fmt, batch_size=4, shard_size=8,
