@@ -64,7 +64,7 @@ def _step(model: nn.Module, call: Call, x: torch.Tensor) -> Any:
 def _setups(model: nn.Module, names: Sequence[str], x: torch.Tensor,
             wrap: Callable[..., Call]) -> dict[str, Callable[[], Callable[[], Features | None]]]:
     """Setups of the contenders; ``wrap(module, **kw)`` is identity (eager) or a compilation
-    (``extractor=True``: the extractor's own ``compile``)."""
+    (``torch.compile(ex, fullgraph=True)`` for the extractor, gradient taps included)."""
 
     def plain() -> Callable[[], Features | None]:
         call = wrap(model)
@@ -72,7 +72,7 @@ def _setups(model: nn.Module, names: Sequence[str], x: torch.Tensor,
 
     def extractor() -> Callable[[], Features | None]:
         ex = fxstore.FeatureExtractor(model, [], grads=list(names))
-        call = wrap(ex, fullgraph=True, extractor=True)
+        call = wrap(ex, fullgraph=True)
 
         def run() -> Features:
             _, feats = _step(model, call, x)
@@ -118,10 +118,7 @@ def backward(profile: Profile, device: torch.device) -> list[Row]:
     ]
     rows = compare(f"5 backward eager · {label}", eager, reference, profile, device, rtol=1e-5, atol=1e-7)
 
-    def compiled(module: nn.Module, extractor: bool = False, **kwargs: Any) -> Call:
-        if extractor:  # gradient probes are made outside the compiled region: ex.compile, not torch.compile(ex)
-            module.compile(backend=profile.backward_compile_backend, **kwargs)
-            return module
+    def compiled(module: nn.Module, **kwargs: Any) -> Call:
         return torch.compile(module, backend=profile.backward_compile_backend, **kwargs)
 
     entries = [compile_contender(name, setup, profile, cold=False)[0]

@@ -5,7 +5,7 @@ fxstore at import time (a mutant), and checks that every one of them fails.
 
 - an in-place overwrite: alias analysis says no later in-place op writes into a stored value,
   so no clone is inserted and the stored value is the rectified one;
-- a wrong gradient: the gradient tap adds ``1.001 * probe`` instead of ``probe``, so every
+- a wrong gradient: the gradient tap deposits ``1.001 * grad`` instead of ``grad``, so every
   tapped gradient is 0.1 % too large;
 - a silent frontend fallback: the fx frontend always fails, so ``frontend="auto"`` quietly
   captures traceable models with another frontend.
@@ -35,14 +35,9 @@ MUTANTS = {
         _alias.AliasAnalysis.overwritten_later = lambda self, node: False
     """,
     "wrong_gradient": """
-        import operator, types
-        from fxstore.capture import _rewrite
-        assert _rewrite.operator is operator
-
-        def scaled_add(value, probe):
-            return value + 1.001 * probe
-
-        _rewrite.operator = types.SimpleNamespace(**{**vars(operator), "add": scaled_add})
+        from fxstore.capture import _taps
+        store = _taps._store
+        _taps._store = lambda number, grad: store(number, 1.001 * grad)
     """,
     "silent_fallback": """
         from fxstore.capture import _frontends

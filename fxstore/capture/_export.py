@@ -389,15 +389,11 @@ class ExportRunner:
             self.first = built
         return built
 
-    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 probes: Any = None) -> tuple[Any, dict[str, Any]]:
-        """Run the graph for these inputs; ``probes``: gradient probes made by the caller (``None``: in the graph)."""
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Run the graph for these inputs (exporting first if no cached graph admits them)."""
         exported, keys, grad_keys, code = self.prepare(args, kwargs)
         leaves = _pytree.tree_leaves((tuple(args), dict(kwargs)))
-        if grad_keys:
-            output, features, made = code(owner, *leaves, fxstore_probes=probes)
-        else:
-            output, features, made = code(owner, *leaves)
+        output, features, made = code(owner, *leaves)
         result = dict(zip(keys, features))
         result.update(zip(grad_keys, made))
         return (_pytree.tree_unflatten(list(output), exported.out_spec) if self._keep_output else None), result

@@ -105,7 +105,7 @@ def build(request: Request, training: bool, strict: bool, inputs: Inputs | None,
 
 
 def build_fx(request: Request, training: bool, strict: bool) -> Program:
-    """Symbolic tracing: one generated ``forward`` returning ``(output, features, probes)``."""
+    """Symbolic tracing: one generated ``forward`` returning ``(output, features, tickets)``."""
     traced = trace(request.model, request.trace_options, training, request.constants)
     for name, value in vars(traced.root).items():
         if name.startswith("_tensor_constant") and isinstance(value, torch.Tensor):
@@ -194,8 +194,7 @@ class _PartialRun:
         self.runner = runner
         self.keep_output = keep_output
 
-    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 probes: Any) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         output, features = self.runner(args, kwargs)
         return (output if self.keep_output else None), features
 

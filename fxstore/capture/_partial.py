@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree
 
 from ..errors import ConfigError, TraceError
-from . import _rewrite
+from . import _rewrite, _taps
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
 from ._selection import Selected
@@ -224,8 +224,8 @@ class PartialRunner:
             if not _matches(concrete, positions, args, kwargs):
                 self._warn_fallback(path)
                 return original(shadow, *args, **kwargs)
-            output, values, probes = code(shadow, *args, **kwargs)
-            self._record(path, keys, values, grad_keys, probes)
+            output, values, tickets = code(shadow, *args, **kwargs)
+            self._record(path, keys, values, grad_keys, tickets)
             return output
 
         object.__setattr__(shadow, "forward", forward)
@@ -242,14 +242,14 @@ class PartialRunner:
             leaves, spec = _pytree.tree_flatten(output)
             tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
             values = [policy.apply(leaves[i]) for i in tensors]
-            probes: list[torch.Tensor] = []
+            tickets: list[torch.Tensor] = []
             if grad_key is not None:
-                probes = [_rewrite.grad_probe(leaves[i], None, 0) for i in tensors]
-                for i, probe in zip(tensors, probes):
-                    leaves[i] = leaves[i] + probe
+                for i in tensors:
+                    leaves[i], ticket = torch.ops.fxstore.grad_tap(leaves[i], _taps.anchor())
+                    tickets.append(ticket)
                 output = _pytree.tree_unflatten(leaves, spec)
             self._record(path, _expand(key, len(values)), values if key is not None else [],
-                         _expand(grad_key, len(probes)), probes)
+                         _expand(grad_key, len(tickets)), tickets)
             return output
 
         object.__setattr__(shadow, "forward", forward)
@@ -265,14 +265,14 @@ class PartialRunner:
             self._active = None
         return output, features
 
-    def _record(self, path: str, keys: list[str], values: Any, grad_keys: list[str], probes: Any) -> None:
+    def _record(self, path: str, keys: list[str], values: Any, grad_keys: list[str], tickets: Any) -> None:
         if self._active is None:
             return
         features, calls = self._active
         call = calls.get(path, 0)
         calls[path] = call + 1
         pairs = [(call_key(k, call), v) for k, v in zip(keys, values)]
-        pairs += [(call_key(k, call) + GRAD_SUFFIX, p) for k, p in zip(grad_keys, probes)]
+        pairs += [(call_key(k, call) + GRAD_SUFFIX, t) for k, t in zip(grad_keys, tickets)]
         for key, value in pairs:
             if key in features:
                 raise ConfigError(

@@ -1,4 +1,4 @@
-"""What every frontend returns: a program ``(owner, args, kwargs, probes) -> (output, features)``.
+"""What every frontend returns: a program ``(owner, args, kwargs) -> (output, features)``.
 
 A :class:`Program` is one captured, rewritten model for one training mode. The extractor
 runs it without knowing which frontend made it; the keys, labels and report say what its
@@ -8,10 +8,9 @@ outputs mean and how it was captured.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from ._keys import grad_key
@@ -19,8 +18,8 @@ from ._selection import Selected
 
 __all__ = ["Program", "TraceReport", "Run", "GraphRun", "labels_of"]
 
-Run = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Sequence[torch.Tensor] | None], tuple[Any, dict[str, Any]]]
-"""``run(owner, args, kwargs, probes) -> (output, features)``; ``probes=None`` makes them in the graph."""
+Run = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[Any, dict[str, Any]]]
+"""``run(owner, args, kwargs) -> (output, features)``; gradient taps put their tickets among the features."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +67,8 @@ class GraphRun:
         self.grad_keys = grad_keys
         self.keep_output = keep_output
 
-    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 probes: Sequence[torch.Tensor] | None) -> tuple[Any, dict[str, Any]]:
-        forward = type(self.code).forward
-        if self.grad_keys:
-            output, features, made = forward(owner, *args, fxstore_probes=probes, **kwargs)
-        else:
-            output, features, made = forward(owner, *args, **kwargs)
+    def __call__(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        output, features, made = type(self.code).forward(owner, *args, **kwargs)
         result = dict(zip(self.keys, features))
         result.update(zip(self.grad_keys, made))
         return output, result
@@ -85,9 +79,9 @@ class Program:
     """One captured model (per training mode) and what its outputs mean.
 
     Attributes:
-        run: ``(owner, args, kwargs, probes) -> (output, features)``.
+        run: ``(owner, args, kwargs) -> (output, features)``.
         keys: Feature keys, in order.
-        grad_keys: Keys of the gradient probes (``key + ":grad"``).
+        grad_keys: Keys of the gradient taps' tickets (``key + ":grad"``).
         labels: Label (alias or spec) -> feature keys.
         grad_labels: Label -> tapped keys (without the suffix).
         sources: Spec label -> label, where a layer was aliased.

@@ -1,17 +1,19 @@
 """Graph passes: gradient taps, in-place protection, storage policy, outputs, pruning.
 
 Each pass takes an ``fx.Graph`` and changes it in place. Together they turn a traced
-model into ``forward(x) -> (output, (feature, ...), (probe, ...))``. For a resnet with
+model into ``forward(x) -> (output, (feature, ...), (ticket, ...))``. For a resnet with
 ``layer1`` selected, gradients tapped at ``layer1`` and the final output dropped, the
 generated code reads (abridged)::
 
-    def forward(self, x, fxstore_probes = None):
+    def forward(self, x):
+        anchor = fxstore_capture__taps_anchor()
         conv1 = self.conv1(x)
         ...
         layer1_2_relu_2 = getattr(self.layer1, "2").relu(add_2)
-        grad_probe = fxstore_capture__rewrite_grad_probe(layer1_2_relu_2, fxstore_probes, 0)
-        add_3 = layer1_2_relu_2 + grad_probe
-        return (None, (layer1_2_relu_2,), (grad_probe,))
+        grad_tap_default = torch.ops.fxstore.grad_tap.default(layer1_2_relu_2, anchor)
+        getitem = grad_tap_default[0]
+        getitem_1 = grad_tap_default[1];  grad_tap_default = None
+        return (None, (layer1_2_relu_2,), (getitem_1,))
 """
 
 from __future__ import annotations
@@ -23,64 +25,38 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from . import _taps
 from ._alias import AliasAnalysis
 from ._policy import StoragePolicy
 
-__all__ = ["PROBES", "grad_probe", "add_grad_taps", "store_features", "set_outputs", "prune", "capture", "code_module"]
-
-
-PROBES = "fxstore_probes"
-"""Name of the optional last input of a rewritten graph: gradient probes made by the caller."""
-
-
-def grad_probe(value: torch.Tensor, probes: Sequence[torch.Tensor] | None, index: int) -> torch.Tensor:
-    """The zero leaf added to a tapped value; its ``.grad`` is d(loss)/d(value).
-
-    The caller may pass the probes in (``probes[index]``): that is how a compiled program
-    gets them, because ``torch.compile`` cannot create a gradient-requiring leaf inside a
-    graph for dynamic shapes. Eagerly, the probe is made here, shaped like ``value``.
-    """
-    if probes is None:
-        return torch.zeros_like(value, requires_grad=True)
-    return probes[index]
+__all__ = ["add_grad_taps", "store_features", "set_outputs", "prune", "capture", "code_module"]
 
 
 def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Insert ``value + probe`` after each node and route every consumer through it.
-
-    The probes come from a new optional input :data:`PROBES` (``None``: made in the graph).
+    """Insert a gradient tap (:func:`~._taps.grad_tap`) after each node; consumers read its copy.
 
     Returns:
-        The probe node of each tapped node.
+        The ticket node of each tapped node (returned among the features).
     """
-    probes: dict[fx.Node, fx.Node] = {}
+    tickets: dict[fx.Node, fx.Node] = {}
     if not nodes:
-        return probes
-    given = _probe_input(graph)
+        return tickets
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        anchor = graph.call_function(_taps.anchor, ())
     for node in nodes:
-        if node in probes:
+        if node in tickets:
             continue
         with graph.inserting_after(node):
-            probe = graph.call_function(grad_probe, (node, given, len(probes)))
-        with graph.inserting_after(probe):
-            tapped = graph.call_function(operator.add, (node, probe))
-        own = (probe, tapped)
+            tap = graph.call_function(torch.ops.fxstore.grad_tap.default, (node, anchor))
+        with graph.inserting_after(tap):
+            tapped = graph.call_function(operator.getitem, (tap, 0))
+        with graph.inserting_after(tapped):
+            ticket = graph.call_function(operator.getitem, (tap, 1))
+        own = (tap, tapped, ticket)
         node.replace_all_uses_with(tapped, delete_user_cb=lambda user, own=own: user not in own)
-        probes[node] = probe
-    return probes
-
-
-def _probe_input(graph: fx.Graph) -> fx.Node:
-    """The optional :data:`PROBES` input, after the graph's own inputs (before ``**kwargs``)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if placeholders and str(placeholders[-1].target).startswith("**"):
-        where = graph.inserting_before(placeholders[-1])
-    elif placeholders:
-        where = graph.inserting_after(placeholders[-1])
-    else:
-        where = graph.inserting_before(next(iter(graph.nodes)))
-    with where:
-        return graph.placeholder(PROBES, default_value=None)
+        tickets[node] = ticket
+    return tickets
 
 
 def store_features(
@@ -109,12 +85,12 @@ def store_features(
     return stored
 
 
-def set_outputs(graph: fx.Graph, features: Sequence[fx.Node], probes: Sequence[fx.Node], keep_output: bool) -> None:
-    """Replace the graph's output with ``(output or None, features, probes)``."""
+def set_outputs(graph: fx.Graph, features: Sequence[fx.Node], tickets: Sequence[fx.Node], keep_output: bool) -> None:
+    """Replace the graph's output with ``(output or None, features, tickets)``."""
     output = next(node for node in reversed(graph.nodes) if node.op == "output")
     original = output.args[0] if keep_output else None
     with graph.inserting_before(output):
-        graph.output((original, tuple(features), tuple(probes)))
+        graph.output((original, tuple(features), tuple(tickets)))
     graph.erase_node(output)
 
 
@@ -230,9 +206,9 @@ def capture(
         taps: Nodes whose gradients are tapped, in key order.
         policy: The storage policy (``keep_output`` included).
     """
-    probes = add_grad_taps(graph, taps)
+    tickets = add_grad_taps(graph, taps)
     stored = store_features(graph, features, AliasAnalysis(graph, root), policy)
-    set_outputs(graph, [stored[n] for n in features], [probes[n] for n in taps], policy.keep_output)
+    set_outputs(graph, [stored[n] for n in features], [tickets[n] for n in taps], policy.keep_output)
     prune(graph, AliasAnalysis(graph, root))
     graph.lint()
 

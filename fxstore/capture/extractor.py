@@ -1,9 +1,10 @@
 """The extractor: a thin ``nn.Module`` shell around a captured program.
 
 A frontend (:mod:`._frontends`) captures the model and returns a :class:`~._program.Program`
-``(owner, args, kwargs, probes) -> (output, features)``; the extractor picks the program of
-its current mode, checks it once against the plain model (:mod:`._selfcheck`), makes the
-gradient probes outside any compiled region when compiled (:mod:`._probes`), and runs it.
+``(owner, args, kwargs) -> (output, features)``; the extractor picks the program of its
+current mode, checks it once against the plain model (:mod:`._selfcheck`), and runs it.
+Gradient taps are operators inside the program (:mod:`._taps`), so eager calls,
+:meth:`FeatureExtractor.compile` and ``torch.compile(ex, fullgraph=True)`` run the same graph.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
-from . import _frontends
+from . import _frontends, _taps
 from ._frontends import FRONTENDS, Request
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
-from ._probes import ProbeMaker
 from ._program import GraphRun, Program, TraceReport
 from ._selection import Layers, canonical_specs, spec_label
 from ._selfcheck import Snapshot, compare
@@ -46,31 +46,23 @@ def _example(example_inputs: Any) -> Inputs | None:
     return (example_inputs,), {}
 
 
-def _fresh(function: Callable[..., Any]) -> types.FunctionType:
-    """A copy of ``function`` with its own code object.
+def _fresh(function: Any) -> Any:
+    """A copy of ``function`` with its own code object (other callables are returned as they are).
 
     ``torch.compile`` keeps its compiled graphs (and its recompile limit) per code object;
     giving each extractor its own ``forward`` code makes every extractor its own program,
-    however many there are in one process.
+    however many there are in one process. The copy keeps the closure, so a subclass's
+    ``forward`` that calls ``super().forward(...)`` still finds its class.
     """
+    if not isinstance(function, types.FunctionType):
+        return function
     code = function.__code__.replace()
-    return types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
+    copy = types.FunctionType(code, function.__globals__, function.__name__, function.__defaults__,
                               function.__closure__)
-
-
-def _make_probes_outside(extractor: FeatureExtractor, program: Program, args: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    return extractor._probe_maker(program).make(args, kwargs)
-
-
-_probes_outside_compile = torch._dynamo.disable(
-    _make_probes_outside,
-    reason=(
-        "fxstore: the gradient probes of grads= must be made outside the compiled region (torch.compile "
-        "cannot create gradient-requiring leaves in a graph for dynamic shapes). Hint: use ex.compile(...) "
-        "instead of torch.compile(ex, ...); without fullgraph=True this call is a graph break and works"
-    ),
-)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__doc__, copy.__qualname__ = function.__doc__, function.__qualname__
+    return copy
 
 
 class FeatureExtractor(nn.Module):
@@ -96,9 +88,10 @@ class FeatureExtractor(nn.Module):
             (``"layer*.*.relu"``), module types (``nn.Conv2d``), predicates
             ``(name) -> bool`` or ``(name, node) -> bool``; a dict ``{layer: alias}``
             renames outputs.
-        grads: Layers (same forms) whose output gradients are tapped. After
-            ``loss.backward()``, :meth:`gradients` returns them; the probes sit in the
-            features under ``key + ":grad"``.
+        grads: Layers (same forms) whose output gradients are tapped inside the graph. After
+            ``loss.backward()``, :meth:`gradients` returns them (and :meth:`attributions`
+            activation × gradient); each call's features hold a ticket for them under
+            ``key + ":grad"``.
         keep_output: Return the model's output; ``False`` returns ``None`` instead and cuts
             the graph to what the features need.
         detach: Store features without their autograd history.
@@ -181,7 +174,7 @@ class FeatureExtractor(nn.Module):
         if grad_specs and not specs and not keep_output:
             raise ConfigError(
                 "grads= with keep_output=False and no layers: nothing is returned that a loss could be "
-                "computed from, so no gradient can ever reach the probes.\n"
+                "computed from, so no gradient can ever reach the taps.\n"
                 "Hint: keep the output (keep_output=True), or also store the layers the loss is computed from."
             )
         policy = StoragePolicy.build(keep_output=keep_output, detach=detach, transform=transform, dtype=dtype,
@@ -196,7 +189,6 @@ class FeatureExtractor(nn.Module):
         self._fx_example = _example(example_inputs)
         self._fx_verify = bool(verify)
         self._fx_failures: dict[bool, dict[str, str]] = {}  # mode -> frontend -> why it failed
-        self._fx_probe_makers: dict[bool, ProbeMaker] = {}
         self._bind_forward()
         self.training = model.training  # set directly: never toggle the shared submodules here
         self._install(self.training, strict=True)
@@ -227,8 +219,14 @@ class FeatureExtractor(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def _bind_forward(self) -> None:
-        """Give this extractor its own ``forward`` (and compiled-call) code: see :func:`_fresh`."""
-        self.__dict__["forward"] = types.MethodType(_fresh(FeatureExtractor._forward), self)
+        """Give this extractor its own ``forward`` (and compiled-call) code: see :func:`_fresh`.
+
+        The copy is of ``type(self).forward``: a subclass's own ``forward`` runs (and reaches
+        this class's through ``super().forward``).
+        """
+        forward = type(self).forward
+        if isinstance(forward, types.FunctionType):  # else (a descriptor of the subclass's) the class's applies
+            self.__dict__["forward"] = types.MethodType(_fresh(forward), self)
         self.__dict__["_fx_run_compiled"] = types.MethodType(_fresh(FeatureExtractor._run_program), self)
 
     def _install(self, training: bool, strict: bool, inputs: Inputs | None = None) -> Program | None:
@@ -283,13 +281,13 @@ class FeatureExtractor(nn.Module):
             finally:
                 state.restore()
             kept = real and program.reference is None  # the trial run is the call itself
-            result = program.run(self, args, kwargs, None) if kept else None
+            result = program.run(self, args, kwargs) if kept else None
             if kept:
                 actual = result[0]
             else:
                 with torch.no_grad():
                     actual = (program.reference(self, args, kwargs) if program.reference is not None
-                              else program.run(self, args, kwargs, None)[0])
+                              else program.run(self, args, kwargs)[0])
             ok, verdict = compare(expected, actual)
             if not (kept and ok):
                 state.restore()
@@ -326,7 +324,6 @@ class FeatureExtractor(nn.Module):
             raise TraceError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
         rebuilt.report = dataclasses.replace(rebuilt.report, reasons=dict(failures))
         self._fx_programs[training] = rebuilt
-        self._fx_probe_makers.pop(training, None)
         return rebuilt
 
     # -- nn.Module ------------------------------------------------------------------------
@@ -338,27 +335,35 @@ class FeatureExtractor(nn.Module):
             self._install(mode, strict=not self._fx_programs)
         return self
 
-    def _forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        """Run the model; return ``(output, features)`` (``output`` is ``None`` if not kept)."""
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Run the model; return ``(output, features)`` (``output`` is ``None`` if not kept).
+
+        A subclass may override it and call ``super().forward(*args, **kwargs)``, as with any
+        ``nn.Module``.
+
+        Example:
+            >>> import torch, torchvision, fxstore
+            >>> class Features(fxstore.FeatureExtractor):
+            ...     def forward(self, x):
+            ...         return super().forward(x)[1]   # only the features
+            >>> model = torchvision.models.resnet18()
+            >>> list(Features(model, ["layer1"], keep_output=False)(torch.rand(1, 3, 32, 32)))
+            ['layer1']
+        """
         program = self._fx_programs.get(self.training)
         compiling = torch.compiler.is_compiling()
         if program is None or (not compiling and program.report.verified == "not yet"):
             program, result = self._first_call(program, args, kwargs)
             if result is not None:
                 return result
-        if not compiling:
-            compiled = self.__dict__.get("_fx_compiled")
-            if compiled is not None:
-                probes = self._probe_maker(program).make(args, kwargs) if program.grad_keys else None
-                return compiled(args, kwargs, probes)
-            return program.run(self, args, kwargs, None)
-        probes = _probes_outside_compile(self, program, args, kwargs) if program.grad_keys else None
-        return program.run(self, args, kwargs, probes)
+        compiled = None if compiling else self.__dict__.get("_fx_compiled")
+        if compiled is not None:
+            return compiled(args, kwargs)
+        return program.run(self, args, kwargs)
 
-    def _run_program(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     probes: list[torch.Tensor] | None) -> tuple[Any, dict[str, torch.Tensor]]:
-        """What :meth:`compile` compiles: the current mode's program, probes passed in."""
-        return self._fx_programs[self.training].run(self, args, kwargs, probes)
+    def _run_program(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """What :meth:`compile` compiles: the current mode's program."""
+        return self._fx_programs[self.training].run(self, args, kwargs)
 
     def _first_call(self, program: Program | None, args: tuple[Any, ...], kwargs: dict[str, Any]
                     ) -> tuple[Program, Any]:
@@ -376,21 +381,26 @@ class FeatureExtractor(nn.Module):
                 raise ConfigError("fxstore could not pick a frontend.\nHint: pass frontend='partial'.")
         return self._checked(program, inputs, self.training, real=self.__dict__.get("_fx_compiled") is None)
 
-    def compile(self, **torch_compile_kwargs: Any) -> None:  # type: ignore[override]
+    def compile(self, **torch_compile_kwargs: Any) -> FeatureExtractor:  # type: ignore[override]
         """Compile the captured program with ``torch.compile`` (``fullgraph=True`` by default).
 
-        Unlike ``torch.compile(ex)``, this keeps the creation of gradient probes outside the
-        compiled region, so an extractor with ``grads=`` compiles as one graph that serves
-        every input shape (``dynamic=True`` included). Calls stay ``ex(x)``.
+        Calls stay ``ex(x)``; the first call still runs the self-check eagerly. Equivalent to
+        ``torch.compile(ex, fullgraph=True)`` for fx and export programs (gradient taps included),
+        and the way to compile a partially traced model's traced parts without a ``fullgraph``
+        error (the default ``fullgraph`` is ``False`` there).
 
         Args:
             **torch_compile_kwargs: Passed to ``torch.compile`` (``backend``, ``mode``,
                 ``dynamic``, ``fullgraph``, ``options``).
 
+        Returns:
+            The extractor itself, so ``c = ex.compile(); c(x)`` works.
+
         Example:
             >>> import torch, torchvision, fxstore
             >>> ex = fxstore.FeatureExtractor(torchvision.models.resnet18().eval(), grads=["layer4"])
-            >>> ex.compile(backend="eager")
+            >>> ex.compile(backend="eager") is ex
+            True
             >>> for batch in (1, 2, 3):
             ...     out, feats = ex(torch.rand(batch, 3, 32, 32))
             ...     out.sum().backward()
@@ -400,25 +410,12 @@ class FeatureExtractor(nn.Module):
         programs = list(self._fx_programs.values())
         torch_compile_kwargs.setdefault("fullgraph", all(p.fullgraph for p in programs) if programs else True)
         self.__dict__["_fx_compiled"] = torch.compile(self.__dict__["_fx_run_compiled"], **torch_compile_kwargs)
-
-    def _probe_maker(self, program: Program) -> ProbeMaker:
-        training = self.training
-        maker = self._fx_probe_makers.get(training)
-        if maker is None:
-            keys = program.grad_keys
-
-            def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
-                features = program.run(self, args, kwargs, None)[1]
-                return [features[k] for k in keys]
-
-            maker = self._fx_probe_makers[training] = ProbeMaker(run, lambda: Snapshot(self._fx_model, ()))
-        return maker
+        return self
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         for name in ("forward", "_fx_run_compiled", "_fx_compiled"):
             state.pop(name, None)
-        state["_fx_probe_makers"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -559,17 +556,62 @@ class FeatureExtractor(nn.Module):
             (1, 512, 2, 2)
         """
         grads: dict[str, torch.Tensor] = {}
-        for key, probe in features.items():
+        for key, ticket in features.items():
             if not key.endswith(GRAD_SUFFIX):
                 continue
             name = key[: -len(GRAD_SUFFIX)]
-            if probe.grad is None:
+            grad = _taps.gradient_of(ticket)
+            if grad is None:
                 raise GradientNotReadyError(
                     f"no gradient for '{name}' yet.\n"
                     "Hint: call backward() on a loss computed from this call's output or features first."
                 )
-            grads[name] = probe.grad
+            grads[name] = grad
         return grads
+
+    def attributions(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Activation × gradient of every tapped layer, read after ``backward()``.
+
+        The first-order attribution of Captum's ``LayerGradientXActivation`` and of
+        attribution patching: ``value * d(loss)/d(value)``, elementwise, without autograd
+        history. The activation is the stored feature of the same layer, so select the
+        tapped layers in ``layers=`` too (as in the example).
+
+        Args:
+            features: The features dict returned by the call.
+
+        Returns:
+            ``{key: activation * gradient}`` for each tapped layer.
+
+        Raises:
+            GradientNotReadyError: if backward has not reached a tapped layer yet.
+            ConfigError: a tapped layer is not stored, or stored through a ``transform``.
+
+        Example:
+            >>> import torch, torchvision, fxstore
+            >>> m = torchvision.models.resnet18()
+            >>> ex = fxstore.FeatureExtractor(m, ["layer3"], grads=["layer3"])
+            >>> out, feats = ex(torch.rand(1, 3, 64, 64))
+            >>> out[:, 0].sum().backward()
+            >>> attr = ex.attributions(feats)["layer3"]
+            >>> torch.equal(attr, feats["layer3"].detach() * ex.gradients(feats)["layer3"])
+            True
+        """
+        if self._fx_request.policy.transform is not None:
+            raise ConfigError(
+                "attributions need the layers' own values, and this extractor stores them through transform=.\n"
+                "Hint: build the extractor without transform= (or use gradients() and your own activations)."
+            )
+        result: dict[str, torch.Tensor] = {}
+        for name, grad in self.gradients(features).items():
+            if name not in features:
+                raise ConfigError(
+                    f"attributions need the activation of the tapped layer '{name}', which is not stored.\n"
+                    "Hint: select it in layers= as well as in grads=."
+                )
+            with torch.no_grad():
+                result[name] = features[name].detach().to(grad.device, grad.dtype) * grad
+        return result
 
     def export(self, path: Any, example_inputs: Any, format: str = "exported", *, dynamic: bool = True,
                verify: bool = True) -> Any:

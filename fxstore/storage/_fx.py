@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import gradient_of
 from ..capture._policy import parse_device, parse_dtype
 from ..capture._selection import canonical_specs, spec_label
 from ..capture.extractor import FeatureExtractor
@@ -303,13 +304,13 @@ class BackwardModuleStorage(_FxStorage):
         output, features = extractor(*x) if isinstance(x, tuple) else extractor(x)
         return output, self._collect(extractor, features, grads=True)
 
-    def _read(self, probe: Any) -> torch.Tensor:
-        if probe.grad is None:
+    def _read(self, ticket: Any) -> torch.Tensor:
+        grad = gradient_of(ticket)
+        if grad is None:
             raise GradientNotReadyError(
                 "a stored call has no gradient yet.\n"
                 "Hint: call loss.backward() on a loss computed from the storage's output first."
             )
-        grad = probe.grad
         if self._target["dtype"] is not None or self._target["device"] is not None:
             grad = grad.to(device=self._target["device"], dtype=self._target["dtype"])
         return grad
