@@ -88,10 +88,12 @@ def build(request: Request, training: bool, strict: bool, inputs: Inputs | None,
                 raise
             failures["export"] = first_line(e)
     if frontend not in ("auto", "partial") or "partial" in failures:
+        tried = "".join(f"\n  {name}: {why}" for name, why in failures.items())
+        hint = ("try frontend='auto' (it falls back to the other frontends), or capture" if frontend != "auto"
+                else "if a reason above names your inputs or call, change them; otherwise capture")
         raise TraceError(
-            f"fxstore could not capture {type(request.model).__name__} with frontend={frontend!r}: "
-            f"{failures.get(frontend, 'it failed before')}\n"
-            "Hint: try frontend='auto', or capture this model with the hook backend (fxstore.HookForwardModuleStorage)."
+            f"fxstore could not capture {type(request.model).__name__} with frontend={frontend!r}:{tried}\n"
+            f"Hint: {hint} this model with the hook backend (fxstore.HookForwardModuleStorage)."
         )
     try:
         return build_partial(request, training, strict, failures)

@@ -36,6 +36,8 @@ class TraceReport:
         modules: Module paths whose output can be selected, in graph order.
         verified: The self-check's verdict: ``"exact"``, ``"close (max |Δ| ...)"``, ``"not yet"``
             (before the first call) or ``"skipped: <why>"``.
+        notes: What fxstore did so the model could be captured as called (e.g. ``use_cache=False``
+            for a Hugging Face model that would return a cache object).
     """
 
     frontend: str
@@ -44,10 +46,12 @@ class TraceReport:
     python_modules: dict[str, str]
     modules: tuple[str, ...] = ()
     verified: str = "not yet"
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"frontend: {self.frontend} ({len(self.names)} nodes), self-check: {self.verified}"]
         lines += [f"  {name} failed: {why}" for name, why in self.reasons.items()]
+        lines += [f"  note: {note}" for note in self.notes]
         if self.python_modules:
             lines.append(f"  kept as Python ({len(self.python_modules)} modules):")
             lines += [f"    {path or '<model>'}: {why}" for path, why in self.python_modules.items()]

@@ -157,12 +157,17 @@ def trace(model: nn.Module, options: TraceOptions, training: bool | None = None,
         _forget_cached_proxies(model)
         where = tracer.failed_module or "<model>"
         kind = type(model.get_submodule(where)).__name__ if where != "<model>" and _has(model, where) else type(model).__name__
+        if where == "<model>":  # the root itself: making it a leaf would leave nothing to select
+            hint = ("the model's own forward cannot be traced symbolically: use frontend='auto' or 'export' "
+                    "(with example_inputs=...), wrap the failing function with autowrap_functions=[...], or "
+                    "capture this model with the hook backend (fxstore.HookForwardModuleStorage).")
+        else:
+            hint = (f"keep it opaque with leaf_modules=[{kind}], wrap the failing function with "
+                    "autowrap_functions=[...], fix arguments with concrete_args={...}, or capture this "
+                    "model with the hook backend (fxstore.HookForwardModuleStorage).")
         raise TraceError(
             f"torch.fx could not trace module '{where}' ({kind}) of {type(model).__name__}: "
-            f"{type(e).__name__}: {e}\n"
-            f"Hint: keep it opaque with leaf_modules=[{kind}], wrap the failing function with "
-            "autowrap_functions=[...], fix arguments with concrete_args={...}, or capture this "
-            "model with the hook backend (fxstore.HookForwardModuleStorage)."
+            f"{type(e).__name__}: {e}\nHint: {hint}"
         ) from e
     _forget_cached_proxies(model)
     module_names = {id(m): name for name, m in model.named_modules()}

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
 from . import _frontends, _taps
+from ._calls import call_defaults, with_defaults
 from ._frontends import FRONTENDS, Request
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
@@ -186,7 +187,9 @@ class FeatureExtractor(nn.Module):
                                                       concrete_args),
                                    frontend, self._register_constant)
         self._fx_programs: dict[bool, Program] = {}
-        self._fx_example = _example(example_inputs)
+        self._fx_call_defaults, self._fx_notes = call_defaults(model)
+        example = _example(example_inputs)
+        self._fx_example = None if example is None else (example[0], with_defaults(self._fx_call_defaults, example[1]))
         self._fx_verify = bool(verify)
         self._fx_failures: dict[bool, dict[str, str]] = {}  # mode -> frontend -> why it failed
         self._bind_forward()
@@ -350,6 +353,7 @@ class FeatureExtractor(nn.Module):
             >>> list(Features(model, ["layer1"], keep_output=False)(torch.rand(1, 3, 32, 32)))
             ['layer1']
         """
+        kwargs = with_defaults(self._fx_call_defaults, kwargs)
         program = self._fx_programs.get(self.training)
         compiling = torch.compiler.is_compiling()
         if program is None or (not compiling and program.report.verified == "not yet"):
@@ -444,7 +448,9 @@ class FeatureExtractor(nn.Module):
             'fx'
         """
         program = self._fx_programs.get(self.training)
-        return program.report if program is not None else None
+        if program is None:
+            return None
+        return dataclasses.replace(program.report, notes=self._fx_notes) if self._fx_notes else program.report
 
     @property
     def graph(self) -> fx.Graph | None:

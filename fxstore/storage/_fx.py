@@ -58,8 +58,14 @@ class StorageBase:
 
     # -- calling ---------------------------------------------------------------------------
 
-    def __call__(self, inputs: Any, group: str | None = None) -> Any:
+    def __call__(self, inputs: Any, group: str | None = None, **kwargs: Any) -> Any:
         """Run one input, or a list of inputs in order, through ``group``'s layers.
+
+        Args:
+            inputs: One input (a tuple is several positional arguments), or a list of inputs.
+            group: The named group to run (``None``: the unnamed group).
+            **kwargs: Keyword arguments for the model, passed to every call
+                (``storage(input_ids, attention_mask=mask)``).
 
         Returns:
             The model output for each input (a list for a list of inputs); ``None`` where a
@@ -76,7 +82,7 @@ class StorageBase:
         outputs = []
         calls: dict[str, list[Any]] = {}
         for x in batch:
-            output, stored = self._run(group, x)
+            output, stored = self._run(group, x, kwargs)
             outputs.append(output)
             for label, values in stored.items():
                 calls.setdefault(label, []).extend(values)
@@ -89,7 +95,7 @@ class StorageBase:
             state.update(calls)
         return outputs if many else outputs[0]
 
-    def _run(self, group: str | None, x: Any) -> tuple[Any, dict[str, list[Any]]]:
+    def _run(self, group: str | None, x: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, list[Any]]]:
         raise NotImplementedError
 
     # -- reading ------------------------------------------------------------------------
@@ -247,9 +253,9 @@ class ForwardModuleStorage(_FxStorage):
     def _layer_args(self, layers: Any) -> dict[str, Any]:
         return {"layers": layers}
 
-    def _run(self, group: str | None, x: Any) -> tuple[Any, dict[str, list[Any]]]:
+    def _run(self, group: str | None, x: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, list[Any]]]:
         extractor = self._extractors[group]
-        output, features = extractor(*x) if isinstance(x, tuple) else extractor(x)
+        output, features = extractor(*x, **kwargs) if isinstance(x, tuple) else extractor(x, **kwargs)
         if self._non_blocking and any(t.is_cuda for t in _tensors(x)):
             event = torch.cuda.Event()
             event.record()
@@ -299,9 +305,9 @@ class BackwardModuleStorage(_FxStorage):
     def _layer_args(self, layers: Any) -> dict[str, Any]:
         return {"layers": None, "grads": layers}
 
-    def _run(self, group: str | None, x: Any) -> tuple[Any, dict[str, list[Any]]]:
+    def _run(self, group: str | None, x: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, list[Any]]]:
         extractor = self._extractors[group]
-        output, features = extractor(*x) if isinstance(x, tuple) else extractor(x)
+        output, features = extractor(*x, **kwargs) if isinstance(x, tuple) else extractor(x, **kwargs)
         return output, self._collect(extractor, features, grads=True)
 
     def _read(self, ticket: Any) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The hook-based reference backend: the same storage API, done the classic way.
 
-Forward hooks store each module output; full backward hooks store each gradient of a
-module's output. This is what fxstore replaces; it stays as an independent reference
-for the tests and as the baseline for the benchmarks. Its known failure modes (see the
-README): a later in-place op (``ReLU(inplace=True)``) overwrites a stored output unless
-it is copied; under ``torch.compile`` hooks registered after compilation, or removed,
+Forward hooks store a copy of each module output (so a later in-place op such as
+``ReLU(inplace=True)`` cannot overwrite it, as it does in the classic recipe that stores the
+output itself); full backward hooks store each gradient of a module's output. This is what
+fxstore replaces; it stays as an independent reference for the tests and as the baseline for
+the benchmarks. Its known failure modes (see the README): the copy costs one full write per
+stored output even where nothing overwrites it; under ``torch.compile`` hooks registered after compilation, or removed,
 are not seen by the compiled graph; functional ops (``x + y``, ``torch.flatten``) have no
 module to hook; a full backward hook on a module whose output is modified in place
 raises; and the whole model always runs.
@@ -44,10 +45,10 @@ class _HookStorage(StorageBase):
     def _register(self, module: nn.Module, group: str | None, label: str) -> RemovableHandle:
         raise NotImplementedError
 
-    def _run(self, group: str | None, x: Any) -> tuple[Any, dict[str, list[Any]]]:
+    def _run(self, group: str | None, x: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, list[Any]]]:
         self._active, self._calls = group, {}
         try:
-            output = self._model(*x) if isinstance(x, tuple) else self._model(x)
+            output = self._model(*x, **kwargs) if isinstance(x, tuple) else self._model(x, **kwargs)
         finally:
             self._active = False
         return output, self._calls
@@ -91,8 +92,10 @@ class HookForwardModuleStorage(_HookStorage):
 
         return module.register_forward_hook(hook)
 
-    def _store(self, output: torch.Tensor) -> torch.Tensor:
-        return self._policy.apply(output)
+    def _store(self, output: Any) -> Any:
+        """The output as it is now: copied (``overwritten_later=True``), so a later in-place op
+        (vgg's ``ReLU(inplace=True)``) cannot change what was stored."""
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: self._policy.apply(t, True), output)
 
 
 class HookBackwardModuleStorage(_HookStorage):

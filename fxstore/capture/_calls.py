@@ -1,0 +1,45 @@
+"""Keyword defaults for calling a model, so that a plain ``model(ids)`` call can be captured.
+
+Hugging Face language models return a cache object (``DynamicCache`` and friends) beside the
+logits unless called with ``use_cache=False``; the cache is not a tensor, so no frontend can
+make it a graph output (``torch.export`` refuses it: "Found DynamicCache in output"). When the
+user did not ask for the cache, fxstore calls the model with ``use_cache=False``, and says so
+in the trace report. Passing ``use_cache=True`` explicitly still reaches the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+__all__ = ["call_defaults", "with_defaults"]
+
+
+def call_defaults(model: nn.Module) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``(defaults, notes)``: keyword arguments fxstore adds to calls the user made without them.
+
+    Example:
+        >>> import transformers
+        >>> config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
+        >>> call_defaults(transformers.GPT2Model(config))[0]
+        {'use_cache': False}
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        return {}, ()
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}, ()
+    if "use_cache" not in parameters:
+        return {}, ()
+    note = (f"called with use_cache=False: {type(model).__name__}'s config.use_cache=True would return a cache "
+            "object, which is not a tensor (pass use_cache=True in the call to ask for it)")
+    return {"use_cache": False}, (note,)
+
+
+def with_defaults(defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every default the user did not pass."""
+    return {**defaults, **kwargs} if defaults else kwargs
