@@ -94,3 +94,35 @@ def test_an_explicit_fx_frontend_on_an_untraceable_root_suggests_export_not_the_
     with pytest.raises(fxstore.TraceError, match=r"(?s)module '<model>'.*Hint: .*use frontend='auto' or 'export'") as e:
         fxstore.FeatureExtractor(model, [block], frontend="fx")
     assert "leaf_modules=[GPT2LMHeadModel]" not in str(e.value)
+
+
+def test_export_from_keyword_inputs_is_dynamic_and_onnx_keeps_the_mask_with_named_axes(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, block = _gpt2()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    ex = fxstore.FeatureExtractor(model, [block], keep_output=False)
+    report = ex.export(tmp_path / "k.pt2", ((), {"input_ids": ids, "attention_mask": mask}))
+    assert report.metadata["dynamic"]["batch"][0] == 1 and "sequence" in report.metadata["dynamic"]
+    program = torch.export.load(str(tmp_path / "k.pt2")).module()
+    ids5, mask5 = torch.randint(0, 50, (5, 4)), torch.ones(5, 4, dtype=torch.long)
+    _, hidden = _hidden(model, ids5, mask5)
+    assert torch.allclose(_first(program(ids5, mask5)[block]), hidden, atol=1e-5)
+    ex.export(tmp_path / "k.onnx", ((), {"input_ids": ids, "attention_mask": mask}), format="onnx")
+    graph = onnx.load(str(tmp_path / "k.onnx")).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "sequence", 32]
+
+
+def test_cli_nodes_and_export_of_a_plain_gpt2_folder(tmp_path, capsys):
+    from fxstore.cli import main
+
+    model, block = _gpt2()
+    model.save_pretrained(tmp_path / "gpt2")
+    assert main(["nodes", f"hf:{tmp_path / 'gpt2'}", "--filter", "transformer.h.0*"]) == 0
+    assert "transformer.h.0" in capsys.readouterr().out
+    assert main(["export", f"hf:{tmp_path / 'gpt2'}", "--layers", block, "--format", "exported",
+                 "--out", str(tmp_path / "g.pt2")]) == 0
+    assert "max abs difference 0" in capsys.readouterr().out

@@ -236,3 +236,11 @@ def test_gradients_before_backward_raise_not_ready(resnet):
     _, feats = ex(torch.rand(1, 3, 32, 32))
     with pytest.raises(fxstore.GradientNotReadyError, match=r"(?s)'layer4'.*Hint: call backward"):
         ex.attributions(feats)
+
+
+@pytest.mark.parametrize("root", ["", "model"], ids=["empty-name", "model-object"])
+def test_selecting_the_root_module_is_refused_with_the_true_reason(resnet, root):
+    spec = resnet if root == "model" else root
+    with pytest.raises(fxstore.LayerNotFoundError, match=r"(?s)the model itself .* is not one of its layers.*Hint: "
+                                                          r"read it from `output, features = ex\(x\)`"):
+        fxstore.FeatureExtractor(resnet, [spec])

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -81,6 +82,20 @@ class _Deployable(nn.Module):
         return features if output is None else (output, features)
 
 
+class _Positional(nn.Module):
+    """Takes keyword inputs positionally, in the order of the example: ``(ids, mask)`` for
+    ``input_ids=ids, attention_mask=mask``. torch 2.14's exported module cannot check the
+    guards of dynamic keyword-only inputs (``NameError: name 'L' is not defined`` on every
+    call), so an artifact exported from keywords takes its inputs in the metadata's order."""
+
+    def __init__(self, inner: nn.Module, positional: int, names: list[str]) -> None:
+        super().__init__()
+        self.inner, self.positional, self.names = inner, positional, names
+
+    def forward(self, *args: Any) -> Any:  # named ``args``: the dynamic-shapes spec is keyed by it
+        return self.inner(*args[:self.positional], **dict(zip(self.names, args[self.positional:])))
+
+
 def export_extractor(
     extractor: nn.Module,
     path: str | os.PathLike[str],
@@ -128,9 +143,12 @@ def export_extractor(
             f"gradient taps {tapped} cannot be exported: an exported artifact runs inference only.\n"
             "Hint: build the extractor for export without grads=."
         )
-    module = _Deployable(extractor).eval()
+    module: nn.Module = _Deployable(extractor).eval()
+    named = (args, kwargs)
+    if kwargs:  # keyword inputs become positional ones, in the order given (see _Positional)
+        module, args, kwargs = _Positional(module, len(args), list(kwargs)).eval(), (*args, *kwargs.values()), {}
     program, dims = _export_program(module, args, kwargs, extractor, dynamic)
-    metadata = _metadata(extractor, program, dims, expected, format, model_name, args, kwargs)
+    metadata = _metadata(extractor, program, dims, expected, format, model_name, *named)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "exported":
@@ -210,7 +228,9 @@ def _shapes_spec(args: tuple[Any, ...], kwargs: dict[str, Any], plan: dict[str, 
             return None
         return {axis: dims[name] for axis, name in _axes(leaf, batch).items() if name in dims} or None
 
-    shapes: dict[str, Any] = {"args": tuple(_pytree.tree_map(spec, a) for a in args)}
+    shapes: dict[str, Any] = {}
+    if args:  # torch.export wants exactly the names of the inputs given: no "args" for a keyword-only call
+        shapes["args"] = tuple(_pytree.tree_map(spec, a) for a in args)
     if kwargs:
         shapes["kwargs"] = {k: _pytree.tree_map(spec, v) for k, v in kwargs.items()}
     return shapes
@@ -415,6 +435,32 @@ def _write_onnx(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                          "Hint: use format='exported' or 'aoti', which run every ATen operator.") from e
     onnx_program.model.metadata_props[_META_KEY] = json.dumps(metadata)
     onnx_program.save(str(path))
+    _name_onnx_axes(path, metadata)
+
+
+def _name_onnx_axes(path: Path, metadata: dict[str, Any]) -> None:
+    """Rename the exporter's symbols (``s33``) to the axis names of the metadata (``batch``).
+
+    The symbols of each input axis are read off the ONNX inputs beside the metadata's input
+    shapes; every dimension of the graph that uses a symbol is rewritten (``s33 - 2`` becomes
+    ``height - 2``).
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)  # large weights stay where the exporter put them
+    names: dict[str, str] = {}
+    for value, described in zip(model.graph.input, metadata["inputs"]):
+        for dim, axis in zip(value.type.tensor_type.shape.dim, described["shape"]):
+            if dim.dim_param and isinstance(axis, str) and re.fullmatch(r"[A-Za-z_]\w*", axis):
+                names.setdefault(dim.dim_param, axis)
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")\b")
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
+    onnx.save(model, str(path))
 
 
 def _flat(value: Any) -> list[torch.Tensor]:

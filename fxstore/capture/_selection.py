@@ -201,6 +201,12 @@ def _not_found(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> L
     model = type(traced.root).__name__
     if isinstance(spec, (ModuleRef, str)) and traced.root is not None:
         name = spec.name if isinstance(spec, ModuleRef) else spec
+        if name == "":
+            return LayerNotFoundError(
+                f"the model itself ('' or the {model} object) is not one of its layers: its output is the "
+                "extractor's own output.\nHint: read it from `output, features = ex(x)` (keep_output=True, the "
+                f"default), or select the layer that computes it; {_LIST_HINT}."
+            )
         if name in dict(traced.root.named_modules()):
             return LayerNotFoundError(
                 f"module '{name}' is part of {model} but is not called in {mode} mode.\n"

@@ -126,7 +126,13 @@ def _nodes(args: argparse.Namespace) -> int:
     shape = None
     if args.shapes:
         shape = (1, *(args.input_shape or (3, args.image_size, args.image_size)))
-    rows = node_rows(model, args.filter, shape)
+    example = None
+    if args.model.startswith("hf:"):  # fx cannot trace most transformers: capture them from token ids
+        import torch
+
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 2) or 2)
+        example = (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)),)
+    rows = node_rows(model, args.filter, None if example is not None else shape, example)
     if not rows:
         raise FxStoreError(f"no node of '{args.model}' matches '{args.filter}'.\nHint: try --filter '*relu*'.")
     print(format_table(rows if args.shapes else [r[:2] for r in rows],

@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -43,7 +44,8 @@ def _shape_of(meta: object) -> str:
 
 
 def node_rows(model: nn.Module, pattern: str | None = None,
-              input_shape: Sequence[int] | None = None) -> list[tuple[str, str, str]]:
+              input_shape: Sequence[int] | None = None,
+              example_inputs: tuple[Any, ...] | None = None) -> list[tuple[str, str, str]]:
     """``(name, kind, output shape)`` for every node of ``model`` (eval mode) matching ``pattern``.
 
     Args:
@@ -51,6 +53,9 @@ def node_rows(model: nn.Module, pattern: str | None = None,
         pattern: A glob over node names (``"layer4.*"``); default: all nodes.
         input_shape: Shape of one dummy input *with* batch axis, for shape propagation;
             ``None`` leaves the shape column as ``-``.
+        example_inputs: Inputs for the frontend fxstore falls back to when torch.fx cannot
+            trace the model (Hugging Face models: token ids); the rows then list the module
+            paths and nodes of that capture, with their shapes for these inputs.
 
     Raises:
         ConfigError: the dummy input does not fit the model.
@@ -62,7 +67,12 @@ def node_rows(model: nn.Module, pattern: str | None = None,
         >>> node_rows(torchvision.models.resnet18(), "layer4.1.relu*", (1, 3, 64, 64))
         [('layer4.1.relu', 'ReLU', '1x512x2x2'), ('layer4.1.relu_1', 'ReLU', '1x512x2x2')]
     """
-    traced = trace(model, TraceOptions.build(), False)
+    try:
+        traced = trace(model, TraceOptions.build(), False)
+    except TraceError:
+        if example_inputs is None:
+            raise
+        return _captured_rows(model, pattern, example_inputs)
     if input_shape is not None:
         module = fx.GraphModule(traced.root, traced.graph)
         try:
@@ -86,6 +96,17 @@ def node_rows(model: nn.Module, pattern: str | None = None,
         if pattern is None or fnmatch.fnmatchcase(name, pattern):
             rows.append((name, _kind(node, traced.root), _shape(node) if input_shape is not None else "-"))
     return rows
+
+
+def _captured_rows(model: nn.Module, pattern: str | None, example_inputs: tuple[Any, ...]) -> list[tuple[str, str, str]]:
+    """Rows from the frontend ``FeatureExtractor`` picks (module outputs first, then every node)."""
+    from ..capture import FeatureExtractor
+
+    ex = FeatureExtractor(model, None, example_inputs=example_inputs)
+    report = ex.trace_report
+    rows = [(path, f"module ({report.frontend})", "-") for path in report.modules]
+    rows += [(name, f"node ({report.frontend})", "-") for name in report.names]
+    return [r for r in rows if pattern is None or fnmatch.fnmatchcase(r[0], pattern)]
 
 
 def format_table(rows: Sequence[tuple[str, ...]], header: tuple[str, ...] = ("node", "kind", "shape")) -> str:
