@@ -193,16 +193,23 @@ def test_a_dropped_features_dict_releases_its_gradients(resnet):
     assert len(_taps._slots) == before
 
 
-def test_backward_storage_under_fullgraph_compile_of_its_model_calls(resnet):
-    names = [resnet.layer2, resnet.layer3]
-    storage = fxstore.BackwardModuleStorage(resnet, names)
-    step = torch.compile(lambda x: storage(x), fullgraph=False, backend="aot_eager")
-    x = torch.rand(2, 3, 32, 32)
-    out = step(x)
-    out.logsumexp(1).sum().backward()
-    _, ref = _grads_reference(resnet, x, ["layer2", "layer3"])
-    assert torch.allclose(storage[resnet.layer2][0], ref[0], rtol=1e-5, atol=1e-7)
-    assert torch.allclose(storage[resnet.layer3][0], ref[1], rtol=1e-5, atol=1e-7)
+@pytest.mark.parametrize("how", ["torch.compile(step)", "extractor.compile()"])
+def test_backward_storage_with_compiled_gradient_taps_equals_autograd(resnet, how):
+    storage = fxstore.BackwardModuleStorage(resnet, [resnet.layer2, resnet.layer3])
+    if how == "extractor.compile()":
+        for extractor in storage.extractors.values():
+            extractor.compile(backend="aot_eager")  # fullgraph=True by default
+        step = storage
+    else:
+        step = torch.compile(lambda x: storage(x), fullgraph=True, backend="aot_eager")
+    for batch in (2, 3):
+        x = torch.rand(batch, 3, 32, 32)
+        out = step(x)
+        out.logsumexp(1).sum().backward()
+        _, ref = _grads_reference(resnet, x, ["layer2", "layer3"])
+        assert torch.allclose(storage[resnet.layer2][-1], ref[0], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(storage[resnet.layer3][-1], ref[1], rtol=1e-5, atol=1e-7)
+    assert len(storage[resnet.layer2]) == 2
 
 
 # -- attributions ---------------------------------------------------------------------------------
