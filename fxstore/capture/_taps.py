@@ -112,7 +112,7 @@ def gradient_of(ticket: object) -> torch.Tensor | None:
     Example:
         >>> import torch, torchvision
         >>> from fxstore.capture import FeatureExtractor, gradient_of
-        >>> ex = FeatureExtractor(torchvision.models.resnet18(), grads=["layer4"])
+        >>> ex = FeatureExtractor(torchvision.models.resnet18().eval(), grads=["layer4"])
         >>> out, feats = ex(torch.rand(1, 3, 32, 32))
         >>> gradient_of(feats["layer4:grad"]) is None
         True
