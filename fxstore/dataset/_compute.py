@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._outdir import os_errors
 from ._sinks import ArraySpec, Sink
 from ._writer import BackgroundWriter
 
-__all__ = ["TARGET", "probe", "compute"]
+__all__ = ["TARGET", "probe", "compute", "inputs_digest"]
 
 TARGET = "target"
 """Key of the stored targets."""
@@ -100,18 +101,23 @@ def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[in
     size_of = functools.partial(_size_of, o.input_key)
     batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
                            pin_memory=device.type == "cuda", size_of=size_of)
+    stored_target = any(s.key == TARGET for s in sink.specs)
+    hashers: dict[int, Any] = {}
     sink.open()
     try:
         overlap = device.type == "cuda" if o.overlap is None else o.overlap
         with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
             for batch in batches:
+                hasher = hashers.setdefault(batch.shard, hashlib.sha256())
+                _hash_inputs(hasher, batch.data, o, stored_target)  # before the model runs (it may write into them)
+                inputs = f"sha256:{hashers.pop(batch.shard).hexdigest()}" if batch.last else None
                 arrays, n = _arrays(extractors, batch, sink.specs, device, o)
                 event = None
                 if device.type == "cuda":
                     event = torch.cuda.Event()
                     event.record()
                 shard_start, count = plan.shards[batch.shard]
-                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count))
+                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count, inputs))
                 bar.update(n)
     finally:
         with os_errors(sink.out):
@@ -142,10 +148,45 @@ def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArrayS
 
 
 def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
-           count: int) -> None:
+           count: int, inputs: str | None = None) -> None:
     if event is not None:
         event.synchronize()  # the non-blocking device->host copies of this batch are done
     with os_errors(sink.out):
         sink.write(batch.shard, batch.start, arrays)
         if batch.last:
-            sink.finish(batch.shard, shard_start, count)
+            sink.finish(batch.shard, shard_start, count, inputs)
+
+
+def inputs_digest(plan: Plan, shard: int, o: Any, stored_target: bool) -> str:
+    """The digest of one shard's input bytes (and targets, when stored), read again from the data."""
+    hasher = hashlib.sha256()
+    size_of = functools.partial(_size_of, o.input_key)
+    for batch in plan.batches(shard.__eq__, o.batch_size, 0, o.collate_fn, pin_memory=False, size_of=size_of):
+        _hash_inputs(hasher, batch.data, o, stored_target)
+    return f"sha256:{hasher.hexdigest()}"
+
+
+def _hash_inputs(hasher: Any, raw: Any, o: Any, stored_target: bool) -> None:
+    x, y = pick(raw, o.input_key, o.target_key)
+    _hash_value(hasher, x)
+    if stored_target:
+        _hash_value(hasher, y)
+
+
+def _hash_value(hasher: Any, value: Any) -> None:
+    """Feed the dtype, shape and bytes of every tensor in ``value`` (tensors, dicts, lists) to ``hasher``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"T{t.dtype}{tuple(value.shape)}|".encode())
+        if t.numel():
+            hasher.update(t.view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            hasher.update(f"K{key!s}|".encode())
+            _hash_value(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"L{len(value)}|".encode())
+        for item in value:
+            _hash_value(hasher, item)
+    else:
+        hasher.update(f"V{value!r}|".encode())

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ._checksum import ALGORITHM, digest_file
+from ._checksum import ALGORITHM, digest_file, identity_digest
 from ._outdir import OutputError
-from ._sinks import check_file, npy_layout
-from .manifest import read_manifest
+from ._sinks import check_file, header_record, npy_layout
+from .manifest import consistency, read_manifest
 
 __all__ = ["load_features", "verify_folder", "ShardedArray"]
 
@@ -112,15 +112,32 @@ def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = T
                         break
             if problem is not None:
                 problems.append(problem)
-        return problems
-    for shard in manifest["shards"]:
+        return problems + consistency(manifest)
+    digest = identity_digest(manifest["identity"])
+    for k, shard in enumerate(manifest["shards"]):
         name, path = shard["file"], root / shard["file"]
         problem = check_file(path, name, shard["bytes"], shard[ALGORITHM] if checksums else None)
         if problem is None:
             problem = _check_header(path, name, arrays, shard["count"])
+        if problem is None:
+            problem = _check_record(path, name, k, shard, digest)
         if problem is not None:
             problems.append(problem)
-    return problems
+    return problems + consistency(manifest)
+
+
+def _check_record(path: Path, name: str, k: int, shard: dict[str, Any], digest: str) -> str | None:
+    """Whether the shard's own header names its place: shard index, first row, count and run (no data read)."""
+    record = header_record(path)
+    if record is None:
+        return f"{name}: its header names no fxstore shard"
+    said = (record.get("shard"), record.get("start"), record.get("count"))
+    if said != (k, shard["start"], shard["count"]):
+        return f"{name}: its header says shard {said[0]} (rows from {said[1]}, {said[2]} of them), " \
+               f"the manifest shard {k} (rows from {shard['start']}, {shard['count']})"
+    if record.get("identity") not in (None, digest):  # None: written before shards named their run
+        return f"{name}: its header names another run"
+    return None
 
 
 def _arrays(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
