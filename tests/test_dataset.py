@@ -273,3 +273,20 @@ def test_different_weights_are_refused_and_overwrite_starts_over(tmp_path):
     with torch.no_grad():
         expected = other(torch.stack([Images(8)[i][0] for i in range(8)]))
     torch.testing.assert_close(tensor(load_features(tmp_path)["fc"][:]), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_in_a_dataloader_visits_every_row_once_across_workers(tmp_path, workers):
+    from fxstore.dataset.loader import BatchLoader
+
+    extract_dataset(toy_model(), ["fc"], Images(40), tmp_path, batch_size=4, shard_size=5, progress=False)
+    loader = BatchLoader(tmp_path, batch_size=4, seed=3)
+    assert isinstance(loader, torch.utils.data.IterableDataset)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(DataLoader(loader, batch_size=None, num_workers=workers))
+        targets = torch.cat([b["target"] for b in batches])
+        fc = torch.cat([b["fc"] for b in batches])
+        assert sorted(targets.tolist()) == sorted(i % 7 for i in range(40))
+        rows = {tuple(r.tolist()) for r in fc}
+        assert len(rows) == 40 and rows == {tuple(r.tolist()) for r in torch.as_tensor(load_features(tmp_path)["fc"][:])}

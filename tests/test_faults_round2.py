@@ -297,8 +297,10 @@ def test_swapped_shards_are_caught_on_every_load_without_hashing(tmp_path, refer
 def test_a_shard_of_another_run_is_caught_by_its_header(tmp_path, reference):
     out = finished(tmp_path / "a", "safetensors", reference)
     other = tmp_path / "b"
-    extract_dataset(toy_model(), LAYERS, Images(N), other, batch_size=4, shard_size=8, progress=False,
-                    data_name="other data")
+    model = toy_model()
+    with torch.no_grad():
+        model.fc.bias += 1  # other weights: another run, shards of the same size and shapes
+    extract_dataset(model, LAYERS, Images(N), other, batch_size=4, shard_size=8, progress=False, data_name="Images")
     shutil.copy(other / "shard-00001.safetensors", out / "shard-00001.safetensors")  # same size and shapes
     with pytest.raises(OutputError, match="shard-00001.safetensors: its header names another run"):
         load_features(out)
@@ -426,3 +428,16 @@ def test_inputs_are_recorded_per_shard_in_the_manifest(tmp_path):
     assert len({s["inputs"] for s in m["shards"]}) == len(m["shards"])
     torch.testing.assert_close(torch.as_tensor(load_features(tmp_path)["fc"][:2]),
                                toy_model()(torch.stack([Images(2)[i][0] for i in range(2)])).detach())
+
+
+def test_a_repair_of_many_shards_logs_one_short_line(tmp_path, caplog):
+    m = extract_dataset(toy_model(), ["fc"], Images(24), tmp_path, batch_size=2, shard_size=2, progress=False)
+    for s in m["shards"]:
+        path = tmp_path / s["file"]
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    extract_dataset(toy_model(), ["fc"], Images(24), tmp_path, batch_size=2, shard_size=2, progress=False)
+    line = next(r.getMessage() for r in caplog.records if "repairing" in r.getMessage())
+    assert line.count("checksum mismatch") == 8 and line.endswith("; ... and 4 more")
+    load_features(tmp_path, verify=True)

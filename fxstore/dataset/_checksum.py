@@ -51,12 +51,17 @@ def digest_file(path: str | os.PathLike[str], offset: int = 0, length: int | Non
     return f"{ALGORITHM}:{digest.hexdigest()}"
 
 
-def identity_digest(identity: object) -> str:
-    """The checksum of a run identity (canonical JSON): what each shard's header names as its run.
+def identity_digest(identity: dict[str, object]) -> str:
+    """The checksum of what fixes a run's rows (canonical JSON): what each shard's header names as its run.
+
+    It covers the whole run identity except the data's description (``data``) and how it was
+    batched (``batch_size``): the same data passed as a ``Dataset`` or as a ``DataLoader`` gives
+    the same bytes. The data itself is covered by each shard's ``inputs`` digest.
 
     Example:
         >>> from fxstore.dataset._checksum import identity_digest
-        >>> identity_digest({"a": 1, "b": [2]}) == identity_digest({"b": [2], "a": 1})
+        >>> identity_digest({"a": 1, "b": [2]}) == identity_digest({"b": [2], "a": 1, "data": "x"})
         True
     """
-    return digest_bytes(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode())
+    rows = {k: v for k, v in identity.items() if k not in ("data", "batch_size")}
+    return digest_bytes(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode())

@@ -374,7 +374,7 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
                     markers = dict(enumerate(folder.manifest["shards"]))
                     _check_inputs(out, plan, o, identity, markers, set(markers))
                     return {"complete": folder.manifest}
-                _log.warning("fxstore: repairing '%s': %s", out, "; ".join(problems))
+                _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
                 write_run_record(out, identity, sink.files)
                 sink.restore(folder.manifest["shards"])
             elif folder.record is None:
@@ -393,7 +393,7 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
             done, bad = sink.verified_shards()
             bad += _misplaced(sink, plan, done)
             if bad:
-                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, "; ".join(bad))
+                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, _listed(bad))
             _check_inputs(out, plan, o, identity, sink.markers(), done)
             if shards is not None:
                 check_free_space(out, sink.bytes_needed(done, shards))
@@ -401,6 +401,12 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
         return {"done": sorted(done)}
     except FxStoreError as e:
         return {"error": e}
+
+
+def _listed(problems: list[str], limit: int = 8) -> str:
+    """The first ``limit`` problems on one line, then how many more (a repair of thousands stays readable)."""
+    more = len(problems) - limit
+    return "; ".join(problems[:limit]) + (f"; ... and {more} more" if more > 0 else "")
 
 
 def _misplaced(sink: Sink, plan: Any, done: set[int]) -> list[str]:

@@ -249,7 +249,7 @@ class SafetensorsSink(Sink):
         parts = self._parts.pop(shard)
         tensors = {s.key: torch.cat([p[s.key] for p in parts]).contiguous() for s in self.specs}
         # one metadata entry: safetensors writes a metadata map in hash order, which differs between processes
-        record = {"shard": shard, "start": start, "count": count, "identity": self.identity}
+        record = {"shard": shard, "start": start, "count": count, "identity": self.identity, "inputs": inputs}
         data = safetensors_bytes(tensors, metadata={"fxstore": json.dumps(record)})
         atomic_write(self.out / self.shard_file(shard), data)
         self.write_marker(shard, start, count, digest_bytes(data), inputs, size=len(data))
