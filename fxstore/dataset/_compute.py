@@ -109,15 +109,20 @@ def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[in
         with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
             for batch in batches:
                 hasher = hashers.setdefault(batch.shard, hashlib.sha256())
-                _hash_inputs(hasher, batch.data, o, stored_target)  # before the model runs (it may write into them)
-                inputs = f"sha256:{hashers.pop(batch.shard).hexdigest()}" if batch.last else None
+                if batch.last:
+                    del hashers[batch.shard]
+                feed: Callable[[], None] | None = functools.partial(_hash_inputs, hasher, batch.data, o, stored_target)
+                if device.type == "cpu":  # the model may write into its CPU inputs: hash them before it runs
+                    feed()
+                    feed = None  # on a device the model gets a copy: the writer thread hashes, overlapping the forward
                 arrays, n = _arrays(extractors, batch, sink.specs, device, o)
                 event = None
                 if device.type == "cuda":
                     event = torch.cuda.Event()
                     event.record()
                 shard_start, count = plan.shards[batch.shard]
-                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count, inputs))
+                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count, feed,
+                                                hasher if batch.last else None))
                 bar.update(n)
     finally:
         with os_errors(sink.out):
@@ -148,13 +153,15 @@ def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArrayS
 
 
 def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
-           count: int, inputs: str | None = None) -> None:
+           count: int, feed: Callable[[], None] | None = None, hasher: Any = None) -> None:
+    if feed is not None:
+        feed()  # the batch's input bytes into its shard's digest (writer thread, while the device computes)
     if event is not None:
         event.synchronize()  # the non-blocking device->host copies of this batch are done
     with os_errors(sink.out):
         sink.write(batch.shard, batch.start, arrays)
         if batch.last:
-            sink.finish(batch.shard, shard_start, count, inputs)
+            sink.finish(batch.shard, shard_start, count, None if hasher is None else f"sha256:{hasher.hexdigest()}")
 
 
 def inputs_digest(plan: Plan, shard: int, o: Any, stored_target: bool) -> str:
