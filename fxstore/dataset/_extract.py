@@ -443,7 +443,7 @@ def _check_inputs(out: Path, plan: Any, o: _Options, identity: dict[str, Any], m
                 f"the data is not the data '{out}' was written from: the inputs of shard {k} "
                 f"(samples {start}-{start + count - 1}) differ from those recorded when it was written.\n"
                 "Hint: pass the same data to resume or reuse this folder, or write to a new folder "
-                "(or overwrite=True to start over)."
+                "(or overwrite=True (CLI: --overwrite) to start over)."
             )
 
 
