@@ -355,12 +355,36 @@ def test_messages_for_a_missing_folder_a_file_as_folder_and_a_very_long_name(tmp
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
+def gpt2_dir(tmp_path_factory):
     from text_helpers import save
 
+    return save("gpt2", tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir):
     from fxstore.cli.hf import load_hf
 
-    return load_hf(save("gpt2", tmp_path_factory.mktemp("gpt2")))
+    return load_hf(gpt2_dir)
+
+
+def test_cli_text_file_edited_keeping_its_token_count_is_refused(gpt2_dir, tmp_path, capsys):
+    from text_helpers import corpus
+
+    from fxstore.cli import main
+
+    docs, out = tmp_path / "docs.txt", tmp_path / "out"
+    docs.write_text("\n".join(corpus(20)) + "\n")
+    args = ["extract", f"hf:{gpt2_dir}", "--layers", "transformer.h.1", "--data", str(docs), "--batch-size", "4",
+            "--shard-size", "40", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    original = docs.read_text()
+    docs.write_text(original.replace("cat", "dog"))  # same path, same token count, other words
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "data: its tokens differ" in capsys.readouterr().err
+    docs.write_text(original)
+    assert main(args) == 0
 
 
 @pytest.mark.parametrize("shuffle", [None, 3])
