@@ -465,3 +465,18 @@ def test_a_repair_of_many_shards_logs_one_short_line(tmp_path, caplog):
     line = next(r.getMessage() for r in caplog.records if "repairing" in r.getMessage())
     assert line.count("checksum mismatch") == 8 and line.endswith("; ... and 4 more")
     load_features(tmp_path, verify=True)
+
+
+def _loader(dataset):
+    return torch.utils.data.DataLoader(dataset, batch_size=4)
+
+
+@pytest.mark.parametrize("changed", [{0}, {12}], ids=["first-kept-shard", "last-kept-shard"])
+def test_a_dataloader_of_other_data_is_refused_before_new_shards_are_written(tmp_path, changed):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path, "safetensors", data=_loader(FailsAt(N, bad=23)))  # shards 0 and 1 kept
+    with pytest.raises(OutputError, match=r"the inputs of shard (0|1) \(samples (0-7|8-15)\) differ"):
+        run(tmp_path, "safetensors", data=_loader(_shifted(N, changed)))
+    assert not (tmp_path / "shard-00002.safetensors").exists()  # refused before any new shard
+    run(tmp_path, "safetensors", data=_loader(Images(N)))
+    load_features(tmp_path, verify=True)

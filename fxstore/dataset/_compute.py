@@ -21,7 +21,7 @@ from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed
 from ._batches import Batch, Plan, batch_size_of, pick
-from ._outdir import os_errors
+from ._outdir import OutputError, os_errors
 from ._sinks import ArraySpec, Sink
 from ._writer import BackgroundWriter
 
@@ -93,15 +93,18 @@ def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.
 
 
 def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[int], bool], sink: Sink,
-             device: torch.device, o: Any, ranks: _distributed.Ranks) -> None:
+            device: torch.device, o: Any, ranks: _distributed.Ranks, check: dict[int, str] | None = None) -> None:
+    """Compute and write the wanted shards; ``check``: kept shards of streamed data whose inputs, as they
+    pass by, must match the recorded digests (they come first when the kept shards are a prefix)."""
     total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
     bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
                desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
                disable=not (o.progress and ranks.main))
     size_of = functools.partial(_size_of, o.input_key)
-    batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
-                           pin_memory=device.type == "cuda", size_of=size_of)
     stored_target = any(s.key == TARGET for s in sink.specs)
+    skipped = _checker(sink.out, plan, dict(check or {}), o, stored_target) if check else None
+    batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
+                           pin_memory=device.type == "cuda", size_of=size_of, skipped=skipped)
     hashers: dict[int, Any] = {}
     sink.open()
     try:
@@ -162,6 +165,31 @@ def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any
         sink.write(batch.shard, batch.start, arrays)
         if batch.last:
             sink.finish(batch.shard, shard_start, count, None if hasher is None else f"sha256:{hasher.hexdigest()}")
+
+
+def _checker(out: Any, plan: Plan, check: dict[int, str], o: Any, stored_target: bool) -> Callable[[Batch], None]:
+    hashers: dict[int, Any] = {}
+
+    def skipped(batch: Batch) -> None:
+        if batch.shard not in check:
+            return
+        hasher = hashers.setdefault(batch.shard, hashlib.sha256())
+        _hash_inputs(hasher, batch.data, o, stored_target)
+        if batch.last and f"sha256:{hasher.hexdigest()}" != check.pop(batch.shard):
+            start, count = plan.shards[batch.shard]
+            raise changed_inputs(out, batch.shard, start, count)
+
+    return skipped
+
+
+def changed_inputs(out: Any, shard: int, start: int, count: int) -> OutputError:
+    """The refusal of data that is not the data a kept shard was written from."""
+    return OutputError(
+        f"the data is not the data '{out}' was written from: the inputs of shard {shard} "
+        f"(samples {start}-{start + count - 1}) differ from those recorded when it was written.\n"
+        "Hint: pass the same data to resume or reuse this folder, or write to a new folder "
+        "(or overwrite=True (CLI: --overwrite) to start over)."
+    )
 
 
 def inputs_digest(plan: Plan, shard: int, o: Any, stored_target: bool) -> str:

@@ -34,7 +34,7 @@ from ..errors import ConfigError, FxStoreError
 from . import _distributed, manifest
 from ._batches import Plan, make_plan
 from ._checksum import identity_digest
-from ._compute import TARGET, compute, inputs_digest, probe
+from ._compute import TARGET, changed_inputs, compute, inputs_digest, probe
 from ._lock import FolderLock
 from ._outdir import (
     PROGRESS,
@@ -243,7 +243,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
             if not ranks.main:
                 lock.join()
             mine = _assign(plan, set(decision["done"]), ranks)
-            compute(extractors, plan, mine, sink, device, o, ranks)
+            compute(extractors, plan, mine, sink, device, o, ranks, {int(k): v for k, v in decision["check"].items()})
             ranks.barrier()
             result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
             return ranks.from_main(result)
@@ -394,11 +394,14 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
             bad += _misplaced(sink, plan, done)
             if bad:
                 _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, _listed(bad))
-            _check_inputs(out, plan, o, identity, sink.markers(), done)
+            markers = sink.markers()
+            _check_inputs(out, plan, o, identity, markers, done)
             if shards is not None:
                 check_free_space(out, sink.bytes_needed(done, shards))
             sink.prepare()
-        return {"done": sorted(done)}
+        check = {} if getattr(plan, "indexed", True) or not done else {  # streamed data: checked as it passes by
+            k: markers[k]["inputs"] for k in {min(done), max(done)} if "inputs" in markers[k]}
+        return {"done": sorted(done), "check": check}
     except FxStoreError as e:
         return {"error": e}
 
@@ -438,13 +441,7 @@ def _check_inputs(out: Path, plan: Any, o: _Options, identity: dict[str, Any], m
         if recorded is None or k not in plan.shards:
             continue
         if inputs_digest(plan, k, o, identity.get("target") is not None) != recorded:
-            start, count = plan.shards[k]
-            raise OutputError(
-                f"the data is not the data '{out}' was written from: the inputs of shard {k} "
-                f"(samples {start}-{start + count - 1}) differ from those recorded when it was written.\n"
-                "Hint: pass the same data to resume or reuse this folder, or write to a new folder "
-                "(or overwrite=True (CLI: --overwrite) to start over)."
-            )
+            raise changed_inputs(out, k, *plan.shards[k])
 
 
 def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:
