@@ -1,8 +1,10 @@
 """Read an output folder back: check it against its manifest, then one lazy array per feature.
 
 Every load checks the folder's structure against the manifest (schema, file sizes, the
-shapes and dtypes in each file's header: cheap, no data read); ``verify=True`` also reads
-every byte and compares the checksums recorded when each file was finished.
+shapes and dtypes in each file's header, the index, rows and run each safetensors shard's
+header names, and the manifest's counts against its own run identity: cheap, no data read);
+``verify=True`` also reads every byte and compares the checksums recorded when each file
+was finished.
 """
 
 from __future__ import annotations
