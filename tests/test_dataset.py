@@ -9,6 +9,7 @@ from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
+import fxstore
 from fxstore import ConfigError, FeatureExtractor, LayerNotFoundError
 from fxstore.dataset import extract_dataset
 from fxstore.dataset._outdir import OutputError
@@ -128,22 +129,37 @@ def test_model_modes_are_restored(tmp_path):
     assert all(m.training for m in model.modules())
 
 
-def test_sharded_array_indexing_matches_numpy(tmp_path):
-    extract_dataset(toy_model(), ["relu2"], Images(21), tmp_path, batch_size=4, shard_size=8, progress=False)
+@pytest.mark.parametrize("fmt", ["safetensors", "npy"])
+def test_one_lazy_array_class_with_numpy_indexing_in_both_formats(tmp_path, fmt):
+    extract_dataset(toy_model(), ["relu2"], Images(21), tmp_path, format=fmt, batch_size=4, shard_size=8,
+                    progress=False)
     lazy = load_features(tmp_path)["relu2"]
-    full = np.asarray(lazy)
+    # the reference: the same layer captured in memory, a plain numpy array
+    full = fxstore.FeatureExtractor(toy_model(), ["relu2"], keep_output=False)(
+        torch.stack([Images(21)[i][0] for i in range(21)]))[1]["relu2"].detach().numpy()
     assert isinstance(lazy, ShardedArray) and lazy.shape == full.shape == (21, 16, 8, 8)
-    for index in (0, 7, 8, -1, slice(5, 17), slice(None, None, 3), slice(20, 2, -4), slice(30, 40),
-                  (slice(6, 10), 2), (3, slice(None), 1)):
-        assert np.array_equal(lazy[index], full[index]), index
-    with pytest.raises(IndexError):
-        lazy[21]
+    assert (lazy.ndim, lazy.nbytes, len(lazy), lazy.dtype, lazy.size) == (4, full.nbytes, 21, full.dtype, full.size)
+    mask = np.arange(21) % 3 == 0
+    for index in (0, 7, 8, -1, slice(5, 17), slice(None, None, 3), slice(20, 2, -4), slice(30, 40), slice(None, None, -1),
+                  (slice(6, 10), 2), (3, slice(None), 1), [4, 0, 9, 9, 20], np.array([[1, 2], [17, -1]]), mask,
+                  ..., (..., 0), (Ellipsis, 1, 2), (None, 3), ([1, 2], [3, 4]), (mask, slice(None), 0), [], ()):
+        np.testing.assert_allclose(lazy[index], full[index], rtol=0, atol=1e-6, err_msg=str(index))
+        assert np.shape(lazy[index]) == np.shape(full[index]), index
+    np.testing.assert_allclose(np.asarray(lazy), full, rtol=0, atol=1e-6)
+    assert torch.equal(lazy.torch([2, 5]), torch.from_numpy(lazy[[2, 5]]))
+    for bad in (21, -22, [0, 21], np.ones(5, dtype=bool), 1.5):
+        with pytest.raises(IndexError):
+            lazy[bad]
 
 
-def test_bfloat16_safetensors_load_as_tensors(tmp_path):
+def test_bfloat16_features_index_as_float32_and_come_back_exactly_with_torch(tmp_path):
     extract_dataset(toy_model(), ["fc"], Images(6), tmp_path, dtype="bfloat16", shard_size=4, progress=False)
     fc = load_features(tmp_path)["fc"]
-    assert fc.dtype == torch.bfloat16 and fc[2:5].shape == (3, 10) and isinstance(fc[2:5], torch.Tensor)
+    stored = torch.cat([load_file(tmp_path / f"shard-0000{k}.safetensors")["fc"] for k in (0, 1)])
+    assert fc.stored_dtype == "bfloat16" and fc.dtype == np.float32 and fc.nbytes == 6 * 10 * 2
+    assert isinstance(fc[2:5], np.ndarray) and fc[2:5].shape == (3, 10)
+    assert torch.equal(torch.from_numpy(fc[2:5]), stored[2:5].float())  # the README's torch.from_numpy(acts[...])
+    assert fc.torch(slice(2, 5)).dtype == torch.bfloat16 and torch.equal(fc.torch(slice(2, 5)), stored[2:5])
 
 
 # -- refused inputs -------------------------------------------------------------------
@@ -273,3 +289,20 @@ def test_different_weights_are_refused_and_overwrite_starts_over(tmp_path):
     with torch.no_grad():
         expected = other(torch.stack([Images(8)[i][0] for i in range(8)]))
     torch.testing.assert_close(tensor(load_features(tmp_path)["fc"][:]), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_in_a_dataloader_visits_every_row_once_across_workers(tmp_path, workers):
+    from fxstore.dataset.loader import BatchLoader
+
+    extract_dataset(toy_model(), ["fc"], Images(40), tmp_path, batch_size=4, shard_size=5, progress=False)
+    loader = BatchLoader(tmp_path, batch_size=4, seed=3)
+    assert isinstance(loader, torch.utils.data.IterableDataset)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(DataLoader(loader, batch_size=None, num_workers=workers))
+        targets = torch.cat([b["target"] for b in batches])
+        fc = torch.cat([b["fc"] for b in batches])
+        assert sorted(targets.tolist()) == sorted(i % 7 for i in range(40))
+        rows = {tuple(r.tolist()) for r in fc}
+        assert len(rows) == 40 and rows == {tuple(r.tolist()) for r in torch.as_tensor(load_features(tmp_path)["fc"][:])}

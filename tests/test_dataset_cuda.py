@@ -35,3 +35,11 @@ def test_cuda_extraction_equals_in_memory_cuda_features(tmp_path, fmt):
     feats = load_features(tmp_path / "True")
     for key in LAYERS:
         assert torch.equal(torch.from_numpy(np.array(feats[key])), torch.cat([p[key] for p in parts]).cpu())
+
+
+def test_inputs_hashed_by_the_writer_thread_on_cuda_equal_those_hashed_inline_on_cpu(tmp_path):
+    data = Images(24)
+    cpu = extract_dataset(toy_model(), ["fc"], data, tmp_path / "cpu", batch_size=4, shard_size=8, progress=False)
+    gpu = extract_dataset(toy_model().cuda(), ["fc"], data, tmp_path / "gpu", batch_size=4, shard_size=8,
+                          device="cuda", progress=False)
+    assert [s["inputs"] for s in gpu["shards"]] == [s["inputs"] for s in cpu["shards"]]

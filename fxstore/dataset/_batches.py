@@ -137,11 +137,11 @@ class Plan:
 
     def batches(self, wanted: Callable[[int], bool], batch_size: int, num_workers: int,
                 collate_fn: Callable[[list[Any]], Any] | None, pin_memory: bool,
-                size_of: Callable[[Any], int]) -> Iterator[Batch]:
-        """The batches of the wanted shards, in order."""
+                size_of: Callable[[Any], int], skipped: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
+        """The batches of the wanted shards, in order; streamed data hands every other batch to ``skipped``."""
         if self.indexed:
             return self._indexed(wanted, batch_size, num_workers, collate_fn, pin_memory)
-        return self._streamed(wanted, size_of)
+        return self._streamed(wanted, size_of, skipped)
 
     def _indexed(self, wanted: Callable[[int], bool], batch_size: int, num_workers: int,
                  collate_fn: Callable[[list[Any]], Any] | None, pin_memory: bool) -> Iterator[Batch]:
@@ -162,7 +162,8 @@ class Plan:
         for (shard, start, last), batch in zip(meta, loader, strict=True):
             yield Batch(shard, start, batch, last)
 
-    def _streamed(self, wanted: Callable[[int], bool], size_of: Callable[[Any], int]) -> Iterator[Batch]:
+    def _streamed(self, wanted: Callable[[int], bool], size_of: Callable[[Any], int],
+                  skipped: Callable[[Batch], None] | None = None) -> Iterator[Batch]:
         source: Iterable[Any] = self._data
         if self._first is not None:
             source = itertools.chain([self._first], self._data)
@@ -176,6 +177,8 @@ class Plan:
                 self.shards[shard] = (shard_start, end - shard_start)
                 if wanted(shard):
                     yield Batch(shard, start, raw, last)
+                elif skipped is not None:
+                    skipped(Batch(shard, start, raw, last))
                 start = end
                 if last:
                     shard, shard_start = shard + 1, end

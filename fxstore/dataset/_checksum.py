@@ -8,10 +8,11 @@ there (220 MB/s). A digest is written as ``"sha256:<hex>"``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
-__all__ = ["ALGORITHM", "digest_bytes", "digest_file"]
+__all__ = ["ALGORITHM", "digest_bytes", "digest_file", "identity_digest"]
 
 ALGORITHM = "sha256"
 _BLOCK = 8 << 20
@@ -35,7 +36,7 @@ def digest_file(path: str | os.PathLike[str], offset: int = 0, length: int | Non
         OSError: the file cannot be read, or is shorter than ``offset + length``.
     """
     digest = hashlib.sha256()
-    with open(Path(path), "rb") as f:
+    with open(os.open(Path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
         f.seek(offset)
         left = length
         while left is None or left > 0:
@@ -48,3 +49,19 @@ def digest_file(path: str | os.PathLike[str], offset: int = 0, length: int | Non
             if left is not None:
                 left -= len(block)
     return f"{ALGORITHM}:{digest.hexdigest()}"
+
+
+def identity_digest(identity: dict[str, object]) -> str:
+    """The checksum of what fixes a run's rows (canonical JSON): what each shard's header names as its run.
+
+    It covers the whole run identity except the data's description (``data``) and how it was
+    batched (``batch_size``): the same data passed as a ``Dataset`` or as a ``DataLoader`` gives
+    the same bytes. The data itself is covered by each shard's ``inputs`` digest.
+
+    Example:
+        >>> from fxstore.dataset._checksum import identity_digest
+        >>> identity_digest({"a": 1, "b": [2]}) == identity_digest({"b": [2], "a": 1, "data": "x"})
+        True
+    """
+    rows = {k: v for k, v in identity.items() if k not in ("data", "batch_size")}
+    return digest_bytes(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode())

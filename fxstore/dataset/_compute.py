@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -20,11 +21,11 @@ from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed
 from ._batches import Batch, Plan, batch_size_of, pick
-from ._outdir import os_errors
+from ._outdir import OutputError, os_errors
 from ._sinks import ArraySpec, Sink
 from ._writer import BackgroundWriter
 
-__all__ = ["TARGET", "probe", "compute"]
+__all__ = ["TARGET", "probe", "compute", "inputs_digest"]
 
 TARGET = "target"
 """Key of the stored targets."""
@@ -92,26 +93,39 @@ def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.
 
 
 def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[int], bool], sink: Sink,
-             device: torch.device, o: Any, ranks: _distributed.Ranks) -> None:
+            device: torch.device, o: Any, ranks: _distributed.Ranks, check: dict[int, str] | None = None) -> None:
+    """Compute and write the wanted shards; ``check``: kept shards of streamed data whose inputs, as they
+    pass by, must match the recorded digests (they come first when the kept shards are a prefix)."""
     total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
     bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
                desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
                disable=not (o.progress and ranks.main))
     size_of = functools.partial(_size_of, o.input_key)
+    stored_target = any(s.key == TARGET for s in sink.specs)
+    skipped = _checker(sink.out, plan, dict(check or {}), o, stored_target) if check else None
     batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
-                           pin_memory=device.type == "cuda", size_of=size_of)
+                           pin_memory=device.type == "cuda", size_of=size_of, skipped=skipped)
+    hashers: dict[int, Any] = {}
     sink.open()
     try:
         overlap = device.type == "cuda" if o.overlap is None else o.overlap
         with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
             for batch in batches:
+                hasher = hashers.setdefault(batch.shard, hashlib.sha256())
+                if batch.last:
+                    del hashers[batch.shard]
+                feed: Callable[[], None] | None = functools.partial(_hash_inputs, hasher, batch.data, o, stored_target)
+                if device.type == "cpu":  # the model may write into its CPU inputs: hash them before it runs
+                    feed()
+                    feed = None  # on a device the model gets a copy: the writer thread hashes, overlapping the forward
                 arrays, n = _arrays(extractors, batch, sink.specs, device, o)
                 event = None
                 if device.type == "cuda":
                     event = torch.cuda.Event()
                     event.record()
                 shard_start, count = plan.shards[batch.shard]
-                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count))
+                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count, feed,
+                                                hasher if batch.last else None))
                 bar.update(n)
     finally:
         with os_errors(sink.out):
@@ -142,10 +156,72 @@ def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArrayS
 
 
 def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
-           count: int) -> None:
+           count: int, feed: Callable[[], None] | None = None, hasher: Any = None) -> None:
+    if feed is not None:
+        feed()  # the batch's input bytes into its shard's digest (writer thread, while the device computes)
     if event is not None:
         event.synchronize()  # the non-blocking device->host copies of this batch are done
     with os_errors(sink.out):
         sink.write(batch.shard, batch.start, arrays)
         if batch.last:
-            sink.finish(batch.shard, shard_start, count)
+            sink.finish(batch.shard, shard_start, count, None if hasher is None else f"sha256:{hasher.hexdigest()}")
+
+
+def _checker(out: Any, plan: Plan, check: dict[int, str], o: Any, stored_target: bool) -> Callable[[Batch], None]:
+    hashers: dict[int, Any] = {}
+
+    def skipped(batch: Batch) -> None:
+        if batch.shard not in check:
+            return
+        hasher = hashers.setdefault(batch.shard, hashlib.sha256())
+        _hash_inputs(hasher, batch.data, o, stored_target)
+        if batch.last and f"sha256:{hasher.hexdigest()}" != check.pop(batch.shard):
+            start, count = plan.shards[batch.shard]
+            raise changed_inputs(out, batch.shard, start, count)
+
+    return skipped
+
+
+def changed_inputs(out: Any, shard: int, start: int, count: int) -> OutputError:
+    """The refusal of data that is not the data a kept shard was written from."""
+    return OutputError(
+        f"the data is not the data '{out}' was written from: the inputs of shard {shard} "
+        f"(samples {start}-{start + count - 1}) differ from those recorded when it was written.\n"
+        "Hint: pass the same data to resume or reuse this folder, or write to a new folder "
+        "(or overwrite=True (CLI: --overwrite) to start over)."
+    )
+
+
+def inputs_digest(plan: Plan, shard: int, o: Any, stored_target: bool) -> str:
+    """The digest of one shard's input bytes (and targets, when stored), read again from the data."""
+    hasher = hashlib.sha256()
+    size_of = functools.partial(_size_of, o.input_key)
+    for batch in plan.batches(shard.__eq__, o.batch_size, 0, o.collate_fn, pin_memory=False, size_of=size_of):
+        _hash_inputs(hasher, batch.data, o, stored_target)
+    return f"sha256:{hasher.hexdigest()}"
+
+
+def _hash_inputs(hasher: Any, raw: Any, o: Any, stored_target: bool) -> None:
+    x, y = pick(raw, o.input_key, o.target_key)
+    _hash_value(hasher, x)
+    if stored_target:
+        _hash_value(hasher, y)
+
+
+def _hash_value(hasher: Any, value: Any) -> None:
+    """Feed the dtype, shape and bytes of every tensor in ``value`` (tensors, dicts, lists) to ``hasher``."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"T{t.dtype}{tuple(value.shape)}|".encode())
+        if t.numel():
+            hasher.update(t.view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            hasher.update(f"K{key!s}|".encode())
+            _hash_value(hasher, value[key])
+    elif isinstance(value, (list, tuple)):
+        hasher.update(f"L{len(value)}|".encode())
+        for item in value:
+            _hash_value(hasher, item)
+    else:
+        hasher.update(f"V{value!r}|".encode())

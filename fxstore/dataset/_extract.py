@@ -33,9 +33,19 @@ from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
 from . import _distributed, manifest
 from ._batches import Plan, make_plan
-from ._compute import TARGET, compute, probe
+from ._checksum import identity_digest
+from ._compute import TARGET, changed_inputs, compute, inputs_digest, probe
 from ._lock import FolderLock
-from ._outdir import RUN_FILE, TEMP_SUFFIX, OutputError, check_free_space, check_writable, os_errors
+from ._outdir import (
+    PROGRESS,
+    RUN_FILE,
+    TEMP_SUFFIX,
+    OutputError,
+    check_free_space,
+    check_writable,
+    os_errors,
+    plain_stat,
+)
 from ._ownership import survey, write_run_record
 from ._reduce import build_extractors
 from ._sinks import SINKS, ArraySpec, Sink
@@ -150,6 +160,7 @@ def extract_dataset(
     """
     if shard_size is None:
         shard_size = 1024 if tokenizer is None else 16384
+    check_layers(model, layers)
     _check_options(format, batch_size, shard_size, num_workers)
     options = _Options(format, reduce, dtype, batch_size, num_workers, collate_fn, input_key, target_key, shard_size,
                        device, overlap, progress, overwrite, model_name, data_name or type(data).__name__, command)
@@ -187,6 +198,22 @@ class _Options:
     command: str | None
 
 
+def check_layers(model: nn.Module, layers: Any) -> None:
+    """Refuse, before any work, a selection that names no layer (``None`` or empty) for a plain model.
+
+    Raises:
+        ConfigError: naming the value and how to list the model's layers.
+    """
+    if isinstance(model, FeatureExtractor):
+        return
+    empty = layers is None or (isinstance(layers, (list, tuple, set, frozenset, dict, str)) and len(layers) == 0)
+    if empty:
+        raise ConfigError(
+            f"layers={layers!r} selects no layer: there would be nothing to store.\n"
+            "Hint: pass layers=[...], e.g. layers=['layer4'] (fxstore.node_names(model) lists them)."
+        )
+
+
 def _check_options(format: str, batch_size: int, shard_size: int, num_workers: int) -> None:
     if format not in SINKS:
         raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {sorted(SINKS)}.")
@@ -207,7 +234,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
             plan, first = make_plan(data, o.shard_size, o.collate_fn)
             specs = probe(extractors, first, o, device)
             identity = _identity(model, specs, reduction_of, plan, o)
-            sink = SINKS[o.format](out, specs, plan.num_samples)
+            sink = SINKS[o.format](out, specs, plan.num_samples, identity_digest(identity))
             decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
             if "error" in decision:
                 raise decision["error"]
@@ -216,7 +243,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
             if not ranks.main:
                 lock.join()
             mine = _assign(plan, set(decision["done"]), ranks)
-            compute(extractors, plan, mine, sink, device, o, ranks)
+            compute(extractors, plan, mine, sink, device, o, ranks, {int(k): v for k, v in decision["check"].items()})
             ranks.barrier()
             result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
             return ranks.from_main(result)
@@ -326,10 +353,10 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
         lock.acquire(o.command)
         check_writable(out)
         with os_errors(out):
-            folder = survey(out)
+            folder = survey(out, identity)
             if o.overwrite:
                 folder.clean()
-                folder = survey(out)
+                folder = survey(out, identity)
             folder.refuse_foreign()
             recorded = folder.identity
             if recorded is not None:
@@ -344,8 +371,10 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
             if folder.record is None and folder.manifest is not None:
                 problems = verify_folder(out, folder.manifest)
                 if not problems:
+                    markers = dict(enumerate(folder.manifest["shards"]))
+                    _check_inputs(out, plan, o, identity, markers, set(markers))
                     return {"complete": folder.manifest}
-                _log.warning("fxstore: repairing '%s': %s", out, "; ".join(problems))
+                _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
                 write_run_record(out, identity, sink.files)
                 sink.restore(folder.manifest["shards"])
             elif folder.record is None:
@@ -356,16 +385,63 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
             for path in folder.ours:
                 if path.name.endswith(TEMP_SUFFIX):
                     path.unlink(missing_ok=True)
+                elif path.name == PROGRESS:  # a marker's temporary file, left by a kill
+                    for temp in path.glob(f".*{TEMP_SUFFIX}"):
+                        if plain_stat(temp) is not None:
+                            temp.unlink()
             sink.adopt()
             done, bad = sink.verified_shards()
+            bad += _misplaced(sink, plan, done)
             if bad:
-                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, "; ".join(bad))
+                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, _listed(bad))
+            markers = sink.markers()
+            _check_inputs(out, plan, o, identity, markers, done)
             if shards is not None:
                 check_free_space(out, sink.bytes_needed(done, shards))
             sink.prepare()
-        return {"done": sorted(done)}
+        check = {} if getattr(plan, "indexed", True) or not done else {  # streamed data: checked as it passes by
+            k: markers[k]["inputs"] for k in {min(done), max(done)} if "inputs" in markers[k]}
+        return {"done": sorted(done), "check": check}
     except FxStoreError as e:
         return {"error": e}
+
+
+def _listed(problems: list[str], limit: int = 8) -> str:
+    """The first ``limit`` problems on one line, then how many more (a repair of thousands stays readable)."""
+    more = len(problems) - limit
+    return "; ".join(problems[:limit]) + (f"; ... and {more} more" if more > 0 else "")
+
+
+def _misplaced(sink: Sink, plan: Any, done: set[int]) -> list[str]:
+    """Forget done shards whose rows are not the ones the run's plan gives them (from a manifest that lied)."""
+    if plan.all_shards() is None:
+        return []
+    markers, bad = sink.markers(), []
+    for k in sorted(done):
+        rows = (markers[k].get("start"), markers[k].get("count"))
+        if plan.shards.get(k) != rows:
+            bad.append(f"shard {k}: rows {rows}, the run gives {plan.shards.get(k)}")
+            done.discard(k)
+            sink.forget(k)
+    return bad
+
+
+def _check_inputs(out: Path, plan: Any, o: _Options, identity: dict[str, Any], markers: dict[int, Any],
+                  done: set[int]) -> None:
+    """Read the inputs of the first and last kept shard again and compare them with the digests recorded
+    when they were written: a resume never mixes rows of other data in (map-style datasets only).
+
+    Raises:
+        OutputError: the data changed, naming the shard and its rows.
+    """
+    if not getattr(plan, "indexed", False) or not done:
+        return
+    for k in sorted({min(done), max(done)}):
+        recorded = markers.get(k, {}).get("inputs")
+        if recorded is None or k not in plan.shards:
+            continue
+        if inputs_digest(plan, k, o, identity.get("target") is not None) != recorded:
+            raise changed_inputs(out, k, *plan.shards[k])
 
 
 def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:

@@ -15,12 +15,13 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from ._outdir import OutputError, os_errors
+from ._outdir import OutputError, os_errors, read_small
 
 __all__ = ["LOCK_FILE", "FolderLock", "is_lock_file"]
 
@@ -28,9 +29,9 @@ LOCK_FILE = ".fxstore-lock"
 
 
 def is_lock_file(path: Path) -> bool:
-    """Whether ``path`` is a lock file fxstore wrote (empty, or the JSON it writes)."""
+    """Whether ``path`` is a lock file fxstore wrote (empty, or the JSON it writes; a regular file, never a link)."""
     try:
-        text = path.read_text()
+        text = read_small(path, 1 << 16).decode()
     except (OSError, UnicodeDecodeError):
         return False
     return text == "" or _holder(text) is not None
@@ -51,6 +52,7 @@ class FolderLock:
         self.out = out
         self._file: int | None = None
         self._folder: int | None = None
+        self._keep_empty = False  # an empty lock file was there before: leave it as it was
 
     def acquire(self, command: str | None) -> None:
         """Rank 0: take the folder for this run, or refuse at once.
@@ -62,7 +64,7 @@ class FolderLock:
             self.out.mkdir(parents=True, exist_ok=True)
             path = self.out / LOCK_FILE
             for _ in range(20):  # the lock file can be removed by a finishing run between open and flock
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd, created = _open_lock(self.out, path)
                 if not _try(fd, fcntl.LOCK_EX):
                     text = _read(fd)
                     os.close(fd)
@@ -74,6 +76,7 @@ class FolderLock:
                 raise OutputError(f"cannot lock '{self.out}'.\nHint: run the command again.")
             self._file = fd
             text = _read(fd)
+            self._keep_empty = not created and text == ""
             if text and _holder(text) is None:
                 self.release(remove=False)
                 raise OutputError(
@@ -102,7 +105,10 @@ class FolderLock:
     def release(self, remove: bool = True) -> None:
         """Drop the locks; rank 0 also removes the lock file (while still holding it)."""
         if self._file is not None:
-            if remove:
+            if remove and self._keep_empty:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file, 0)
+            elif remove:
                 with contextlib.suppress(OSError):
                     (self.out / LOCK_FILE).unlink()
             os.close(self._file)
@@ -110,6 +116,40 @@ class FolderLock:
         if self._folder is not None:
             os.close(self._folder)
             self._folder = None
+
+
+def _open_lock(out: Path, path: Path) -> tuple[int, bool]:
+    """Open (or create) the lock file, never following a symlink nor opening a FIFO or device.
+
+    Returns:
+        ``(descriptor, whether this call created the file)``.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    for _ in range(20):  # a finishing run can remove the file between the two opens
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # ELOOP: a symlink; ENXIO: a FIFO without a reader
+            raise _not_a_lock(path) from e
+    else:  # pragma: no cover - a storm of finishing runs
+        raise OutputError(f"cannot lock '{out}'.\nHint: run the command again.")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock(path)
+    return fd, False
+
+
+def _not_a_lock(path: Path) -> OutputError:
+    return OutputError(
+        f"'{path}' is not an fxstore lock file (a link, FIFO, device or folder); fxstore does not open, follow or "
+        "delete it.\nHint: move it away, or write to another folder."
+    )
 
 
 def _try(fd: int, kind: int) -> bool:

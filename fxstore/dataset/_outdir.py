@@ -13,13 +13,15 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import FxStoreError
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_json", "check_writable", "check_free_space", "os_errors"]
+__all__ = ["OutputError", "NotPlainFile", "atomic_write", "atomic_write_json", "check_writable", "check_free_space",
+           "os_errors", "read_small", "read_json"]
 
 TEMP_SUFFIX = ".fxstore-tmp"
 STAGING = ".fxstore-unshuffled.partial"
@@ -29,6 +31,13 @@ RUN_FILE = ".fxstore-run.json"
 PROGRESS = ".fxstore-progress"
 """Folder of per-shard markers (with checksums) of a run in progress."""
 PROBE = ".fxstore-probe"
+STAGING_MARKER = ".fxstore-staging"
+"""Written first into :data:`STAGING` and removed last: the staging folder is fxstore's in any partial state."""
+JSON_LIMIT = 256 << 20
+"""The largest manifest or run record fxstore reads (a manifest of a million shards is about 200 MB)."""
+JSON_DEPTH = 32
+"""The deepest nesting fxstore accepts in a manifest or run record (its own are 4 deep)."""
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class OutputError(FxStoreError):
@@ -40,14 +49,110 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_SUFFIX}")
 
 
+class NotPlainFile(OSError):
+    """A name fxstore reads or writes is a symlink, FIFO, device or folder, or is too large to be fxstore's."""
+
+
+def create_exclusive(path: Path) -> int:
+    """Create ``path`` as a new file (never following a symlink, never opening what exists); its descriptor.
+
+    Raises:
+        FileExistsError: something (a file, a symlink, a FIFO) already has that name.
+    """
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers only ever see the complete file."""
+    """Write ``data`` to ``path`` so that readers only ever see the complete file.
+
+    The temporary file is created with ``O_EXCL | O_NOFOLLOW``: a file, symlink or FIFO already
+    at the temporary name is never opened (its owner is the caller's question: see ``_ownership``).
+    ``path`` itself is replaced by the rename, which never follows a symlink at ``path``.
+    """
     tmp = temp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = create_exclusive(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
+
+
+def plain_stat(path: Path) -> os.stat_result | None:
+    """``lstat`` of ``path`` if it is a regular file (not a symlink, FIFO, device or folder), else ``None``."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
+def read_small(path: Path, limit: int = JSON_LIMIT) -> bytes:
+    """Read a file fxstore may own, refusing (without blocking) anything but a small regular file.
+
+    ``lstat`` comes first; the file is opened with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO swapped in
+    between cannot block) and checked again with ``fstat``; at most ``limit`` bytes are read.
+
+    Raises:
+        NotPlainFile: a symlink, FIFO, device or folder, or larger than ``limit``.
+        OSError: the file cannot be read.
+    """
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise NotPlainFile(f"{path.name} is not a plain file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotPlainFile(f"{path.name} is not a plain file")
+        if info.st_size > limit:
+            raise NotPlainFile(f"{path.name} is {info.st_size} bytes, more than the {limit} fxstore reads")
+        chunks, left = [], limit + 1
+        while left > 0:
+            block = os.read(fd, min(left, 8 << 20))
+            if not block:
+                break
+            chunks.append(block)
+            left -= len(block)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise NotPlainFile(f"{path.name} grew past the {limit} bytes fxstore reads")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = JSON_LIMIT, depth: int = JSON_DEPTH) -> Any:
+    """Parse a small JSON file fxstore may own (:func:`read_small`), refusing deep nesting.
+
+    Raises:
+        NotPlainFile: as :func:`read_small`.
+        OSError: the file cannot be read.
+        ValueError: not UTF-8 JSON, or nested deeper than ``depth``.
+    """
+    text = read_small(path, limit).decode()
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {depth} levels") from None
+    check_depth(value, depth)
+    return value
+
+
+def check_depth(value: Any, depth: int = JSON_DEPTH) -> None:
+    """Raise ``ValueError`` if the parsed JSON ``value`` nests deeper than ``depth`` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            if level > depth:
+                raise ValueError(f"nested deeper than {depth} levels")
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -65,10 +170,21 @@ def check_writable(out: Path) -> None:
     Raises:
         OutputError: naming the folder and the operating system's reason.
     """
+    probe = out / PROBE
     with os_errors(out):
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / PROBE, b"")
-        (out / PROBE).unlink()
+        try:
+            fd = create_exclusive(probe)
+        except FileExistsError:
+            if plain_stat(probe) is None or probe.stat().st_size:  # not the empty file a killed probe leaves
+                raise OutputError(
+                    f"'{probe}' is in the way: fxstore writes its probe there, and does not touch files it did not "
+                    "write.\nHint: move that file away, or write to another folder."
+                ) from None
+            probe.unlink()
+            fd = create_exclusive(probe)
+        os.close(fd)
+        probe.unlink()
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -94,14 +210,25 @@ def os_errors(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        if os.path.lexists(out) and not out.is_dir():
+            raise OutputError(
+                f"the output folder '{_short(out)}' is not a folder (a file or a link to one is there).\n"
+                "Hint: choose another output folder (out=...)."
+            ) from e
         hint = ("free space on that disk or write elsewhere" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
                 else "choose a folder you can write to")
         reason = e.strerror or str(e)
-        where = e.filename or out
+        where = _short(e.filename or out)
         raise OutputError(
-            f"cannot write the output folder '{out}': {reason} ({where}).\n"
+            f"cannot write the output folder '{_short(out)}': {reason} ({where}).\n"
             f"Hint: {hint}; run the same command again to resume after the last complete shard."
         ) from e
+
+
+def _short(path: Any, limit: int = 200) -> str:
+    """A path for a message, cut in the middle when longer than ``limit`` characters."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
 
 
 def _size(n: int) -> str:

@@ -1,27 +1,50 @@
 """Which files of an output folder fxstore wrote, and what a run may do with the folder.
 
-fxstore only creates, replaces or deletes files it can prove it wrote there. The proof is
-the run record ``.fxstore-run.json``, written before any data file: it holds the run's
-identity and names the files the run writes. Once the run finishes, ``manifest.json``
-(valid against its schema) takes over that role. Everything else in the folder is
-*foreign*: a folder with foreign files is refused, naming them, and ``overwrite`` deletes
-nothing unless the whole folder is fxstore's.
+fxstore only creates, replaces or deletes files it can prove it wrote there. A file is
+fxstore's when a claim names it *and* the file is what the claim says:
+
+* the claims are the run record ``.fxstore-run.json`` (written before any data file; it
+  holds the run's identity and names exactly the files that identity writes, nothing else),
+  ``manifest.json`` once the run finished (valid against its schema), and, for the run
+  being started, its own identity;
+* a shard ``shard-NNNNN.safetensors`` is fxstore's when its header names shard ``NNNNN`` and
+  the digest of a claimed identity (or the manifest lists it with exactly its size); an
+  ``.npy`` file (final or ``.partial``) when a claim names it and its header says exactly
+  the shape and dtype that claim's identity gives it; temporary and probe files when they
+  are empty or hold what fxstore writes there;
+* only regular files count: a symlink, FIFO or device at any of fxstore's names is foreign
+  and never opened.
+
+Everything else is *foreign*: a folder with foreign files is refused, naming them, and
+``overwrite`` deletes nothing unless the whole folder is fxstore's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from . import manifest as manifest_module
+from ._checksum import identity_digest
 from ._lock import LOCK_FILE, is_lock_file
-from ._outdir import PROBE, PROGRESS, RUN_FILE, STAGING, TEMP_SUFFIX, OutputError, atomic_write_json
-from ._sinks import SINKS
+from ._outdir import (
+    PROBE,
+    PROGRESS,
+    RUN_FILE,
+    STAGING,
+    STAGING_MARKER,
+    TEMP_SUFFIX,
+    OutputError,
+    atomic_write_json,
+    create_exclusive,
+    plain_stat,
+    read_json,
+    read_small,
+)
+from ._sinks import SINKS, NpySink, SafetensorsSink, file_stem
 
-__all__ = ["Folder", "survey", "write_run_record"]
+__all__ = ["Folder", "survey", "write_run_record", "start_staging", "remove_staging"]
 
 RUN_VERSION = 1
 
@@ -35,6 +58,7 @@ class Folder:
     record: dict[str, Any] | None
     ours: list[Path]
     foreign: list[str]
+    expected: dict[str, Any] | None = None
 
     @property
     def identity(self) -> dict[str, Any] | None:
@@ -50,7 +74,7 @@ class Folder:
             OutputError: naming the foreign files.
         """
         if self.foreign:
-            listed = "; ".join(self.foreign[:8]) + ("; ..." if len(self.foreign) > 8 else "")
+            listed = "; ".join(_short(f) for f in self.foreign[:8]) + ("; ..." if len(self.foreign) > 8 else "")
             raise OutputError(
                 f"the output folder '{self.out}' holds files fxstore did not write ({listed}); "
                 "fxstore does not overwrite, delete or resume among them.\n"
@@ -60,23 +84,15 @@ class Folder:
     def clean(self) -> None:
         """Delete every file of fxstore's in the folder (not the lock); refuse before deleting if any is foreign."""
         self.refuse_foreign()
-        sink = _sink_of(self)
-        if sink is not None:
-            sink.remove_progress()
-        last = {MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
+        identity = self.identity or self.expected
+        if identity is not None:
+            SINKS[identity["format"]](self.out, [], 0).remove_progress()
+        last = {manifest_module.MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
         for path in sorted(self.ours, key=lambda p: last.get(p.name, 0)):
             if path.name == STAGING:
-                survey(path).clean()  # refuses (deleting nothing) if anything foreign got in there
-                shutil.rmtree(path)
-            elif path.name not in (LOCK_FILE, PROGRESS) and path.exists():
+                remove_staging(path)
+            elif path.name not in (LOCK_FILE, PROGRESS, STAGING_MARKER) and plain_stat(path) is not None:
                 path.unlink()
-
-
-def _sink_of(folder: Folder) -> Any:
-    identity = folder.identity
-    if identity is None:
-        return None
-    return SINKS[identity["format"]](folder.out, [], 0)
 
 
 def write_run_record(out: Path, identity: dict[str, Any], files: list[str]) -> None:
@@ -84,78 +100,179 @@ def write_run_record(out: Path, identity: dict[str, Any], files: list[str]) -> N
     atomic_write_json(out / RUN_FILE, {"fxstore_run": RUN_VERSION, "identity": identity, "files": files})
 
 
+def start_staging(staging: Path, identity: dict[str, Any]) -> None:
+    """Create the staging folder with its marker first (so that any partial state of it is recognised)."""
+    staging.mkdir(exist_ok=True)
+    marker = staging / STAGING_MARKER
+    if plain_stat(marker) is None:
+        fd = create_exclusive(marker)  # refuses anything already at that name
+        with open(fd, "wb") as f:
+            f.write(f'{{"fxstore_staging": 1, "identity": "{identity_digest(identity)}"}}\n'.encode())
+
+
+def remove_staging(staging: Path) -> None:
+    """Delete the staging folder: everything fxstore's in it, then its marker (last), then the folder.
+
+    Raises:
+        OutputError: something foreign got in there (nothing is deleted).
+    """
+    inner = survey(staging)
+    inner.refuse_foreign()
+    inner.clean()
+    SafetensorsSink(staging, [], 0).remove_progress()  # the staged rows are always safetensors shards
+    if plain_stat(staging / LOCK_FILE) is not None:
+        (staging / LOCK_FILE).unlink()
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
+    staging.rmdir()
+
+
+def record_files(identity: dict[str, Any]) -> list[str]:
+    """The data files a run names in its record before writing them (``.npy``: one per array)."""
+    if identity.get("format") != "npy":
+        return []
+    keys = [*identity["features"], *(["target"] if identity.get("target") is not None else [])]
+    return [file_stem(k) + ".npy" for k in keys]
+
+
 def _read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None, "not readable JSON"
-    if (not isinstance(record, dict) or record.get("fxstore_run") != RUN_VERSION
-            or not isinstance(record.get("identity"), dict) or record["identity"].get("format") not in SINKS
-            or not isinstance(record.get("files"), list)
-            or not all(manifest_module.plain_name(f) for f in record["files"])):
-        return None, "not an fxstore run record"
+        record = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"not readable JSON: {e}" if isinstance(e, OSError) and e.args else "not readable JSON"
+    try:
+        valid = (isinstance(record, dict) and record.get("fxstore_run") == RUN_VERSION
+                 and isinstance(record.get("identity"), dict) and record["identity"].get("format") in SINKS
+                 and isinstance(record["identity"].get("features"), dict)
+                 and isinstance(record.get("files"), list)
+                 and sorted(record["files"]) == sorted(record_files(record["identity"])))
+    except (AttributeError, TypeError):
+        valid = False
+    if not valid:
+        return None, "not an fxstore run record: it must name exactly the files its run writes"
     return record, None
 
 
-def _is_clean_fxstore_folder(path: Path) -> bool:
-    inner = survey(path)
-    return not inner.foreign and (inner.record is not None or inner.manifest is not None)
+def _staging_digest(path: Path) -> str | None:
+    try:
+        marker = read_json(path / STAGING_MARKER, limit=4096)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return marker.get("identity") if isinstance(marker, dict) and marker.get("fxstore_staging") == 1 else None
 
 
-def survey(out: Path) -> Folder:
-    """Sort the entries of ``out`` into fxstore's and foreign ones (nothing is changed)."""
-    folder = Folder(out, None, None, [], [])
+def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
+    """Sort the entries of ``out`` into fxstore's and foreign ones (nothing is changed, no link followed).
+
+    Args:
+        out: The folder.
+        expected: The identity of the run about to write there: its own shards (found by the
+            identity digest in their headers) are fxstore's even without a manifest or record.
+    """
+    folder = Folder(out, None, None, [], [], expected)
     if not out.is_dir():
         return folder
     entries = {p.name: p for p in out.iterdir()}
+    staged = _staging_digest(out) if out.name == STAGING else None
     if RUN_FILE in entries:
         folder.record, why = _read_record(entries[RUN_FILE])
         if why is not None:
             folder.foreign.append(f"{RUN_FILE} ({why})")
-    if MANIFEST in entries:
-        manifest, why = manifest_module.parse(entries[MANIFEST])
+    if manifest_module.MANIFEST in entries:
+        manifest, why = manifest_module.parse(entries[manifest_module.MANIFEST])
         if why is None:
             folder.manifest = manifest
         else:
-            folder.foreign.append(f"{MANIFEST} (not an fxstore manifest: {why})")
-    claims: list[tuple[Any, list[str]]] = []
-    if folder.record is not None:
-        claims.append((SINKS[folder.record["identity"]["format"]], folder.record["files"]))
-    if folder.manifest is not None:
-        m = folder.manifest
-        arrays = [*m["features"].values(), *([m["target"]] if m.get("target") else [])]
-        claims.append((SINKS[m["format"]], [a["file"] for a in arrays if "file" in a]))
+            folder.foreign.append(f"{manifest_module.MANIFEST} (not an fxstore manifest: {why})")
+    claimed = [i for i in (folder.record and folder.record["identity"],
+                           folder.manifest and folder.manifest["identity"]) if i]
+    identities = [*claimed, *([expected] if expected is not None else [])]
+    digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
+    listed: dict[str, Any] = {}
+    if folder.manifest is not None and folder.manifest["format"] == "safetensors":
+        listed = {s["file"]: s["bytes"] for s in folder.manifest["shards"]}
+    if (folder.record is not None or staged) and PROGRESS in entries:  # a run's markers name its shards and sizes
+        for marker in _markers(entries[PROGRESS]):
+            listed.setdefault(SafetensorsSink.shard_file(marker["shard"]), marker.get("bytes"))
+    npy_claims = [i for i in claimed if i["format"] == "npy"]  # .npy headers carry no identity: a claim must name them
 
-    def ours(name: str) -> bool:
+    def data_file(name: str, path: Path) -> bool:
+        if SafetensorsSink.PATTERN.fullmatch(name):
+            return SafetensorsSink.recognise(name, path, digests, listed)
+        if name.endswith((".npy", ".npy.partial")):
+            return NpySink.recognise(name, path, npy_claims)
+        return False
+
+    def temporary(name: str, path: Path) -> bool:
+        base = name[1:-len(TEMP_SUFFIX)]
+        info = plain_stat(path)
+        if info is None:
+            return False
+        if base == RUN_FILE:
+            return info.st_size == 0 or _starts(path, b'{\n  "fxstore_run"')
+        if folder.record is None:  # every other temporary file is written while a run record exists
+            return False
+        if base == manifest_module.MANIFEST:
+            return info.st_size == 0 or _starts(path, b'{\n  "fxstore_manifest"')
+        return info.st_size == 0 or data_file(base, path)
+
+    def ours(name: str, path: Path) -> bool:
         if name == PROBE:
-            return True
+            info = plain_stat(path)
+            return info is not None and info.st_size == 0
         if name == RUN_FILE:
             return folder.record is not None
-        if name == MANIFEST:
+        if name == manifest_module.MANIFEST:
             return folder.manifest is not None
         if name == LOCK_FILE:
-            return is_lock_file(entries[name])
+            return is_lock_file(path)
+        if name == STAGING_MARKER:
+            return staged is not None
         if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-            base = name[1:-len(TEMP_SUFFIX)]
-            return base in (RUN_FILE, MANIFEST, PROBE) or any(sink.owns(base, files) for sink, files in claims)
-        return any(sink.owns(name, files) for sink, files in claims)
+            return temporary(name, path)
+        return data_file(name, path)
 
     for name, path in sorted(entries.items()):
-        if name in (RUN_FILE, MANIFEST) and any(f.startswith(name + " (") for f in folder.foreign):
+        if name in (RUN_FILE, manifest_module.MANIFEST) and any(f.startswith(name + " (") for f in folder.foreign):
             continue
-        if name == PROGRESS and claims and path.is_dir() and not path.is_symlink():
+        real_dir = path.is_dir() and not path.is_symlink()
+        if name == PROGRESS and real_dir and (identities or staged):
             strays = [p.name for p in path.iterdir()
-                      if not (p.name.isdigit() or (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)))]
+                      if plain_stat(p) is None
+                      or not (p.name.isdigit() or (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)))]
             folder.foreign.extend(f"{PROGRESS}/{s}" for s in strays)
             folder.ours.append(path)
-        elif not path.is_symlink() and path.is_file() and ours(name):
-            folder.ours.append(path)
-        elif name == STAGING and folder.record is not None and path.is_dir() and not path.is_symlink() \
-                and _is_clean_fxstore_folder(path):
+        elif name == STAGING and real_dir and folder.record is not None and _staging_digest(path) is not None:
+            inner = survey(path)
+            folder.foreign.extend(f"{STAGING}/{f}" for f in inner.foreign)
             folder.ours.append(path)  # a shuffled text run's unshuffled rows, an fxstore folder of its own
+        elif not real_dir and ours(name, path):
+            folder.ours.append(path)
         else:
-            folder.foreign.append(name + ("/" if path.is_dir() else ""))
+            folder.foreign.append(name + ("/" if real_dir else ""))
     return folder
 
 
-MANIFEST = manifest_module.MANIFEST
+def _markers(progress: Path) -> list[dict[str, Any]]:
+    if not progress.is_dir() or progress.is_symlink():
+        return []
+    found = []
+    for path in progress.iterdir():
+        if path.name.isdigit() and plain_stat(path) is not None:
+            try:
+                marker = read_json(path, limit=1 << 20)
+            except (OSError, UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(marker, dict) and marker.get("shard") == int(path.name):
+                found.append(marker)
+    return found
+
+
+def _starts(path: Path, prefix: bytes) -> bool:
+    try:
+        return read_small(path).startswith(prefix)
+    except OSError:
+        return False
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"

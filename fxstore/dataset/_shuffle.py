@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ._sinks import Sink
 
-__all__ = ["permutation", "write_permuted"]
+__all__ = ["permutation", "write_permuted", "mapped"]
 
 _ROUNDS = 6
 
@@ -62,10 +62,11 @@ def permutation(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-          "I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+          "I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+          "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "C64": np.complex64}
 
 
-def _mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
     """Every tensor of a safetensors file as a read-only memory map (bfloat16 as uint16 bits)."""
     with open(path, "rb") as f:
         size = struct.unpack("<Q", f.read(8))[0]
@@ -89,7 +90,7 @@ def write_permuted(source: Path, source_manifest: dict[str, Any], sink: Sink, sh
     entries = source_manifest["shards"]
     starts = np.cumsum([0] + [s["count"] for s in entries])
     n = int(starts[-1])
-    maps = [_mapped(source / s["file"]) for s in entries]
+    maps = [mapped(source / s["file"]) for s in entries]
     total = sum(shards[k][1] for k in mine)
     with tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, desc="fxstore shuffle",
               disable=not progress) as bar:

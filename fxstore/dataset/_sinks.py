@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..errors import ConfigError
 from ._checksum import ALGORITHM, digest_bytes, digest_file
-from ._outdir import PROGRESS, atomic_write
+from ._outdir import PROGRESS, atomic_write, plain_stat, read_json
 
 __all__ = ["ArraySpec", "Sink", "SafetensorsSink", "NpySink", "SINKS", "file_stem", "npy_layout"]
 
@@ -64,10 +65,11 @@ class Sink:
 
     name = ""
 
-    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None) -> None:
+    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
         self.out = out
         self.specs = specs
         self.num_samples = num_samples
+        self.identity = identity  # the digest of the run identity, written into each shard's header
 
     # -- files this format writes ---------------------------------------------------------
 
@@ -95,16 +97,22 @@ class Sink:
         for path in folder.iterdir():
             if _MARKER.fullmatch(path.name):
                 try:
-                    marker = json.loads(path.read_text())
+                    marker = read_json(path, limit=1 << 20)
                 except (OSError, ValueError):
                     marker = None
                 if isinstance(marker, dict) and marker.get("shard") == int(path.name):
                     found[int(path.name)] = marker
         return found
 
-    def write_marker(self, shard: int, start: int, count: int, checksum: Any) -> None:
-        """Record ``shard`` as done, with its checksum(s)."""
-        marker = {"shard": shard, "start": start, "count": count, ALGORITHM: checksum}
+    def write_marker(self, shard: int, start: int, count: int, checksum: Any, inputs: str | None = None,
+                     size: int | None = None) -> None:
+        """Record ``shard`` as done, with its checksum(s), file size and the digest of its inputs."""
+        marker: dict[str, Any] = {"shard": shard, "start": start, "count": count}
+        if size is not None:
+            marker["bytes"] = size
+        marker[ALGORITHM] = checksum
+        if inputs is not None:
+            marker["inputs"] = inputs
         atomic_write(self._marker(shard), json.dumps(marker).encode())
 
     def verified_shards(self) -> tuple[set[int], list[str]]:
@@ -145,7 +153,7 @@ class Sink:
         """Turn a finished folder's manifest ``shards`` back into markers (to repair it)."""
         (self.out / PROGRESS).mkdir(exist_ok=True)
         for k, s in enumerate(shards):
-            self.write_marker(k, s["start"], s["count"], s[ALGORITHM])
+            self.write_marker(k, s["start"], s["count"], s[ALGORITHM], s.get("inputs"), s.get("bytes"))
 
     def remove_progress(self) -> None:
         """Remove the markers and their folder (only files fxstore names as markers)."""
@@ -153,7 +161,7 @@ class Sink:
         if not folder.is_dir():
             return
         for path in folder.iterdir():
-            if _MARKER.fullmatch(path.name) or path.name.endswith(".fxstore-tmp"):
+            if (_MARKER.fullmatch(path.name) or path.name.endswith(".fxstore-tmp")) and plain_stat(path) is not None:
                 path.unlink()
         with contextlib.suppress(OSError):
             folder.rmdir()
@@ -178,8 +186,11 @@ class Sink:
         """Take the rows ``start, start + 1, ...`` of ``shard``."""
         raise NotImplementedError
 
-    def finish(self, shard: int, start: int, count: int) -> None:
-        """Make ``shard`` (rows ``start`` to ``start + count``) durable, then mark it done."""
+    def finish(self, shard: int, start: int, count: int, inputs: str | None = None) -> None:
+        """Make ``shard`` (rows ``start`` to ``start + count``) durable, then mark it done.
+
+        ``inputs`` is the digest of the shard's input bytes (recorded to detect changed data on resume).
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -189,6 +200,15 @@ class Sink:
         """Rank 0, after all ranks: final file names; return ``({key: file entry}, shard entries)``."""
         raise NotImplementedError
 
+    def _entry(self, marker: dict[str, Any], start: int, count: int) -> dict[str, Any]:
+        entry: dict[str, Any] = {"start": start, "count": count}
+        if "bytes" in marker:
+            entry["bytes"] = marker["bytes"]
+        entry[ALGORITHM] = marker[ALGORITHM]
+        if "inputs" in marker:
+            entry["inputs"] = marker["inputs"]
+        return entry
+
 
 class SafetensorsSink(Sink):
     """One safetensors file per shard; arrays are keyed by feature key."""
@@ -196,8 +216,8 @@ class SafetensorsSink(Sink):
     name = "safetensors"
     PATTERN = re.compile(r"shard-(\d{5,})\.safetensors")
 
-    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None) -> None:
-        super().__init__(out, specs, num_samples)
+    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
+        super().__init__(out, specs, num_samples, identity)
         self._parts: dict[int, list[dict[str, torch.Tensor]]] = {}
 
     @staticmethod
@@ -217,13 +237,6 @@ class SafetensorsSink(Sink):
         super().forget(shard)
         (self.out / self.shard_file(shard)).unlink(missing_ok=True)
 
-    def restore(self, shards: list[dict[str, Any]]) -> None:
-        (self.out / PROGRESS).mkdir(exist_ok=True)
-        for k, s in enumerate(shards):
-            marker = {"shard": k, "start": s["start"], "count": s["count"], "bytes": s["bytes"],
-                      ALGORITHM: s[ALGORITHM]}
-            atomic_write(self._marker(k), json.dumps(marker).encode())
-
     def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
         row = sum(s.row_bytes for s in self.specs)
         header = 256 + 128 * len(self.specs)
@@ -232,21 +245,33 @@ class SafetensorsSink(Sink):
     def write(self, shard: int, start: int, arrays: dict[str, torch.Tensor]) -> None:
         self._parts.setdefault(shard, []).append(arrays)
 
-    def finish(self, shard: int, start: int, count: int) -> None:
+    def finish(self, shard: int, start: int, count: int, inputs: str | None = None) -> None:
         parts = self._parts.pop(shard)
         tensors = {s.key: torch.cat([p[s.key] for p in parts]).contiguous() for s in self.specs}
         # one metadata entry: safetensors writes a metadata map in hash order, which differs between processes
-        metadata = {"fxstore": json.dumps({"shard": shard, "start": start, "count": count})}
-        data = safetensors_bytes(tensors, metadata=metadata)
+        record = {"shard": shard, "start": start, "count": count, "identity": self.identity, "inputs": inputs}
+        data = safetensors_bytes(tensors, metadata={"fxstore": json.dumps(record)})
         atomic_write(self.out / self.shard_file(shard), data)
-        marker = {"shard": shard, "start": start, "count": count, "bytes": len(data), ALGORITHM: digest_bytes(data)}
-        atomic_write(self._marker(shard), json.dumps(marker).encode())
+        self.write_marker(shard, start, count, digest_bytes(data), inputs, size=len(data))
 
     def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         markers = self.markers()
-        entries = [{"file": self.shard_file(k), "start": start, "count": count, "bytes": markers[k]["bytes"],
-                    ALGORITHM: markers[k][ALGORITHM]} for k, (start, count) in sorted(shards.items())]
+        entries = [{"file": self.shard_file(k), **self._entry(markers[k], start, count)}
+                   for k, (start, count) in sorted(shards.items())]
         return {}, entries
+
+    @classmethod
+    def recognise(cls, name: str, path: Path, digests: set[str], listed: dict[str, Any]) -> bool:
+        """Whether ``path`` is a shard fxstore wrote: its header names this shard and one of the run
+        identities ``digests``, or the manifest ``listed`` it with exactly its size (a damaged header)."""
+        match = cls.PATTERN.fullmatch(name)
+        info = plain_stat(path)
+        if match is None or info is None:
+            return False
+        record = header_record(path)
+        if record is not None and record.get("shard") == int(match.group(1)) and record.get("identity") in digests:
+            return True
+        return name in listed and listed[name] == info.st_size
 
 
 class NpySink(Sink):
@@ -254,8 +279,8 @@ class NpySink(Sink):
 
     name = "npy"
 
-    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None) -> None:
-        super().__init__(out, specs, num_samples)
+    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
+        super().__init__(out, specs, num_samples, identity)
         if num_samples is None:
             raise ConfigError(
                 "format='npy' needs the number of samples before the run, but the data does not say.\n"
@@ -282,6 +307,40 @@ class NpySink(Sink):
     @staticmethod
     def owns(name: str, files: list[str]) -> bool:
         return name in files or (name.startswith(".") and name.endswith(".partial") and name[1:-8] in files)
+
+    @staticmethod
+    def layouts(identity: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+        """``{file name: (shape, dtype, file size)}`` of every ``.npy`` file a run ``identity`` writes."""
+        n = int(identity["num_samples"])
+        arrays = dict(identity["features"])
+        if identity.get("target") is not None:
+            arrays["target"] = identity["target"]
+        found = {}
+        for key, entry in arrays.items():
+            dtype = np.dtype(entry["dtype"])
+            shape = (n, *(int(d) for d in entry["shape"]))
+            size = _header_bytes(dtype, shape) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            found[file_stem(key) + ".npy"] = (shape, dtype, size)
+        return found
+
+    @classmethod
+    def recognise(cls, name: str, path: Path, identities: list[dict[str, Any]]) -> bool:
+        """Whether ``path`` (``X.npy`` or ``.X.npy.partial``) is a file one of the run ``identities`` writes:
+        a regular file whose ``.npy`` header says exactly that array's shape and dtype."""
+        base = name[1:-len(".partial")] if name.startswith(".") and name.endswith(".partial") else name
+        if plain_stat(path) is None:
+            return False
+        layout = None
+        for identity in identities:
+            try:
+                expected = cls.layouts(identity).get(base)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if expected is not None:
+                layout = npy_layout(path) if layout is None else layout
+                if layout is not None and layout[:2] == expected[:2]:
+                    return True
+        return False
 
     def _partial(self, key: str) -> Path:
         return self.out / f".{self.names[key]}.partial"
@@ -354,12 +413,12 @@ class NpySink(Sink):
                 )
             array[start:start + len(rows)] = rows
 
-    def finish(self, shard: int, start: int, count: int) -> None:
+    def finish(self, shard: int, start: int, count: int, inputs: str | None = None) -> None:
         sums = {}
         for key, array in self._maps.items():
             array.flush()
             sums[key] = digest_bytes(memoryview(np.ascontiguousarray(array[start:start + count])).cast("B"))
-        self.write_marker(shard, start, count, sums)
+        self.write_marker(shard, start, count, sums, inputs)
 
     def close(self) -> None:
         for array in self._maps.values():
@@ -368,8 +427,7 @@ class NpySink(Sink):
 
     def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         markers = self.markers()
-        entries = [{"start": start, "count": count, ALGORITHM: markers[k][ALGORITHM]}
-                   for k, (start, count) in sorted(shards.items())]
+        entries = [self._entry(markers[k], start, count) for k, (start, count) in sorted(shards.items())]
         files = {}
         for s in self.specs:
             final = self.out / self.names[s.key]
@@ -380,9 +438,10 @@ class NpySink(Sink):
 
 def check_file(path: Path, name: str, size: Any, checksum: Any) -> str | None:
     """Why a data file does not match its recorded size and checksum (``None``: it matches)."""
-    if path.is_symlink() or not path.is_file():
-        return f"{name}: missing" if not path.exists() else f"{name}: not a plain file"
-    actual = path.stat().st_size
+    info = plain_stat(path)
+    if info is None:
+        return f"{name}: missing" if not os.path.lexists(path) else f"{name}: not a plain file"
+    actual = info.st_size
     if size is not None and actual != size:
         return f"{name}: {actual} bytes, {size} recorded (truncated or extended)"
     if checksum is not None and digest_file(path) != checksum:
@@ -393,13 +452,34 @@ def check_file(path: Path, name: str, size: Any, checksum: Any) -> str | None:
 def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
     """``(shape, dtype, data offset)`` from a ``.npy`` header, or ``None`` if it is not one."""
     try:
-        with open(path, "rb") as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
             return (tuple(shape), dtype, f.tell()) if not fortran else None
     except (OSError, ValueError, SyntaxError):
         return None
+
+
+def header_record(path: Path) -> dict[str, Any] | None:
+    """The fxstore record in a safetensors file's header (``{"shard", "start", "count", "identity"}``), read
+    without following links or reading the data; ``None`` if the file has none."""
+    if plain_stat(path) is None:  # a link, FIFO or device is never opened
+        return None
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 0 < size <= _HEADER_LIMIT:
+                return None
+            header = json.loads(f.read(size))
+        record = json.loads(header["__metadata__"]["fxstore"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+_HEADER_LIMIT = 100 << 20  # safetensors' own limit on a header
 
 
 def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:

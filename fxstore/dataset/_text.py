@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,11 @@ from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError
 from . import _distributed, _shuffle, manifest
 from . import _extract as _folder
+from ._checksum import identity_digest
 from ._compute import first_batch_errors
 from ._lock import FolderLock
 from ._outdir import STAGING, os_errors
+from ._ownership import remove_staging, start_staging
 from ._sinks import SINKS, ArraySpec, Sink
 from ._text_batches import TextBatch, TextPlan, make_text_plan
 from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
@@ -210,11 +212,19 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
                           "padding_side": "left" if plan.left else "right", "pad_token_id": plan.pad_id},
             "rows": "one per token: " + ", ".join(TOKEN_COLUMNS) + " and the layers",
             "num_sequences": len(seqs), "num_tokens": int(len(seqs.ids)), "dropped_tokens": seqs.dropped,
+            "tokens": _tokens_digest(seqs.ids, seqs.offsets),
             "max_length": None if text.context_length else text.max_length,
             "context_length": text.context_length, "skip_special": text.skip_special,
             "shuffle": text.shuffle, "pad_to": text.pad_to,
         },
     }
+
+
+def _tokens_digest(ids: np.ndarray, offsets: np.ndarray) -> str:
+    """The content of the data as the model sees it: every token id and where each sequence starts."""
+    digest = hashlib.sha256(np.ascontiguousarray(offsets, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    return f"sha256:{digest.hexdigest()}"
 
 
 @dataclasses.dataclass
@@ -245,7 +255,7 @@ def _mine(shards: list[int], done: set[int], ranks: _distributed.Ranks) -> list[
 
 def _run(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path, identity: dict[str, Any],
          device: torch.device, o: Any, ranks: _distributed.Ranks) -> dict[str, Any]:
-    sink = SINKS[o.format](out, specs, plan.num_rows)
+    sink = SINKS[o.format](out, specs, plan.num_rows, identity_digest(identity))
     rows = _Rows(plan.shards, plan.num_rows)
     lock = FolderLock(out)
     try:
@@ -303,26 +313,34 @@ def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[Array
     n = plan.num_rows
     shards = {k: (k * o.shard_size, min(o.shard_size, n - k * o.shard_size)) for k in range(-(-n // o.shard_size))}
     rows = _Rows(shards, n)
-    sink = SINKS[o.format](out, specs, n)
+    sink = SINKS[o.format](out, specs, n, identity_digest(identity))
     lock = FolderLock(out)
     try:
         decision = _start(out, identity, sink, rows, o, ranks, lock)
         if "complete" in decision:
             return decision["complete"]
         unshuffled_identity = {**identity, "format": "safetensors", "text": {**identity["text"], "shuffle": None}}
-        source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
-                      dataclasses.replace(o, format="safetensors", overwrite=False), ranks)
-        mine = _mine(sorted(shards), set(decision["done"]), ranks)
-        sink.open()
-        try:
-            _shuffle.write_permuted(staging, source, sink, shards, mine, seed, progress=o.progress and ranks.main)
-        finally:
-            with os_errors(out):
-                sink.close()
+        left = [k for k in sorted(shards) if k not in set(decision["done"])]
+        if left:  # every output shard done (a kill while the staging folder was removed): it is not needed
+            if ranks.main:
+                with os_errors(staging):
+                    start_staging(staging, unshuffled_identity)  # its marker first: recognised in any partial state
+            ranks.barrier()
+            source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
+                          dataclasses.replace(o, format="safetensors", overwrite=False), ranks)
+            mine = _mine(sorted(shards), set(decision["done"]), ranks)
+            sink.open()
+            try:
+                _shuffle.write_permuted(staging, source, sink, shards, mine, seed, progress=o.progress and ranks.main)
+            finally:
+                with os_errors(out):
+                    sink.close()
         ranks.barrier()
         result = None
         if ranks.main:
-            shutil.rmtree(staging)  # before the manifest: a finished folder holds only the shuffled rows
+            if staging.is_dir():
+                with os_errors(out):
+                    remove_staging(staging)  # before the manifest: a finished folder holds only the shuffled rows
             result = _folder._finish(out, identity, rows, sink, o.command)
         return ranks.from_main(result)
     finally:

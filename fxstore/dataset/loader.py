@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ConfigError
 from .manifest import read_manifest
@@ -16,7 +17,7 @@ from .manifest import read_manifest
 __all__ = ["BatchLoader"]
 
 
-class BatchLoader:
+class BatchLoader(IterableDataset):
     """Batches of rows from a finished safetensors folder, shuffled in bounded memory.
 
     Each epoch visits every row once: the shards in a seeded random order, read
@@ -24,6 +25,12 @@ class BatchLoader:
     into the next buffer). Memory stays about ``buffer_shards`` shards. A folder written with
     ``shuffle=SEED`` is shuffled across the whole dataset already; ``shuffle=False`` then
     reads it in order at full speed.
+
+    It is an ``IterableDataset``: inside ``DataLoader(loader, batch_size=None, num_workers=W)``
+    every worker reads its own share of the epoch's shards (and under ``torch.distributed``,
+    every rank its share first), so together they still visit every row once. Each worker then
+    carries its own leftover rows, so up to one smaller batch per worker and rank ends an epoch
+    (``len(loader)`` counts the batches of one process reading all shards).
 
     Args:
         out: The output folder (safetensors format).
@@ -78,9 +85,22 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.num_rows // self.batch_size if self.drop_last else -(-self.num_rows // self.batch_size)
 
+    def _share(self) -> tuple[int, int]:
+        """``(index, count)`` of this reader among every rank's workers."""
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        worker = get_worker_info()
+        workers, wid = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        return rank * workers + wid, world * workers
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.files)) if self.shuffle else np.arange(len(self.files))
+        index, count = self._share()
+        if count > 1:  # the same shard order everywhere (same seed), each reader its slice; rows mixed per reader
+            order = order[index::count]
+            rng = np.random.default_rng([self.seed, self.epoch, index])
         carry: dict[str, torch.Tensor] | None = None
         for lo in range(0, len(order), self.buffer_shards):
             parts = [load_file(self.files[i]) for i in order[lo:lo + self.buffer_shards]]

@@ -14,7 +14,7 @@ no timestamp either; only ``command`` and ``versions`` can differ between equiva
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ._checksum import ALGORITHM
-from ._outdir import RUN_FILE, OutputError, atomic_write_json
+from ._outdir import RUN_FILE, OutputError, atomic_write_json, plain_stat, read_json
 from ._sinks import SINKS
 
 __all__ = ["MANIFEST", "read_manifest", "validate", "model_fingerprint"]
@@ -86,8 +86,11 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
         6
     """
     path = Path(out) / MANIFEST
-    if not path.is_file() or (Path(out) / RUN_FILE).is_file():
-        running = (Path(out) / RUN_FILE).is_file()
+    if not Path(out).is_dir():
+        what = "does not exist" if not Path(out).exists() else "is not a folder"
+        raise OutputError(f"'{out}' {what}.\nHint: pass the output folder of an extraction (its out=...).")
+    running = plain_stat(Path(out) / RUN_FILE) is not None
+    if not os.path.lexists(path) or running:
         why = "an interrupted run is in it" if running else "nothing fxstore wrote is in it"
         raise OutputError(
             f"'{out}' holds no finished extraction (no {MANIFEST}); {why}.\n"
@@ -105,9 +108,11 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 def parse(path: Path) -> tuple[dict[str, Any], str | None]:
     """``(manifest, None)``, or ``({}, why it is not a valid fxstore manifest)``."""
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return {}, f"not readable JSON ({type(e).__name__})"
+        manifest = read_json(path)
+    except OSError as e:  # a link, FIFO, device, or too large: never opened or read past the limit
+        return {}, f"not readable JSON ({e.strerror or e})"
+    except (UnicodeDecodeError, ValueError) as e:
+        return {}, f"not readable JSON ({type(e).__name__}{': ' + str(e) if 'nested' in str(e) else ''})"
     problem = validate(manifest)
     return (manifest, None) if problem is None else ({}, problem)
 
@@ -184,6 +189,9 @@ def _check(m: Any) -> None:
                  f"shard {k} starts at {shard.get('start')}, not at {start} where shard {k - 1} ended")
         start += _count(shard.get("count"), f"the count of shard {k}")
         sums = shard.get(ALGORITHM)
+        inputs = shard.get("inputs")
+        _require(inputs is None or (isinstance(inputs, str) and _DIGEST.fullmatch(inputs) is not None),
+                 f"shard {k} has a malformed inputs digest")
         if fmt == "safetensors":
             name = shard.get("file")
             _require(name == f"shard-{k:05d}.safetensors",
@@ -202,11 +210,41 @@ def _check(m: Any) -> None:
              "features differ from the run identity")
 
 
+def consistency(m: dict[str, Any]) -> list[str]:
+    """How a (valid) manifest's counts, shards and target disagree with its own run identity.
+
+    The identity fixes the number of samples, whether a target is stored and, for map-style
+    datasets and shuffled text, every shard's rows (``shard_size`` each, the last one the rest).
+    A manifest that lost shards, rows or its target is caught here.
+    """
+    identity, problems = m["identity"], []
+    n = identity.get("num_samples")
+    if n is not None and m["num_samples"] != n:
+        problems.append(f"{MANIFEST} lists {m['num_samples']} samples, its run identity {n}")
+    if (m.get("target") is None) != (identity.get("target") is None):
+        problems.append(f"{MANIFEST} {'drops' if m.get('target') is None else 'adds'} the target of its run identity")
+    if set(m["features"]) != set(identity.get("features", {})):
+        problems.append(f"{MANIFEST} lists other features than its run identity")
+    text = identity.get("text")
+    fixed = (identity.get("batch_size") is not None and text is None) or (text or {}).get("shuffle") is not None
+    size = identity.get("shard_size")
+    if n is not None and fixed and isinstance(size, int) and size > 0:
+        layout = [(k * size, min(size, n - k * size)) for k in range(-(-n // size))]
+        if [(s["start"], s["count"]) for s in m["shards"]] != layout:
+            problems.append(f"{MANIFEST} lists {len(m['shards'])} shards, its run identity gives {len(layout)} "
+                            f"of {size} samples")
+    return problems
+
+
 def describe_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Readable differences between two run identities."""
     out = []
     for key, label in _NAMES.items():
-        if old.get(key) != new.get(key):
+        if key == "text" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict) \
+                and {**old[key], "tokens": None} == {**new[key], "tokens": None} and old[key] != new[key]:
+            out.append(f"data: its tokens differ ({str(old[key].get('tokens'))[:19]} before, "
+                       f"{str(new[key].get('tokens'))[:19]} now: the text was changed)")
+        elif old.get(key) != new.get(key):
             a, b = _short(old.get(key)), _short(new.get(key))
             out.append(f"{label}: {a} before, {b} now")
     return out
