@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -77,22 +78,14 @@ def alarm():
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_user_shard_name_past_the_manifest_is_never_deleted(tmp_path, reference, overwrite):
-    out = finished(tmp_path, "safetensors", reference)
-    (out / "shard-00042.safetensors").write_text("mine\n")
+@pytest.mark.parametrize(("format", "name"), [("safetensors", "shard-00042.safetensors"), ("npy", ".fc.npy.partial")],
+                         ids=["shard-past-the-manifest", "npy-partial"])
+def test_a_user_file_with_an_fxstore_name_is_never_deleted(tmp_path, reference, overwrite, format, name):
+    out = finished(tmp_path, format, reference)
+    (out / name).write_text("mine\n")
     before = snapshot(out)
-    with pytest.raises(OutputError, match=r"did not write \(shard-00042.safetensors\)"):
-        run(out, "safetensors", overwrite=overwrite)
-    assert snapshot(out) == before
-
-
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_a_user_partial_name_in_an_npy_folder_is_never_deleted(tmp_path, reference, overwrite):
-    out = finished(tmp_path, "npy", reference)
-    (out / ".fc.npy.partial").write_text("mine\n")
-    before = snapshot(out)
-    with pytest.raises(OutputError, match=r"did not write \(.fc.npy.partial\)"):
-        run(out, "npy", overwrite=overwrite)
+    with pytest.raises(OutputError, match=rf"did not write \({re.escape(name)}\)"):
+        run(out, format, overwrite=overwrite)
     assert snapshot(out) == before
 
 
