@@ -93,11 +93,27 @@ def _kill_at(proc: subprocess.Popen, out: Path, events: int, extra: float, tree:
             time.sleep(0.005)
         time.sleep(extra)
     finally:
-        for pid in (_descendants(proc.pid) if tree else []):  # torchrun's ranks run in sessions of their own
+        ranks = _descendants(proc.pid) if tree else []  # torchrun's ranks run in sessions of their own
+        for pid in ranks:
             os.kill(pid, signal.SIGKILL)
         proc.kill()
         proc.wait()
+        _wait_gone(ranks)
     return _events(out)
+
+
+def _wait_gone(pids: list[int]) -> None:
+    """Wait until every killed rank has exited (gone, or a zombie): only then are its locks released."""
+    deadline = time.monotonic() + 30
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.01)
 
 
 def _descendants(pid: int) -> list[int]:
