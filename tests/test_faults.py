@@ -103,17 +103,30 @@ def _kill_at(proc: subprocess.Popen, out: Path, events: int, extra: float, tree:
 
 
 def _wait_gone(pids: list[int]) -> None:
-    """Wait until every killed rank has exited (gone, or a zombie): only then are its locks released."""
+    """Wait until every thread of every killed rank has exited: only then is its folder lock released.
+
+    A rank whose main thread is already a zombie can have other threads still exiting that hold its descriptors
+    (and so the lock), so each thread's state is read, not the process's.
+    """
     deadline = time.monotonic() + 30
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                break
-            if state in ("Z", "X"):
-                break
+        while time.monotonic() < deadline and not all(state in ("Z", "X", None) for state in _thread_states(pid)):
             time.sleep(0.01)
+
+
+def _thread_states(pid: int) -> list[str | None]:
+    """The state letter of each thread of ``pid`` (None for one that vanished while read)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    states = []
+    for task in tasks:
+        try:
+            states.append(Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            states.append(None)
+    return states
 
 
 def _descendants(pid: int) -> list[int]:
