@@ -1,13 +1,14 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
-from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
+from .dataset import BatchLoader, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
     FxStoreError,
     GradientNotReadyError,
     InvalidLayerError,
     LayerNotFoundError,
+    OutputError,
     TraceError,
 )
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxstore
 from fxstore import ConfigError, FeatureExtractor, LayerNotFoundError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 from fxstore.dataset.reader import ShardedArray, load_features
 
 FORMATS = ["safetensors", "npy"]

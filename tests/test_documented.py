@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import fxstore
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 from fxstore.dataset.reader import load_features
 
 

@@ -30,7 +30,7 @@ from dataset_helpers import run_extraction as _run_extraction
 
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 from fxstore.dataset.reader import load_features
 
 HELPERS = Path(__file__).with_name("dataset_helpers.py")
@@ -411,7 +411,7 @@ import hashlib, json, os, subprocess, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
 import fxstore.dataset._extract as extract
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 out, fmt = sys.argv[1], sys.argv[2]
 result = {}
 def attempt(name):
@@ -469,7 +469,7 @@ import os, resource, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
 import fxstore.dataset._extract as extract
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 extract.check_free_space = lambda out, needed: None
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))
 try:

@@ -21,7 +21,7 @@ from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 import fxstore
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
+from fxstore.errors import OutputError
 from fxstore.dataset.reader import load_features
 
 FORMATS = ["safetensors", "npy"]

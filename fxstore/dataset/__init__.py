@@ -1,7 +1,7 @@
 """Dataset extraction: batches, compute loop, sinks, output folder, manifest, reader, ranks."""
 
 from ._extract import extract_dataset
-from ._outdir import OutputError
+from ..errors import OutputError
 from .loader import BatchLoader
 from .manifest import read_manifest
 from .reader import ShardedArray, load_features, verify_folder

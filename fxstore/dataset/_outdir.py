@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import FxStoreError
+from ..errors import OutputError
 
 __all__ = ["OutputError", "NotPlainFile", "atomic_write", "atomic_write_json", "check_writable", "check_free_space",
            "os_errors", "read_small", "read_json"]
@@ -38,10 +38,6 @@ JSON_LIMIT = 256 << 20
 JSON_DEPTH = 32
 """The deepest nesting fxstore accepts in a manifest or run record (its own are 4 deep)."""
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class OutputError(FxStoreError):
-    """The output folder cannot hold the result: unwritable, full, or holding another run."""
 
 
 def temp_path(path: Path) -> Path:
