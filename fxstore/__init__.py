@@ -11,9 +11,9 @@ from .errors import (
     OutputError,
     TraceError,
 )
+from ._version import __version__
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FeatureExtractor",

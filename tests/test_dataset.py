@@ -212,7 +212,7 @@ def test_unwritable_output_is_refused_before_computing(tmp_path):
 def test_too_little_disk_space_is_refused_before_computing(tmp_path, monkeypatch):
     import shutil
 
-    import fxstore.dataset._outdir as outdir
+    import fxstore.dataset.folder.files as outdir
 
     monkeypatch.setattr(outdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
     with pytest.raises(OutputError, match=r"needs about 2\.\d KiB but its disk has 100\.0 B free"):

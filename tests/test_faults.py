@@ -349,7 +349,7 @@ def test_a_file_added_to_a_finished_folder_is_kept_and_the_folder_refused(tmp_pa
 
 
 def test_failed_npy_preallocation_is_never_reused_for_other_data(tmp_path, monkeypatch):
-    import fxstore.dataset._sinks as sinks
+    import fxstore.dataset.formats.npy as sinks
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -18,11 +18,11 @@ import torch
 from tqdm import tqdm
 
 from ..capture.extractor import FeatureExtractor
-from ..errors import ConfigError, FxStoreError
+from ..errors import ConfigError, FxStoreError, OutputError
 from . import _distributed
 from ._batches import Batch, Plan, batch_size_of, pick
-from ._outdir import OutputError, os_errors
-from ._sinks import ArraySpec, Sink
+from .folder.files import os_errors
+from .formats import ArraySpec, Sink
 from ._writer import BackgroundWriter
 
 __all__ = ["TARGET", "probe", "compute", "inputs_digest"]

@@ -31,24 +31,18 @@ from ..capture._selection import Layers
 from ..capture._tracing import modes_restored
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError, FxStoreError
-from . import _distributed, manifest
+from ..errors import OutputError
+from . import _distributed, formats
 from ._batches import Plan, make_plan
-from ._checksum import identity_digest
 from ._compute import TARGET, changed_inputs, compute, inputs_digest, probe
-from ._lock import FolderLock
-from ._outdir import (
-    PROGRESS,
-    RUN_FILE,
-    TEMP_SUFFIX,
-    OutputError,
-    check_free_space,
-    check_writable,
-    os_errors,
-    plain_stat,
-)
-from ._ownership import survey, write_run_record
 from ._reduce import build_extractors
-from ._sinks import SINKS, ArraySpec, Sink
+from .folder import manifest
+from .folder.checksums import identity_digest
+from .folder.files import check_free_space, check_writable, os_errors, plain_stat
+from .folder.lock import FolderLock
+from .folder.names import MANIFEST, PROGRESS, RUN_FILE, TEMP_SUFFIX
+from .folder.ownership import survey, write_run_record
+from .formats import ArraySpec, Sink
 from .reader import verify_folder
 
 _log = logging.getLogger("fxstore.dataset")
@@ -215,8 +209,8 @@ def check_layers(model: nn.Module, layers: Any) -> None:
 
 
 def _check_options(format: str, batch_size: int, shard_size: int, num_workers: int) -> None:
-    if format not in SINKS:
-        raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {sorted(SINKS)}.")
+    if format not in formats.FORMATS:
+        raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {formats.NAMES}.")
     for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
                              ("num_workers", num_workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -234,7 +228,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
             plan, first = make_plan(data, o.shard_size, o.collate_fn)
             specs = probe(extractors, first, o, device)
             identity = _identity(model, specs, reduction_of, plan, o)
-            sink = SINKS[o.format](out, specs, plan.num_samples, identity_digest(identity))
+            sink = formats.get(o.format)(out, specs, plan.num_samples, identity_digest(identity))
             decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
             if "error" in decision:
                 raise decision["error"]
@@ -381,7 +375,7 @@ def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Op
                 if shards is not None:
                     check_free_space(out, sink.bytes_needed(set(), shards))
                 write_run_record(out, identity, sink.files)
-            (out / manifest.MANIFEST).unlink(missing_ok=True)  # from a finish or repair that was interrupted
+            (out / MANIFEST).unlink(missing_ok=True)  # from a finish or repair that was interrupted
             for path in folder.ours:
                 if path.name.endswith(TEMP_SUFFIX):
                     path.unlink(missing_ok=True)

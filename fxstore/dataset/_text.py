@@ -31,14 +31,16 @@ from tqdm import tqdm
 
 from ..capture.extractor import FeatureExtractor
 from ..errors import ConfigError
-from . import _distributed, _shuffle, manifest
+from . import _distributed, _shuffle, formats
 from . import _extract as _folder
-from ._checksum import identity_digest
 from ._compute import first_batch_errors
-from ._lock import FolderLock
-from ._outdir import STAGING, os_errors
-from ._ownership import remove_staging, start_staging
-from ._sinks import SINKS, ArraySpec, Sink
+from .folder import manifest
+from .folder.checksums import identity_digest
+from .folder.files import os_errors
+from .folder.lock import FolderLock
+from .folder.names import STAGING
+from .folder.ownership import remove_staging, start_staging
+from .formats import ArraySpec, Sink
 from ._text_batches import TextBatch, TextPlan, make_text_plan
 from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
 from ._writer import BackgroundWriter
@@ -255,7 +257,7 @@ def _mine(shards: list[int], done: set[int], ranks: _distributed.Ranks) -> list[
 
 def _run(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path, identity: dict[str, Any],
          device: torch.device, o: Any, ranks: _distributed.Ranks) -> dict[str, Any]:
-    sink = SINKS[o.format](out, specs, plan.num_rows, identity_digest(identity))
+    sink = formats.get(o.format)(out, specs, plan.num_rows, identity_digest(identity))
     rows = _Rows(plan.shards, plan.num_rows)
     lock = FolderLock(out)
     try:
@@ -313,7 +315,7 @@ def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[Array
     n = plan.num_rows
     shards = {k: (k * o.shard_size, min(o.shard_size, n - k * o.shard_size)) for k in range(-(-n // o.shard_size))}
     rows = _Rows(shards, n)
-    sink = SINKS[o.format](out, specs, n, identity_digest(identity))
+    sink = formats.get(o.format)(out, specs, n, identity_digest(identity))
     lock = FolderLock(out)
     try:
         decision = _start(out, identity, sink, rows, o, ranks, lock)
