@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxstore
 from fxstore import ConfigError, FeatureExtractor, LayerNotFoundError
 from fxstore.dataset import extract_dataset
-from fxstore.errors import OutputError
 from fxstore.dataset.reader import ShardedArray, load_features
+from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
 

@@ -30,8 +30,8 @@ from dataset_helpers import run_extraction as _run_extraction
 
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.errors import OutputError
 from fxstore.dataset.reader import load_features
+from fxstore.errors import OutputError
 
 HELPERS = Path(__file__).with_name("dataset_helpers.py")
 FORMATS = ["safetensors", "npy"]
@@ -410,7 +410,7 @@ _DISK_SCRIPT = r"""
 import hashlib, json, os, subprocess, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
-import fxstore.dataset._extract as extract
+import fxstore.dataset.run as extract
 from fxstore.errors import OutputError
 out, fmt = sys.argv[1], sys.argv[2]
 result = {}
@@ -468,7 +468,7 @@ _FSIZE_SCRIPT = r"""
 import os, resource, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
-import fxstore.dataset._extract as extract
+import fxstore.dataset.run as extract
 from fxstore.errors import OutputError
 extract.check_free_space = lambda out, needed: None
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))

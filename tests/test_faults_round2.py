@@ -21,8 +21,8 @@ from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 import fxstore
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.errors import OutputError
 from fxstore.dataset.reader import load_features
+from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
 N = 24
