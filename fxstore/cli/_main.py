@@ -27,6 +27,7 @@ from ..dataset import FORMATS
 from ..errors import FxStoreError
 from . import _export_cmd
 from ._node_table import format_table, node_rows
+from .hints import flag_hint
 
 __all__ = ["main"]
 
@@ -214,7 +215,7 @@ def _command(argv: Sequence[str]) -> str:
     return shlex.join(["fxstore", *argv])
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: str | BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
@@ -243,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (FxStoreError, OSError) as e:  # refused input, unreadable data file
-        print(f"fxstore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"fxstore {args.command}: error: {_one_line(flag_hint(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fxstore {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)

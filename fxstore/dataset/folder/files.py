@@ -181,8 +181,8 @@ def check_free_space(out: Path, needed: int) -> None:
     if needed > free:
         raise OutputError(
             f"the output folder '{out}' needs about {_size(needed)} but its disk has {_size(free)} free.\n"
-            "Hint: free space, write elsewhere (--out), store fewer layers, pool them (--pool avg) "
-            "or use a smaller dtype (--dtype float16)."
+            "Hint: free space, write elsewhere (out=...), store fewer layers, pool them (reduce='avg') "
+            "or use a smaller dtype (dtype='float16')."
         )
 
 
