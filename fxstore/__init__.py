@@ -1,5 +1,6 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
+from ._version import __version__ as __version__
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
 from .dataset import BatchLoader, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
@@ -11,9 +12,7 @@ from .errors import (
     OutputError,
     TraceError,
 )
-from ._version import __version__
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
-
 
 __all__ = [
     "FeatureExtractor",
