@@ -235,7 +235,8 @@ def test_console_script_module_runs_and_fails_cleanly(tmp_path):
 
 def test_demo_runs_the_cli_on_the_embedded_default():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-m", "fxstore.demo"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "tools.demo"], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-2000:]
     for expected in ("$ fxstore nodes resnet18", "layer4.1.relu_1", "$ fxstore extract resnet18", '"num_samples"',
                      "fxstore.load_features("):
