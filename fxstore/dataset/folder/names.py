@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["TEMP_SUFFIX", "STAGING", "RUN_FILE", "PROGRESS", "PROBE", "STAGING_MARKER", "LOCK_FILE", "MANIFEST",
            "temp_path", "is_temp", "marker_name", "is_marker", "shard_file", "SHARD_PATTERN", "file_stem",
-           "array_file", "partial_name", "partial_base", "plain_name", "temp_base"]
+           "array_file", "ARRAY_SUFFIX", "is_array_file", "partial_name", "partial_base", "plain_name", "temp_base"]
 
 TEMP_SUFFIX = ".fxstore-tmp"
 """Suffix of the hidden temporary file every file is written under before its rename."""
@@ -82,9 +82,18 @@ def file_stem(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
+ARRAY_SUFFIX = ".npy"
+"""The suffix of an ``npy`` folder's array files."""
+
+
 def array_file(key: str) -> str:
     """The ``.npy`` file of one stored array."""
-    return file_stem(key) + ".npy"
+    return file_stem(key) + ARRAY_SUFFIX
+
+
+def is_array_file(name: str, partial: bool = False) -> bool:
+    """Whether ``name`` has the form of an array file (``X.npy``; with ``partial``, also ``.X.npy.partial``)."""
+    return name.endswith(ARRAY_SUFFIX) or (partial and name.endswith(ARRAY_SUFFIX + _PARTIAL))
 
 
 def partial_name(name: str) -> str:

@@ -18,7 +18,7 @@ from numpy.lib.format import open_memmap
 from ...errors import ConfigError
 from ..folder.checksums import ALGORITHM, digest_bytes, digest_file, is_digest
 from ..folder.files import plain_stat
-from ..folder.names import array_file, partial_base, partial_name, plain_name
+from ..folder.names import array_file, is_array_file, partial_base, partial_name, plain_name
 from .base import ArraySpec, Claims, Sink, arrays_of, check_file
 
 __all__ = ["NpySink", "npy_layout"]
@@ -61,12 +61,12 @@ class NpySink(Sink):
 
     @staticmethod
     def matches(name: str) -> bool:
-        return name.endswith((".npy", ".npy.partial"))
+        return is_array_file(name, partial=True)
 
     @staticmethod
     def validate_array(key: str, entry: dict[str, Any], files: set[str]) -> str | None:
         name = entry.get("file")
-        if not (plain_name(name) and str(name).endswith(".npy")):
+        if not (plain_name(name) and is_array_file(str(name))):
             return f"the file of {key!r} is {name!r}, not a .npy file name inside the folder"
         if name in files:
             return f"two arrays name the file {name!r}"
