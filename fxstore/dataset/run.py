@@ -31,7 +31,8 @@ from .folder import manifest
 from .folder.files import check_free_space, check_writable, os_errors, plain_stat
 from .folder.lock import FolderLock
 from .folder.names import MANIFEST, PROGRESS, RUN_FILE, TEMP_SUFFIX
-from .folder.ownership import survey, write_run_record
+from .folder.ownership import survey
+from .folder.record import write_run_record
 from .formats import Sink
 from .reader import verify_folder
 

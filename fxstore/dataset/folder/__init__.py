@@ -4,7 +4,9 @@
 * ``files`` -- atomic writes, safe reads, the early checks (writable, free space), ``OSError`` translation;
 * ``checksums`` -- the digests of data files and of a run's identity;
 * ``lock`` -- one writer per folder (``flock``);
-* ``ownership`` -- which entries fxstore wrote, the run record, the staging folder;
+* ``record`` -- the run record, written before any data file;
+* ``progress`` -- the per-shard progress markers of a run in progress;
+* ``ownership`` -- which entries fxstore wrote, the staging folder;
 * ``manifest`` -- the manifest: written last, validated before use.
 
 The data files themselves belong to the formats (``dataset.formats``), which these modules ask.

@@ -29,7 +29,7 @@ from ...errors import OutputError
 from .. import formats
 from . import manifest as manifest_module
 from .checksums import identity_digest
-from .files import atomic_write_json, create_exclusive, plain_stat, read_json, read_small
+from .files import create_exclusive, plain_stat, read_json, read_small
 from .lock import is_lock_file
 from .names import (
     LOCK_FILE,
@@ -42,11 +42,10 @@ from .names import (
     is_temp,
     temp_base,
 )
+from .progress import read_markers, remove_markers
+from .record import read_record
 
-__all__ = ["Folder", "survey", "write_run_record", "start_staging", "remove_staging"]
-
-RUN_VERSION = 1
-
+__all__ = ["Folder", "survey", "start_staging", "remove_staging"]
 
 @dataclasses.dataclass
 class Folder:
@@ -84,18 +83,13 @@ class Folder:
         """Delete every file of fxstore's in the folder (not the lock); refuse before deleting if any is foreign."""
         self.refuse_foreign()
         if (self.identity or self.expected) is not None:
-            formats.remove_markers(self.out)
+            remove_markers(self.out)
         last = {MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
         for path in sorted(self.ours, key=lambda p: last.get(p.name, 0)):
             if path.name == STAGING:
                 remove_staging(path)
             elif path.name not in (LOCK_FILE, PROGRESS, STAGING_MARKER) and plain_stat(path) is not None:
                 path.unlink()
-
-
-def write_run_record(out: Path, identity: dict[str, Any], files: list[str]) -> None:
-    """Record a run before it writes any data file (rank 0)."""
-    atomic_write_json(out / RUN_FILE, {"fxstore_run": RUN_VERSION, "identity": identity, "files": files})
 
 
 def start_staging(staging: Path, identity: dict[str, Any]) -> None:
@@ -117,34 +111,11 @@ def remove_staging(staging: Path) -> None:
     inner = survey(staging)
     inner.refuse_foreign()
     inner.clean()
-    formats.remove_markers(staging)
+    remove_markers(staging)
     if plain_stat(staging / LOCK_FILE) is not None:
         (staging / LOCK_FILE).unlink()
     (staging / STAGING_MARKER).unlink(missing_ok=True)
     staging.rmdir()
-
-
-def record_files(identity: dict[str, Any]) -> list[str]:
-    """The data files a run names in its record before writing them (``.npy``: one per array)."""
-    return formats.get(identity["format"]).record_files(identity)
-
-
-def _read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        record = read_json(path)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"not readable JSON: {e}" if isinstance(e, OSError) and e.args else "not readable JSON"
-    try:
-        valid = (isinstance(record, dict) and record.get("fxstore_run") == RUN_VERSION
-                 and isinstance(record.get("identity"), dict) and record["identity"].get("format") in formats.FORMATS
-                 and isinstance(record["identity"].get("features"), dict)
-                 and isinstance(record.get("files"), list)
-                 and sorted(record["files"]) == sorted(record_files(record["identity"])))
-    except (AttributeError, TypeError):
-        valid = False
-    if not valid:
-        return None, "not an fxstore run record: it must name exactly the files its run writes"
-    return record, None
 
 
 def _staging_digest(path: Path) -> str | None:
@@ -169,7 +140,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
     entries = {p.name: p for p in out.iterdir()}
     staged = _staging_digest(out) if out.name == STAGING else None
     if RUN_FILE in entries:
-        folder.record, why = _read_record(entries[RUN_FILE])
+        folder.record, why = read_record(entries[RUN_FILE])
         if why is not None:
             folder.foreign.append(f"{RUN_FILE} ({why})")
     if MANIFEST in entries:
@@ -183,7 +154,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
     identities = [*claimed, *([expected] if expected is not None else [])]
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
     running = (folder.record is not None or staged) and PROGRESS in entries  # a run's markers name its shards
-    claims = formats.Claims(digests, formats.listed(folder.manifest, _markers(entries[PROGRESS]) if running else []),
+    claims = formats.Claims(digests, formats.listed(folder.manifest, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
                             claimed)
 
     def data_file(name: str, path: Path) -> bool:
@@ -237,21 +208,6 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
         else:
             folder.foreign.append(name + ("/" if real_dir else ""))
     return folder
-
-
-def _markers(progress: Path) -> list[dict[str, Any]]:
-    if not progress.is_dir() or progress.is_symlink():
-        return []
-    found = []
-    for path in progress.iterdir():
-        if path.name.isdigit() and plain_stat(path) is not None:
-            try:
-                marker = read_json(path, limit=1 << 20)
-            except (OSError, UnicodeDecodeError, ValueError):
-                continue
-            if isinstance(marker, dict) and marker.get("shard") == int(path.name):
-                found.append(marker)
-    return found
 
 
 def _starts(path: Path, prefix: bytes) -> bool:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ArraySpec, Claims, Sink, arrays_of, remove_markers
+from .base import ArraySpec, Claims, Sink, arrays_of
 from .npy import NpySink
 from .safetensors import SafetensorsSink, mapped
 
 __all__ = ["ArraySpec", "Claims", "Sink", "SafetensorsSink", "NpySink", "FORMATS", "NAMES", "get", "arrays_of",
-           "remove_markers", "mapped", "listed", "recognise"]
+           "mapped", "listed", "recognise"]
 
 FORMATS: dict[str, type[Sink]] = {"safetensors": SafetensorsSink, "npy": NpySink}
 """Output formats by name."""

@@ -9,7 +9,6 @@ same bytes for the same features, however often the run was interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -20,10 +19,11 @@ import numpy as np
 import torch
 
 from ..folder.checksums import ALGORITHM, digest_file
-from ..folder.files import atomic_write, plain_stat, read_json
-from ..folder.names import PROGRESS, TEMP_SUFFIX, is_marker, marker_name
+from ..folder.files import atomic_write, plain_stat
+from ..folder.names import PROGRESS, is_marker, marker_name
+from ..folder.progress import read_markers, remove_markers
 
-__all__ = ["ArraySpec", "Sink", "Claims", "check_file", "arrays_of", "remove_markers"]
+__all__ = ["ArraySpec", "Sink", "Claims", "check_file", "arrays_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,19 +147,7 @@ class Sink:
 
     def markers(self) -> dict[int, dict[str, Any]]:
         """Every readable marker, by shard."""
-        folder = self.out / PROGRESS
-        found: dict[int, dict[str, Any]] = {}
-        if not folder.is_dir():
-            return found
-        for path in folder.iterdir():
-            if is_marker(path.name):
-                try:
-                    marker = read_json(path, limit=1 << 20)
-                except (OSError, ValueError):
-                    marker = None
-                if isinstance(marker, dict) and marker.get("shard") == int(path.name):
-                    found[int(path.name)] = marker
-        return found
+        return read_markers(self.out / PROGRESS)
 
     def write_marker(self, shard: int, start: int, count: int, checksum: Any, inputs: str | None = None,
                      size: int | None = None) -> None:
@@ -274,14 +262,3 @@ def check_file(path: Path, name: str, size: Any, checksum: Any) -> str | None:
 
 
 
-
-def remove_markers(out: Path) -> None:
-    """Remove the progress markers of ``out`` and their folder (only files fxstore names as markers)."""
-    folder = out / PROGRESS
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if (is_marker(path.name) or path.name.endswith(TEMP_SUFFIX)) and plain_stat(path) is not None:
-            path.unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
