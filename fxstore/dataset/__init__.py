@@ -1,4 +1,5 @@
-"""Dataset extraction: batches, compute loop, sinks, output folder, manifest, reader, ranks."""
+"""Dataset extraction: the run skeleton, the compute/write loop, text, the output folder (``folder``), the
+formats (``formats``), reading back (``reader``, ``loader``) and ranks."""
 
 from ..errors import OutputError
 from ._extract import extract_dataset
