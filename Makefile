@@ -18,14 +18,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 # examples and the benchmark micro cases run once as tests; the 25 slowest tests are listed.
 PYTEST := $(PY) -m pytest -n 2 --dist loadgroup --durations=25
 test: $(VENV)/.installed
-	$(PYTEST) --benchmark-disable fxstore tests README.md benchmarks
+	$(PYTEST) --benchmark-disable fxstore tools tests README.md benchmarks
 
 # The edit loop: everything but the @pytest.mark.slow tests (model zoos, mutation runs).
 test-fast: $(VENV)/.installed
-	$(PYTEST) -m "not slow" fxstore tests README.md
+	$(PYTEST) -m "not slow" fxstore tools tests README.md
 
 demo: $(VENV)/.installed
-	$(PY) -m fxstore.demo
+	$(PY) -m tools.demo
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
@@ -40,10 +40,10 @@ bench-readme: $(VENV)/.installed
 	rm -f .bench-readme.log
 
 coverage: $(VENV)/.installed
-	$(PY) -m fxstore.coverage --write docs/coverage.md
+	$(PY) -m tools.coverage --write docs/coverage.md
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check fxstore tests benchmarks
+	$(PY) -m ruff check fxstore tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fxstore._checkout import commit
+from tools.checkout import commit
 
 from ._timing import Stats
 

@@ -14,6 +14,7 @@ __all__ = [
     "TraceError",
     "ConfigError",
     "GradientNotReadyError",
+    "OutputError",
 ]
 
 
@@ -42,3 +43,7 @@ class ConfigError(FxStoreError, ValueError):
 
 class GradientNotReadyError(FxStoreError, LookupError):
     """A gradient was read before ``backward()`` reached the layer."""
+
+
+class OutputError(FxStoreError):
+    """The output folder cannot hold the result: unwritable, full, or holding another run."""

@@ -18,6 +18,7 @@ from torchvision import transforms
 
 import fxstore
 from fxstore.cli import main
+from fxstore.cli.hints import flag_hint
 from fxstore.cli.models import load_model
 from fxstore.cli.sources import open_source
 from fxstore.dataset._reduce import global_avg_pool
@@ -152,12 +153,31 @@ def test_extract_with_a_local_weights_file(tmp_path):
         torch.testing.assert_close(loaded(tmp_path / "out", "fc"), trained(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("library", "cli"), [
+    ("Hint: use a new output folder, or overwrite=True to start over.",
+     "Hint: use a new output folder, or --overwrite to start over."),
+    ("Hint: write elsewhere (out=...), pool them (reduce='avg') or use a smaller dtype (dtype='float16').",
+     "Hint: write elsewhere (--out), pool them (--pool avg) or use a smaller dtype (--dtype float16)."),
+    ("Hint: pass layers=[...], e.g. layers=['layer4'].", "Hint: pass --layers ..., e.g. --layers layer4."),
+    ("Hint: use format='safetensors'; e.g. batch_size=64, shuffle=0.",
+     "Hint: use --format safetensors; e.g. --batch-size 64, --shuffle 0."),
+    ("reduce='max' is bad.\nHint: drop skip_special=True; set text_field=.",
+     "reduce='max' is bad.\nHint: drop --skip-special; set --text-field."),  # only the hint is translated
+    ("no hint here: overwrite=True", "no hint here: overwrite=True"),
+    ("Hint: fxstore.node_names(model), input_key=0 (no flag: kept)", "Hint: fxstore.node_names(model), input_key=0 (no flag: kept)"),
+])
+def test_library_hints_are_translated_to_flags(library, cli):
+    assert flag_hint(library) == cli
+
+
 def test_rerunning_the_same_command_resumes_and_overwrite_starts_over(tmp_path, capsys):
     args = ["extract", "dataset_helpers:toy_cnn", "--layers", "fc", "--data", "fake:4", "--image-size", "8",
             "--out", str(tmp_path), "--quiet"]
     assert main(args) == 0 and main(args) == 0
     assert main([*args, "--seed", "1"]) == 1
-    assert "refusing to resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err
+    assert "or --overwrite to start over" in err and "overwrite=True" not in err  # the library's hint, in flags
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     expected = load_model("dataset_helpers:toy_cnn", seed=1)(
         torch.stack([open_source("fake:4", image_size=8)[i][0] for i in range(4)]))
@@ -235,7 +255,8 @@ def test_console_script_module_runs_and_fails_cleanly(tmp_path):
 
 def test_demo_runs_the_cli_on_the_embedded_default():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-m", "fxstore.demo"], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "tools.demo"], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-2000:]
     for expected in ("$ fxstore nodes resnet18", "layer4.1.relu_1", "$ fxstore extract resnet18", '"num_samples"',
                      "fxstore.load_features("):

@@ -1,5 +1,5 @@
 """The coverage zoo (slow): every torchvision detection, optical-flow and video model, the timm and
-Hugging Face samples, each checked by :func:`fxstore.coverage.check`: output bit-equal to the plain
+Hugging Face samples, each checked by :func:`tools.coverage.check`: output bit-equal to the plain
 model and a random sample of module outputs equal to forward hooks on the plain model.
 
 Every model goes through the automatic frontend choice (``frontend="auto"``) and the test asserts
@@ -11,7 +11,7 @@ segmentation models are the core zoo test.
 
 import pytest
 
-from fxstore import coverage
+from tools import coverage
 
 CASES = {c.name: c for c in coverage.cases()}
 ZOO = [n for n in CASES if n.split("/")[0] in ("detection", "optical_flow", "video", "timm", "hf")]

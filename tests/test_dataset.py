@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxstore
 from fxstore import ConfigError, FeatureExtractor, LayerNotFoundError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
 from fxstore.dataset.reader import ShardedArray, load_features
+from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
 
@@ -212,7 +212,7 @@ def test_unwritable_output_is_refused_before_computing(tmp_path):
 def test_too_little_disk_space_is_refused_before_computing(tmp_path, monkeypatch):
     import shutil
 
-    import fxstore.dataset._outdir as outdir
+    import fxstore.dataset.folder.files as outdir
 
     monkeypatch.setattr(outdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
     with pytest.raises(OutputError, match=r"needs about 2\.\d KiB but its disk has 100\.0 B free"):

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 import fxstore
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
 from fxstore.dataset.reader import load_features
+from fxstore.errors import OutputError
 
 
 @pytest.fixture(scope="module")

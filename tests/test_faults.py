@@ -30,8 +30,8 @@ from dataset_helpers import run_extraction as _run_extraction
 
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
 from fxstore.dataset.reader import load_features
+from fxstore.errors import OutputError
 
 HELPERS = Path(__file__).with_name("dataset_helpers.py")
 FORMATS = ["safetensors", "npy"]
@@ -362,7 +362,7 @@ def test_a_file_added_to_a_finished_folder_is_kept_and_the_folder_refused(tmp_pa
 
 
 def test_failed_npy_preallocation_is_never_reused_for_other_data(tmp_path, monkeypatch):
-    import fxstore.dataset._sinks as sinks
+    import fxstore.dataset.formats.npy as sinks
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -423,8 +423,8 @@ _DISK_SCRIPT = r"""
 import hashlib, json, os, subprocess, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
-import fxstore.dataset._extract as extract
-from fxstore.dataset._outdir import OutputError
+import fxstore.dataset.run as extract
+from fxstore.errors import OutputError
 out, fmt = sys.argv[1], sys.argv[2]
 result = {}
 def attempt(name):
@@ -481,8 +481,8 @@ _FSIZE_SCRIPT = r"""
 import os, resource, sys
 sys.path[:0] = sys.argv[3].split(os.pathsep)
 import dataset_helpers
-import fxstore.dataset._extract as extract
-from fxstore.dataset._outdir import OutputError
+import fxstore.dataset.run as extract
+from fxstore.errors import OutputError
 extract.check_free_space = lambda out, needed: None
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))
 try:

@@ -21,8 +21,8 @@ from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
 import fxstore
 from fxstore import ConfigError
 from fxstore.dataset import extract_dataset
-from fxstore.dataset._outdir import OutputError
 from fxstore.dataset.reader import load_features
+from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
 N = 24
@@ -384,7 +384,7 @@ def test_cli_text_file_edited_keeping_its_token_count_is_refused(gpt2_dir, tmp_p
 def test_text_edited_between_a_crash_and_the_resume_is_refused(tmp_path, gpt2, monkeypatch, shuffle):
     from text_helpers import corpus
 
-    from fxstore.dataset import _sinks
+    from fxstore.dataset.formats import safetensors as _sinks
 
     model, tok = gpt2
     docs = corpus(30)

@@ -83,7 +83,8 @@ def save(kind: str, folder: Path, with_tokenizer: bool = True) -> Path:
 def run_extraction(folder: str, out: str, delay: float = 0.0, shuffle: int | None = None) -> dict:
     """The CLI-equivalent extraction the kill-and-resume test interrupts and repeats."""
     from fxstore.cli.hf import load_hf
-    from fxstore.dataset import _sinks, extract_dataset
+    from fxstore.dataset import extract_dataset
+    from fxstore.dataset.formats import safetensors as _sinks
 
     if delay:
         finish = _sinks.SafetensorsSink.finish

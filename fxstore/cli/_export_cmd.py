@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the extractor, export it, verify it, and print what was written."""
     from ..capture import FeatureExtractor
     from ..capture._deploy import export_extractor
-    from ..dataset._reduce import REDUCTIONS
+    from ..dataset import REDUCTIONS
 
     model, example = _model_and_input(args)
     ex = FeatureExtractor(model, list(args.layers), keep_output=args.keep_output, detach=True,

@@ -23,10 +23,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ..dataset._sinks import SINKS
+from ..dataset import FORMATS
 from ..errors import FxStoreError
 from . import _export_cmd
 from ._node_table import format_table, node_rows
+from .hints import flag_hint
 
 __all__ = ["main"]
 
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="node names, module names or glob patterns (see 'fxstore nodes')")
     extract.add_argument("--data", required=True, metavar="SOURCE", help="image folder, file.npy or fake:N; text: .txt, .jsonl, .parquet or a datasets folder")
     extract.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if interrupted)")
-    extract.add_argument("--format", choices=sorted(SINKS), default="safetensors", help="default: safetensors")
+    extract.add_argument("--format", choices=FORMATS, default="safetensors", help="default: safetensors")
     extract.add_argument("--pool", choices=_POOLS, default="none", help="reduce each layer in the graph (default: none)")
     extract.add_argument("--dtype", choices=_DTYPES, help="stored dtype (default: the layer's)")
     extract.add_argument("--batch-size", type=_positive, default=64, help="default: 64")
@@ -141,7 +142,7 @@ def _nodes(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from ..dataset._extract import extract_dataset
+    from ..dataset import extract_dataset
     from .models import load_model
     from .sources import describe_source, open_source
 
@@ -174,8 +175,7 @@ def _check_device(name: str) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..dataset.manifest import read_manifest
-    from ..dataset.reader import verify_folder
+    from ..dataset import read_manifest, verify_folder
 
     if os.path.isfile(args.out):
         return _export_cmd.info(args.out)
@@ -191,13 +191,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ..dataset.manifest import read_manifest
-    from ..dataset.reader import verify_folder
+    from ..dataset import data_files, read_manifest, verify_folder
 
     manifest = read_manifest(args.out)
     problems = verify_folder(args.out, manifest)
-    files = len(manifest["shards"]) if manifest["format"] == "safetensors" else len(manifest["features"]) + (
-        manifest.get("target") is not None)
+    files = data_files(manifest)
     if problems:
         for problem in problems:
             print(f"BAD {problem}")
@@ -217,7 +215,7 @@ def _command(argv: Sequence[str]) -> str:
     return shlex.join(["fxstore", *argv])
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: str | BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
@@ -246,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (FxStoreError, OSError) as e:  # refused input, unreadable data file
-        print(f"fxstore {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"fxstore {args.command}: error: {_one_line(flag_hint(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fxstore {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)

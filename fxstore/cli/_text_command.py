@@ -13,7 +13,7 @@ _IMAGE_ONLY = {"pool": "none", "weights": None}
 
 def extract_text_command(args: argparse.Namespace, command: str, main: bool) -> int:
     """Run the text extraction the parsed ``args`` describe; print a summary on rank 0."""
-    from ..dataset._extract import extract_dataset
+    from ..dataset import extract_dataset
     from .hf import load_hf
     from .sources import is_text_source, open_text_source
 

@@ -77,7 +77,7 @@ def load_hf(path: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | No
                           "Hint: save with model.save_pretrained(DIR) (safetensors is its default); "
                           "pickled .bin weights are refused.")
     try:
-        with _no_progress_bars():
+        with no_progress_bars():
             model = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot load model folder '{folder}': {type(e).__name__}: {_first(e)}\n"
@@ -123,7 +123,7 @@ def with_pad_token(tokenizer: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """Silence transformers' weight-loading bars (fxstore's own bar reports the run)."""
     from transformers.utils import logging
 

@@ -1,29 +1,25 @@
-"""Running the batches: the probe that fixes every array's shape, then the compute/write loop.
+"""Images (and any tensor data): the probe that fixes every array's shape, the batches' steps for the
+one compute/write loop (``_loop``), and the digests of each shard's inputs.
 
-Each batch goes to the device, through every extractor (features leave the graph already
-reduced, cast and, on CUDA, copied to pinned host memory without blocking), and is handed
-to the :class:`~fxstore.dataset._writer.BackgroundWriter`, which waits for the copy's event and
-gives the rows to the sink while the next batch computes.
+Each batch goes to the device and through every extractor; its input bytes are hashed into
+its shard's digest, recorded beside the shard so that a resume can prove the data unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from ..capture.extractor import FeatureExtractor
-from ..errors import ConfigError, FxStoreError
+from ..capture import FeatureExtractor
+from ..errors import ConfigError, OutputError
 from . import _distributed
 from ._batches import Batch, Plan, batch_size_of, pick
-from ._outdir import OutputError, os_errors
-from ._sinks import ArraySpec, Sink
-from ._writer import BackgroundWriter
+from ._loop import Step, first_batch_errors, write_all
+from .formats import ArraySpec, Sink
 
 __all__ = ["TARGET", "probe", "compute", "inputs_digest"]
 
@@ -48,18 +44,6 @@ def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -
     if device.type != "cpu":  # a user's extractor may keep features on the device
         features = {k: v.to("cpu", non_blocking=True) for k, v in features.items()}
     return features
-
-
-@contextlib.contextmanager
-def first_batch_errors(what: str, hint: str) -> Iterator[None]:
-    """The model's own error on the first batch as one :class:`ConfigError` line (fxstore's errors pass as they are)."""
-    try:
-        yield
-    except FxStoreError:
-        raise
-    except Exception as e:  # the model's own error on this input
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"the model fails on {what}: {type(e).__name__}: {reason}\nHint: {hint}") from e
 
 
 def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.device) -> list[ArraySpec]:
@@ -97,39 +81,29 @@ def compute(extractors: list[FeatureExtractor], plan: Plan, wanted: Callable[[in
     """Compute and write the wanted shards; ``check``: kept shards of streamed data whose inputs, as they
     pass by, must match the recorded digests (they come first when the kept shards are a prefix)."""
     total = sum(c for k, (_, c) in plan.shards.items() if wanted(k)) if plan.indexed else None
-    bar = tqdm(total=total, unit="sample", dynamic_ncols=True,
-               desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
-               disable=not (o.progress and ranks.main))
     size_of = functools.partial(_size_of, o.input_key)
     stored_target = any(s.key == TARGET for s in sink.specs)
     skipped = _checker(sink.out, plan, dict(check or {}), o, stored_target) if check else None
     batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn,
                            pin_memory=device.type == "cuda", size_of=size_of, skipped=skipped)
+    write_all(_steps(extractors, batches, sink, device, o, stored_target), sink, plan.shards, device, o, ranks,
+              total, "sample")
+
+
+def _steps(extractors: list[FeatureExtractor], batches: Iterable[Batch], sink: Sink, device: torch.device, o: Any,
+           stored_target: bool) -> Iterator[Step]:
+    """Each batch through the extractors, with the digest of its inputs fed to its shard's hasher."""
     hashers: dict[int, Any] = {}
-    sink.open()
-    try:
-        overlap = device.type == "cuda" if o.overlap is None else o.overlap
-        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
-            for batch in batches:
-                hasher = hashers.setdefault(batch.shard, hashlib.sha256())
-                if batch.last:
-                    del hashers[batch.shard]
-                feed: Callable[[], None] | None = functools.partial(_hash_inputs, hasher, batch.data, o, stored_target)
-                if device.type == "cpu":  # the model may write into its CPU inputs: hash them before it runs
-                    feed()
-                    feed = None  # on a device the model gets a copy: the writer thread hashes, overlapping the forward
-                arrays, n = _arrays(extractors, batch, sink.specs, device, o)
-                event = None
-                if device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
-                shard_start, count = plan.shards[batch.shard]
-                writer.submit(functools.partial(_write, sink, batch, arrays, event, shard_start, count, feed,
-                                                hasher if batch.last else None))
-                bar.update(n)
-    finally:
-        with os_errors(sink.out):
-            sink.close()
+    for batch in batches:
+        hasher = hashers.setdefault(batch.shard, hashlib.sha256())
+        if batch.last:
+            del hashers[batch.shard]
+        feed: Callable[[], None] | None = functools.partial(_hash_inputs, hasher, batch.data, o, stored_target)
+        if device.type == "cpu":  # the model may write into its CPU inputs: hash them before it runs
+            feed()
+            feed = None  # on a device the model gets a copy: the writer thread hashes, overlapping the forward
+        arrays, n = _arrays(extractors, batch, sink.specs, device, o)
+        yield Step(batch.shard, batch.start, batch.last, arrays, n, feed, hasher if batch.last else None)
 
 
 def _size_of(input_key: int | str | None, raw: Any) -> int:
@@ -155,18 +129,6 @@ def _arrays(extractors: list[FeatureExtractor], batch: Batch, specs: list[ArrayS
     return arrays, n
 
 
-def _write(sink: Sink, batch: Batch, arrays: dict[str, torch.Tensor], event: Any, shard_start: int,
-           count: int, feed: Callable[[], None] | None = None, hasher: Any = None) -> None:
-    if feed is not None:
-        feed()  # the batch's input bytes into its shard's digest (writer thread, while the device computes)
-    if event is not None:
-        event.synchronize()  # the non-blocking device->host copies of this batch are done
-    with os_errors(sink.out):
-        sink.write(batch.shard, batch.start, arrays)
-        if batch.last:
-            sink.finish(batch.shard, shard_start, count, None if hasher is None else f"sha256:{hasher.hexdigest()}")
-
-
 def _checker(out: Any, plan: Plan, check: dict[int, str], o: Any, stored_target: bool) -> Callable[[Batch], None]:
     hashers: dict[int, Any] = {}
 
@@ -188,7 +150,7 @@ def changed_inputs(out: Any, shard: int, start: int, count: int) -> OutputError:
         f"the data is not the data '{out}' was written from: the inputs of shard {shard} "
         f"(samples {start}-{start + count - 1}) differ from those recorded when it was written.\n"
         "Hint: pass the same data to resume or reuse this folder, or write to a new folder "
-        "(or overwrite=True (CLI: --overwrite) to start over)."
+        "(or overwrite=True to start over)."
     )
 
 

@@ -2,56 +2,38 @@
 
 The flow of :func:`extract_dataset`:
 
-1. build one extractor per reduction group (``_reduce``) and probe the model on a tiny
-   first batch, which fixes every stored array's row shape and dtype;
-2. rank 0 locks the output folder (``_lock``), refuses foreign files (``_ownership``), checks
-   the run identity, writes the run record before any data file, verifies the shards an
-   earlier run left (recomputing damaged ones) and the free space, and prepares the sink;
-   every rank learns which shards are left;
-3. each rank computes the batches of its shards (``_batches``, ``_compute``); a background
-   thread writes them (``_writer``, ``_sinks``) while the next batch computes;
-4. after all ranks finish, rank 0 names the files and writes ``manifest.json``.
+1. place the model (``run.placed``), build one extractor per reduction group (``_reduce``) and
+   probe the model on a tiny first batch, which fixes every stored array's row shape and dtype;
+2. hand the folder to the one run skeleton (``run.run_folder``): rank 0 locks and checks it
+   (``folder``), every rank computes the batches of its shards (``_batches``, ``_compute``)
+   through the one compute/write loop (``_loop``, a background writer, the format's sink),
+   and rank 0 writes ``manifest.json``.
+
+Text (``tokenizer=``) takes the same skeleton through ``_text``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..capture._policy import parse_device
+from ..capture import FeatureExtractor
 from ..capture._selection import Layers
-from ..capture._tracing import modes_restored
-from ..capture.extractor import FeatureExtractor
-from ..errors import ConfigError, FxStoreError
-from . import _distributed, manifest
+from ..errors import ConfigError
+from . import _distributed, formats
 from ._batches import Plan, make_plan
-from ._checksum import identity_digest
-from ._compute import TARGET, changed_inputs, compute, inputs_digest, probe
-from ._lock import FolderLock
-from ._outdir import (
-    PROGRESS,
-    RUN_FILE,
-    TEMP_SUFFIX,
-    OutputError,
-    check_free_space,
-    check_writable,
-    os_errors,
-    plain_stat,
-)
-from ._ownership import survey, write_run_record
+from ._compute import TARGET, compute, probe
 from ._reduce import build_extractors
-from ._sinks import SINKS, ArraySpec, Sink
-from .reader import verify_folder
-
-_log = logging.getLogger("fxstore.dataset")
+from .folder import manifest
+from .folder.checksums import identity_digest
+from .formats import ArraySpec
+from .run import placed, run_folder
 
 __all__ = ["extract_dataset"]
 
@@ -215,8 +197,8 @@ def check_layers(model: nn.Module, layers: Any) -> None:
 
 
 def _check_options(format: str, batch_size: int, shard_size: int, num_workers: int) -> None:
-    if format not in SINKS:
-        raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {sorted(SINKS)}.")
+    if format not in formats.FORMATS:
+        raise ConfigError(f"format={format!r} is not an output format.\nHint: use one of {formats.NAMES}.")
     for name, value, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1),
                              ("num_workers", num_workers, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -225,85 +207,19 @@ def _check_options(format: str, batch_size: int, shard_size: int, num_workers: i
 
 def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distributed.Ranks,
              o: _Options) -> dict[str, Any]:
-    device = ranks.device(_device_of(model, o.device))
-    lock = FolderLock(out)
-    try:
-        with model_kept(model):
-            model.to(device).eval()
-            extractors, reduction_of = _extractors(model, layers, o, device)
-            plan, first = make_plan(data, o.shard_size, o.collate_fn)
-            specs = probe(extractors, first, o, device)
-            identity = _identity(model, specs, reduction_of, plan, o)
-            sink = SINKS[o.format](out, specs, plan.num_samples, identity_digest(identity))
-            decision = ranks.from_main(_prepare(out, identity, sink, plan, o, lock) if ranks.main else None)
-            if "error" in decision:
-                raise decision["error"]
-            if "complete" in decision:
-                return decision["complete"]
-            if not ranks.main:
-                lock.join()
+    with placed(model, o.device, ranks) as device:
+        extractors, reduction_of = _extractors(model, layers, o, device)
+        plan, first = make_plan(data, o.shard_size, o.collate_fn)
+        specs = probe(extractors, first, o, device)
+        identity = _identity(model, specs, reduction_of, plan, o)
+        sink = formats.get(o.format)(out, specs, plan.num_samples, identity_digest(identity))
+
+        def work(decision: dict[str, Any]) -> None:
             mine = _assign(plan, set(decision["done"]), ranks)
-            compute(extractors, plan, mine, sink, device, o, ranks, {int(k): v for k, v in decision["check"].items()})
-            ranks.barrier()
-            result = _finish(out, identity, plan, sink, o.command) if ranks.main else None
-            return ranks.from_main(result)
-    finally:
-        lock.release()
+            check = {int(k): v for k, v in decision["check"].items()}
+            compute(extractors, plan, mine, sink, device, o, ranks, check)
 
-
-@contextlib.contextmanager
-def model_kept(model: nn.Module) -> Iterator[None]:
-    """Run a block that moves the model and switches its modes: every module gets its own mode back,
-    and a failure moves parameters and buffers back where they were (the user's model is never left damaged)."""
-    placement = _placement(model)
-    with modes_restored(model):
-        try:
-            yield
-        except BaseException:
-            _restore(model, placement)
-            raise
-
-
-def _placement(model: nn.Module) -> dict[str, torch.device]:
-    return {name: t.device for name, t in (*model.named_parameters(), *model.named_buffers())}
-
-
-def _restore(model: nn.Module, placement: dict[str, torch.device]) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in placement and p.device != placement[name]:
-                p.data = p.data.to(placement[name])
-        for module_name, module in model.named_modules():
-            for name, b in list(module._buffers.items()):
-                where = placement.get(f"{module_name}.{name}" if module_name else name)
-                if b is not None and where is not None and b.device != where:
-                    module._buffers[name] = b.to(where)
-
-
-def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        chosen = parse_device(device)
-        _check_device(chosen)
-        return chosen
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _check_device(device: torch.device) -> None:
-    """Refuse, before the model moves, a device that holds no data or is not available here."""
-    if device.type == "meta":
-        raise ConfigError(
-            "device='meta' holds no data: the model's weights would be lost and no feature computed.\n"
-            "Hint: use a real device, e.g. 'cpu' or 'cuda'."
-        )
-    try:
-        torch.empty(1, device=device)
-    except Exception as e:  # noqa: BLE001 - any backend's refusal (no driver, no such index, not built)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(
-            f"device={str(device)!r} is not available on this machine: {reason}\n"
-            "Hint: use device='cpu', or check the device index and driver (torch.cuda.is_available())."
-        ) from e
+        return run_folder(out, identity, sink, plan, o, ranks, work)
 
 
 def _extractors(model: nn.Module, layers: Any, o: _Options,
@@ -320,12 +236,6 @@ def _extractors(model: nn.Module, layers: Any, o: _Options,
     host = torch.device("cpu") if device.type != "cpu" else None
     return build_extractors(model, layers, o.reduce, dtype=o.dtype, host=host,
                             non_blocking=device.type == "cuda")
-
-
-
-
-
-
 
 
 def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, str], plan: Plan,
@@ -346,104 +256,6 @@ def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, 
     }
 
 
-def _prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Plan, o: _Options,
-             lock: FolderLock) -> dict[str, Any]:
-    """Rank 0: lock, check and prepare the folder; the decision every rank follows."""
-    try:
-        lock.acquire(o.command)
-        check_writable(out)
-        with os_errors(out):
-            folder = survey(out, identity)
-            if o.overwrite:
-                folder.clean()
-                folder = survey(out, identity)
-            folder.refuse_foreign()
-            recorded = folder.identity
-            if recorded is not None:
-                differences = manifest.describe_mismatch(recorded, identity)
-                if differences:
-                    raise OutputError(
-                        f"refusing to resume into '{out}': it holds a different extraction ("
-                        + "; ".join(differences) + ").\n"
-                        "Hint: use a new output folder, or overwrite=True (CLI: --overwrite) to start over."
-                    )
-            shards = [plan.shards[k] for k in plan.all_shards() or []] if plan.num_samples is not None else None
-            if folder.record is None and folder.manifest is not None:
-                problems = verify_folder(out, folder.manifest)
-                if not problems:
-                    markers = dict(enumerate(folder.manifest["shards"]))
-                    _check_inputs(out, plan, o, identity, markers, set(markers))
-                    return {"complete": folder.manifest}
-                _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
-                write_run_record(out, identity, sink.files)
-                sink.restore(folder.manifest["shards"])
-            elif folder.record is None:
-                if shards is not None:
-                    check_free_space(out, sink.bytes_needed(set(), shards))
-                write_run_record(out, identity, sink.files)
-            (out / manifest.MANIFEST).unlink(missing_ok=True)  # from a finish or repair that was interrupted
-            for path in folder.ours:
-                if path.name.endswith(TEMP_SUFFIX):
-                    path.unlink(missing_ok=True)
-                elif path.name == PROGRESS:  # a marker's temporary file, left by a kill
-                    for temp in path.glob(f".*{TEMP_SUFFIX}"):
-                        if plain_stat(temp) is not None:
-                            temp.unlink()
-            sink.adopt()
-            done, bad = sink.verified_shards()
-            bad += _misplaced(sink, plan, done)
-            if bad:
-                _log.warning("fxstore: recomputing %d damaged shard(s) of '%s': %s", len(bad), out, _listed(bad))
-            markers = sink.markers()
-            _check_inputs(out, plan, o, identity, markers, done)
-            if shards is not None:
-                check_free_space(out, sink.bytes_needed(done, shards))
-            sink.prepare()
-        check = {} if getattr(plan, "indexed", True) or not done else {  # streamed data: checked as it passes by
-            k: markers[k]["inputs"] for k in {min(done), max(done)} if "inputs" in markers[k]}
-        return {"done": sorted(done), "check": check}
-    except FxStoreError as e:
-        return {"error": e}
-
-
-def _listed(problems: list[str], limit: int = 8) -> str:
-    """The first ``limit`` problems on one line, then how many more (a repair of thousands stays readable)."""
-    more = len(problems) - limit
-    return "; ".join(problems[:limit]) + (f"; ... and {more} more" if more > 0 else "")
-
-
-def _misplaced(sink: Sink, plan: Any, done: set[int]) -> list[str]:
-    """Forget done shards whose rows are not the ones the run's plan gives them (from a manifest that lied)."""
-    if plan.all_shards() is None:
-        return []
-    markers, bad = sink.markers(), []
-    for k in sorted(done):
-        rows = (markers[k].get("start"), markers[k].get("count"))
-        if plan.shards.get(k) != rows:
-            bad.append(f"shard {k}: rows {rows}, the run gives {plan.shards.get(k)}")
-            done.discard(k)
-            sink.forget(k)
-    return bad
-
-
-def _check_inputs(out: Path, plan: Any, o: _Options, identity: dict[str, Any], markers: dict[int, Any],
-                  done: set[int]) -> None:
-    """Read the inputs of the first and last kept shard again and compare them with the digests recorded
-    when they were written: a resume never mixes rows of other data in (map-style datasets only).
-
-    Raises:
-        OutputError: the data changed, naming the shard and its rows.
-    """
-    if not getattr(plan, "indexed", False) or not done:
-        return
-    for k in sorted({min(done), max(done)}):
-        recorded = markers.get(k, {}).get("inputs")
-        if recorded is None or k not in plan.shards:
-            continue
-        if inputs_digest(plan, k, o, identity.get("target") is not None) != recorded:
-            raise changed_inputs(out, k, *plan.shards[k])
-
-
 def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:
     """The shards this rank computes: an equal share of what is left."""
     shards = plan.all_shards()
@@ -452,32 +264,3 @@ def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[
         mine = set(left[ranks.rank::ranks.world])
         return mine.__contains__
     return lambda k: k not in done and k % ranks.world == ranks.rank
-
-
-
-
-
-
-
-
-
-
-def _finish(out: Path, identity: dict[str, Any], plan: Plan, sink: Sink, command: str | None) -> dict[str, Any]:
-    """Rank 0, after every rank: check every shard is marked done, name files, write the manifest."""
-    missing = sorted(set(plan.shards) - set(sink.markers()))
-    if missing:
-        raise OutputError(
-            f"shards {missing[:5]} of '{out}' were not written by any rank.\n"
-            "Hint: run the same command again to compute them."
-        )
-    if identity["num_samples"] is not None and plan.num_samples != identity["num_samples"]:
-        raise ConfigError(
-            f"the data yielded {plan.num_samples} samples but announced {identity['num_samples']}.\n"
-            "Hint: check len(data) (a DataLoader with drop_last?), or use format='safetensors'."
-        )
-    with os_errors(out):
-        files, shards = sink.finalize(plan.shards)
-        result = manifest.write(out, identity, files, shards, command)
-        sink.remove_progress()
-        (out / RUN_FILE).unlink()
-        return result

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture.extractor import FeatureExtractor
+from ..capture import FeatureExtractor
 from ..errors import ConfigError
 
 __all__ = ["REDUCTIONS", "global_avg_pool", "global_max_pool", "flatten", "build_extractors"]

@@ -10,8 +10,6 @@ unshuffled shards.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ._sinks import Sink
+from .formats import Sink, mapped
 
-__all__ = ["permutation", "write_permuted", "mapped"]
+__all__ = ["permutation", "write_permuted"]
 
 _ROUNDS = 6
 
@@ -59,29 +57,6 @@ def permutation(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
         x[todo] = y
         todo[todo] = y >= np.uint64(n)
     return x.astype(np.int64)
-
-
-_NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-          "I32": np.int32, "I64": np.int64, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-          "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "C64": np.complex64}
-
-
-def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """Every tensor of a safetensors file as a read-only memory map (bfloat16 as uint16 bits)."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
-    arrays = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_NUMPY[info["dtype"]])
-        count = (end - begin) // dtype.itemsize
-        data = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)) if count else \
-            np.zeros(0, dtype=dtype)
-        arrays[key] = (data.reshape(info["shape"]), info["dtype"])
-    return arrays
 
 
 def write_permuted(source: Path, source_manifest: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]],

@@ -20,28 +20,27 @@ import dataclasses
 import functools
 import hashlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..capture.extractor import FeatureExtractor
+from ..capture import FeatureExtractor
 from ..errors import ConfigError
-from . import _distributed, _shuffle, manifest
-from . import _extract as _folder
-from ._checksum import identity_digest
-from ._compute import first_batch_errors
-from ._lock import FolderLock
-from ._outdir import STAGING, os_errors
-from ._ownership import remove_staging, start_staging
-from ._sinks import SINKS, ArraySpec, Sink
+from . import _distributed, _shuffle, formats
+from ._loop import Step, first_batch_errors, write_all
 from ._text_batches import TextBatch, TextPlan, make_text_plan
 from ._text_tokens import special_ids, tokenize, tokenizer_fingerprint
-from ._writer import BackgroundWriter
+from .folder import manifest
+from .folder.checksums import identity_digest
+from .folder.files import os_errors
+from .folder.names import STAGING
+from .folder.ownership import remove_staging, start_staging
+from .formats import ArraySpec, Sink
+from .run import placed, run_folder
 
 __all__ = ["TextOptions", "extract_text", "TOKEN_COLUMNS"]
 
@@ -73,9 +72,7 @@ def extract_text(model: nn.Module, layers: Any, data: Any, out: Path, tokenizer:
         raise ConfigError("text extraction needs a tokenizer.\nHint: pass tokenizer=AutoTokenizer.from_pretrained(DIR).")
     ranks = _distributed.join()
     try:
-        device = ranks.device(_folder._device_of(model, o.device))
-        with _folder.model_kept(model):
-            model.to(device).eval()
+        with placed(model, o.device, ranks) as device:
             extractor = _extractor(model, layers, o.dtype)
             max_length = _max_length(model, tokenizer, text)
             text = dataclasses.replace(text, max_length=max_length)
@@ -136,11 +133,19 @@ def _plan(data: Any, tokenizer: Any, max_length: int, text: TextOptions, o: Any)
         stored = ~np.isin(sequences.ids, sorted(special_ids(tokenizer)))
     if not stored.any():
         raise ConfigError("no token is left to store: every token is a special token.\n"
-                          "Hint: drop skip_special (--skip-special), or check the data.")
+                          "Hint: drop skip_special=True, or check the data.")
     pad = getattr(tokenizer, "pad_token_id", None)
     left = getattr(tokenizer, "padding_side", "right") == "left"
     return make_text_plan(sequences, stored, o.shard_size, o.batch_size, text.pad_to,
                           0 if pad is None else int(pad), left)
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The user's model inside a :class:`FeatureExtractor` (the model itself otherwise)."""
+    public = getattr(type(model), "model", None)  # the extractor's public ``.model``, where capture has one
+    if isinstance(model, FeatureExtractor) and public is not None:
+        return model.model
+    return getattr(model, "_fx_model", model)  # until then: the one private read, allow-listed in test_architecture
 
 
 @functools.lru_cache(maxsize=64)
@@ -154,7 +159,7 @@ def _accepted(forward: Callable[..., Any]) -> frozenset[str]:
 
 def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
     """The stored rows of one batch: features at real tokens, and the token columns."""
-    accepted = _accepted(type(getattr(extractor, "_fx_model", extractor)).forward)
+    accepted = _accepted(type(_plain(extractor)).forward)
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()
               if k == "input_ids" or k in accepted}
     if "use_cache" in accepted:
@@ -195,7 +200,7 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
         kind = {"kind": "token"} if s.key in TOKEN_COLUMNS else {"reduce": "none"}
         return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), **kind}
 
-    inner = getattr(model, "_fx_model", model)
+    inner = _plain(model)
     seqs = plan.sequences
     return {
         "format": o.format,
@@ -229,7 +234,7 @@ def _tokens_digest(ids: np.ndarray, offsets: np.ndarray) -> str:
 
 @dataclasses.dataclass
 class _Rows:
-    """What the output-folder protocol (:func:`._extract._prepare` / ``_finish``) reads of a plan."""
+    """What the run skeleton (:func:`.run.run_folder`) reads of a plan."""
 
     shards: dict[int, tuple[int, int]]
     num_samples: int
@@ -238,71 +243,32 @@ class _Rows:
         return sorted(self.shards)
 
 
-def _start(out: Path, identity: dict[str, Any], sink: Sink, rows: _Rows, o: Any, ranks: _distributed.Ranks,
-           lock: FolderLock) -> dict[str, Any]:
-    """Rank 0 locks, checks and prepares the folder (ownership, identity, checksums); every rank follows."""
-    decision = ranks.from_main(_folder._prepare(out, identity, sink, rows, o, lock) if ranks.main else None)
-    if "error" in decision:
-        raise decision["error"]
-    if "complete" not in decision and not ranks.main:
-        lock.join()
-    return decision
-
-
 def _mine(shards: list[int], done: set[int], ranks: _distributed.Ranks) -> list[int]:
     return [k for k in shards if k not in done][ranks.rank::ranks.world]
 
 
 def _run(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path, identity: dict[str, Any],
          device: torch.device, o: Any, ranks: _distributed.Ranks) -> dict[str, Any]:
-    sink = SINKS[o.format](out, specs, plan.num_rows, identity_digest(identity))
-    rows = _Rows(plan.shards, plan.num_rows)
-    lock = FolderLock(out)
-    try:
-        decision = _start(out, identity, sink, rows, o, ranks, lock)
-        if "complete" in decision:
-            return decision["complete"]
+    sink = formats.get(o.format)(out, specs, plan.num_rows, identity_digest(identity))
+
+    def work(decision: dict[str, Any]) -> None:
         mine = _mine(sorted(plan.shards), set(decision["done"]), ranks)
         _compute(extractor, plan, mine, sink, device, o, ranks)
-        ranks.barrier()
-        result = _folder._finish(out, identity, rows, sink, o.command) if ranks.main else None
-        return ranks.from_main(result)
-    finally:
-        lock.release()
+
+    return run_folder(out, identity, sink, _Rows(plan.shards, plan.num_rows), o, ranks, work)
 
 
 def _compute(extractor: FeatureExtractor, plan: TextPlan, mine: list[int], sink: Sink, device: torch.device,
              o: Any, ranks: _distributed.Ranks) -> None:
     total = sum(plan.shards[k][1] for k in mine)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
-               desc=f"fxstore {o.format}" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
-               disable=not (o.progress and ranks.main))
-    sink.open()
-    try:
-        overlap = device.type == "cuda" if o.overlap is None else o.overlap
-        with bar, BackgroundWriter(overlap) as writer, torch.inference_mode():
-            for shard in mine:
-                for batch in plan.batches(shard):
-                    rows = plan.take_probe_rows(batch) or _forward(extractor, batch, device)
-                    event = None
-                    if device.type == "cuda":
-                        event = torch.cuda.Event()
-                        event.record()
-                    start, count = plan.shards[shard]
-                    writer.submit(functools.partial(_write, sink, batch, rows, event, start, count))
-                    bar.update(batch.count)
-    finally:
-        with os_errors(sink.out):
-            sink.close()
+    write_all(_steps(extractor, plan, mine, device), sink, plan.shards, device, o, ranks, total, "tok")
 
 
-def _write(sink: Sink, batch: TextBatch, rows: dict[str, torch.Tensor], event: Any, start: int, count: int) -> None:
-    if event is not None:
-        event.synchronize()
-    with os_errors(sink.out):
-        sink.write(batch.shard, batch.start, rows)
-        if batch.last:
-            sink.finish(batch.shard, start, count)
+def _steps(extractor: FeatureExtractor, plan: TextPlan, mine: list[int], device: torch.device) -> Iterator[Step]:
+    for shard in mine:
+        for batch in plan.batches(shard):
+            rows = plan.take_probe_rows(batch) or _forward(extractor, batch, device)
+            yield Step(batch.shard, batch.start, batch.last, rows, batch.count)
 
 
 def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[ArraySpec], out: Path,
@@ -312,36 +278,30 @@ def _run_shuffled(extractor: FeatureExtractor, plan: TextPlan, specs: list[Array
     staging = out / STAGING
     n = plan.num_rows
     shards = {k: (k * o.shard_size, min(o.shard_size, n - k * o.shard_size)) for k in range(-(-n // o.shard_size))}
-    rows = _Rows(shards, n)
-    sink = SINKS[o.format](out, specs, n, identity_digest(identity))
-    lock = FolderLock(out)
-    try:
-        decision = _start(out, identity, sink, rows, o, ranks, lock)
-        if "complete" in decision:
-            return decision["complete"]
+    sink = formats.get(o.format)(out, specs, n, identity_digest(identity))
+
+    def work(decision: dict[str, Any]) -> None:
         unshuffled_identity = {**identity, "format": "safetensors", "text": {**identity["text"], "shuffle": None}}
         left = [k for k in sorted(shards) if k not in set(decision["done"])]
-        if left:  # every output shard done (a kill while the staging folder was removed): it is not needed
-            if ranks.main:
-                with os_errors(staging):
-                    start_staging(staging, unshuffled_identity)  # its marker first: recognised in any partial state
-            ranks.barrier()
-            source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
-                          dataclasses.replace(o, format="safetensors", overwrite=False), ranks)
-            mine = _mine(sorted(shards), set(decision["done"]), ranks)
-            sink.open()
-            try:
-                _shuffle.write_permuted(staging, source, sink, shards, mine, seed, progress=o.progress and ranks.main)
-            finally:
-                with os_errors(out):
-                    sink.close()
-        ranks.barrier()
-        result = None
+        if not left:  # every output shard done (a kill while the staging folder was removed): it is not needed
+            return
         if ranks.main:
-            if staging.is_dir():
-                with os_errors(out):
-                    remove_staging(staging)  # before the manifest: a finished folder holds only the shuffled rows
-            result = _folder._finish(out, identity, rows, sink, o.command)
-        return ranks.from_main(result)
-    finally:
-        lock.release()
+            with os_errors(staging):
+                start_staging(staging, unshuffled_identity)  # its marker first: recognised in any partial state
+        ranks.barrier()
+        source = _run(extractor, plan, specs, staging, unshuffled_identity, device,
+                      dataclasses.replace(o, format="safetensors", overwrite=False), ranks)
+        mine = _mine(sorted(shards), set(decision["done"]), ranks)
+        sink.open()
+        try:
+            _shuffle.write_permuted(staging, source, sink, shards, mine, seed, progress=o.progress and ranks.main)
+        finally:
+            with os_errors(out):
+                sink.close()
+
+    def before_finish() -> None:
+        if staging.is_dir():
+            with os_errors(out):
+                remove_staging(staging)  # before the manifest: a finished folder holds only the shuffled rows
+
+    return run_folder(out, identity, sink, _Rows(shards, n), o, ranks, work, before_finish)

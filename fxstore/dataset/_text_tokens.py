@@ -93,13 +93,13 @@ def _field(columns: list[str], text_field: str | None) -> str:
     if text_field is not None:
         if text_field not in columns:
             raise ConfigError(f"the data has no text field {text_field!r}; its fields are {columns}.\n"
-                              "Hint: name the column holding the text with --text-field / text_field=.")
+                              "Hint: name the column holding the text with text_field=.")
         return text_field
     for name in ("text", "input_ids"):
         if name in columns:
             return name
     raise ConfigError(f"the data has no 'text' or 'input_ids' field; its fields are {columns}.\n"
-                      "Hint: name the column holding the text with --text-field / text_field=.")
+                      "Hint: name the column holding the text with text_field=.")
 
 
 def _checked(values: Iterable[Any], field: str, start: int) -> Iterator[str | Sequence[int]]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ConfigError
-from .manifest import read_manifest
+from . import formats
+from .folder.manifest import read_manifest
 
 __all__ = ["BatchLoader"]
 
@@ -61,7 +61,8 @@ class BatchLoader(IterableDataset):
     def __init__(self, out: str | os.PathLike[str], batch_size: int, *, keys: Sequence[str] | None = None,
                  shuffle: bool = True, seed: int = 0, buffer_shards: int = 4, drop_last: bool = False) -> None:
         manifest = read_manifest(out)
-        if manifest["format"] != "safetensors":
+        fmt = formats.get(manifest["format"])
+        if not fmt.sharded:
             raise ConfigError(f"'{out}' is in format {manifest['format']!r}; BatchLoader reads safetensors shards.\n"
                               "Hint: extract with format='safetensors', or index load_features(out) directly.")
         for name, value in (("batch_size", batch_size), ("buffer_shards", buffer_shards)):
@@ -72,7 +73,8 @@ class BatchLoader(IterableDataset):
         if unknown:
             raise ConfigError(f"'{out}' has no array {unknown[0]!r}; it has {known}.\nHint: pick keys from those.")
         self.keys = list(keys) if keys else known
-        self.files = [Path(out) / s["file"] for s in manifest["shards"]]
+        self.files = [path for path, _ in fmt.sources(Path(out), manifest, known[0])]
+        self._read = fmt.read_shard
         self.num_rows = int(manifest["num_samples"])
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_shards, self.drop_last = buffer_shards, drop_last
@@ -103,7 +105,7 @@ class BatchLoader(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
         carry: dict[str, torch.Tensor] | None = None
         for lo in range(0, len(order), self.buffer_shards):
-            parts = [load_file(self.files[i]) for i in order[lo:lo + self.buffer_shards]]
+            parts = [self._read(self.files[i]) for i in order[lo:lo + self.buffer_shards]]
             buffer = {k: torch.cat(([carry[k]] if carry else []) + [p[k] for p in parts]) for k in self.keys}
             n = len(buffer[self.keys[0]])
             if self.shuffle:

@@ -14,15 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from ._checksum import ALGORITHM, digest_file, identity_digest
-from ._outdir import OutputError
-from ._shuffle import mapped
-from ._sinks import check_file, header_record, npy_layout
-from .manifest import consistency, read_manifest
+from ..errors import OutputError
+from . import formats
+from .folder.manifest import consistency, read_manifest
 
-__all__ = ["load_features", "verify_folder", "ShardedArray"]
+__all__ = ["load_features", "verify_folder", "data_files", "ShardedArray"]
 
 
 def load_features(out: str | Path, verify: bool = False) -> dict[str, Any]:
@@ -65,10 +62,9 @@ def load_features(out: str | Path, verify: bool = False) -> dict[str, Any]:
             + ("; ..." if len(problems) > 8 else "") + ".\n"
             "Hint: run the same extraction again: it verifies the folder and recomputes what is damaged."
         )
-    entries, fmt, n = _arrays(manifest), manifest["format"], manifest["num_samples"]
-    shards = [(root / s["file"], s["count"]) for s in manifest["shards"]] if fmt == "safetensors" else []
-    return {key: ShardedArray(shards or [(root / entry["file"], n)], key, tuple(entry["shape"]), entry["dtype"], fmt)
-            for key, entry in entries.items()}
+    fmt = formats.get(manifest["format"])
+    return {key: ShardedArray(fmt.sources(root, manifest, key), key, tuple(entry["shape"]), entry["dtype"], fmt.name)
+            for key, entry in formats.arrays_of(manifest).items()}
 
 
 def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = True) -> list[str]:
@@ -76,7 +72,7 @@ def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = T
 
     Args:
         out: The output folder.
-        manifest: Its manifest (:func:`~fxstore.dataset.manifest.read_manifest`).
+        manifest: Its manifest (:func:`~fxstore.read_manifest`).
         checksums: Read every byte and compare checksums (else sizes and headers only).
 
     Returns:
@@ -91,87 +87,12 @@ def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = T
         >>> verify_folder(out, m)
         []
     """
-    root, problems = Path(out), []
-    arrays = _arrays(manifest)
-    n = manifest["num_samples"]
-    if manifest["format"] == "npy":
-        for key, entry in arrays.items():
-            name, path = entry["file"], root / entry["file"]
-            problem = check_file(path, name, entry["bytes"], None)
-            layout = npy_layout(path) if problem is None else None
-            expected = ((n, *entry["shape"]), np.dtype(entry["dtype"]))
-            if problem is None and (layout is None or layout[:2] != expected
-                                    or layout[2] + n * _row_bytes(entry) != entry["bytes"]):
-                problem = f"{name}: its header does not say {expected[0]} {expected[1]}"
-            if problem is None and checksums:
-                row = _row_bytes(entry)
-                for shard in manifest["shards"]:
-                    got = digest_file(path, layout[2] + shard["start"] * row, shard["count"] * row)
-                    if got != shard[ALGORITHM][key]:
-                        last = shard["start"] + shard["count"] - 1
-                        problem = f"{name}: rows {shard['start']}-{last} fail their checksum"
-                        break
-            if problem is not None:
-                problems.append(problem)
-        return problems + consistency(manifest)
-    digest = identity_digest(manifest["identity"])
-    for k, shard in enumerate(manifest["shards"]):
-        name, path = shard["file"], root / shard["file"]
-        problem = check_file(path, name, shard["bytes"], shard[ALGORITHM] if checksums else None)
-        if problem is None:
-            problem = _check_header(path, name, arrays, shard["count"])
-        if problem is None:
-            problem = _check_record(path, name, k, shard, digest)
-        if problem is not None:
-            problems.append(problem)
-    return problems + consistency(manifest)
+    return formats.get(manifest["format"]).verify(Path(out), manifest, checksums) + consistency(manifest)
 
 
-def _check_record(path: Path, name: str, k: int, shard: dict[str, Any], digest: str) -> str | None:
-    """Whether the shard's own header names its place: shard index, first row, count and run (no data read)."""
-    record = header_record(path)
-    if record is None:
-        return f"{name}: its header names no fxstore shard"
-    said = (record.get("shard"), record.get("start"), record.get("count"))
-    if said != (k, shard["start"], shard["count"]):
-        return f"{name}: its header says shard {said[0]} (rows from {said[1]}, {said[2]} of them), " \
-               f"the manifest shard {k} (rows from {shard['start']}, {shard['count']})"
-    if record.get("identity") not in (None, digest):  # None: written before shards named their run
-        return f"{name}: its header names another run"
-    return None
-
-
-def _arrays(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    entries = dict(manifest["features"])
-    if manifest.get("target") is not None:
-        entries["target"] = manifest["target"]
-    return entries
-
-
-def _row_bytes(entry: dict[str, Any]) -> int:
-    itemsize = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
-    return itemsize * int(np.prod(entry["shape"], dtype=np.int64))
-
-
-def _check_header(path: Path, name: str, arrays: dict[str, dict[str, Any]], count: int) -> str | None:
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key, entry in arrays.items():
-                if key not in f.keys():
-                    return f"{name}: holds no array {key!r}"
-                shape = f.get_slice(key).get_shape()
-                dtype = str(f.get_slice(key).get_dtype())
-                if list(shape) != [count, *entry["shape"]] or _ST_DTYPES.get(dtype) != entry["dtype"]:
-                    return f"{name}: {key!r} is {shape} {dtype}, the manifest says {[count, *entry['shape']]} " \
-                           f"{entry['dtype']}"
-    except Exception as e:  # noqa: BLE001 - safetensors' own error on a damaged header
-        return f"{name}: not a readable safetensors file ({type(e).__name__})"
-    return None
-
-
-_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I8": "int8", "U8": "uint8",
-              "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
-              "U64": "uint64", "C64": "complex64"}
+def data_files(manifest: dict[str, Any]) -> int:
+    """How many data files a finished folder with this (valid) manifest holds (shards, or ``.npy`` files)."""
+    return formats.get(manifest["format"]).data_files(manifest)
 
 
 class ShardedArray:
@@ -198,6 +119,7 @@ class ShardedArray:
         self._sources = sources
         self._key = key
         self._format = format
+        self._open_rows = formats.get(format).open_rows
         self._starts = np.cumsum([0] + [count for _, count in sources])
         self._maps: dict[int, np.ndarray] = {}
         self.shape: tuple[int, ...] = (int(self._starts[-1]), *row_shape)
@@ -235,11 +157,7 @@ class ShardedArray:
     def _map(self, k: int) -> np.ndarray:
         """The rows of source ``k``, memory-mapped (bfloat16 as its uint16 bits)."""
         if k not in self._maps:
-            path = self._sources[k][0]
-            if self._format == "npy":
-                self._maps[k] = np.load(path, mmap_mode="r")
-            else:
-                self._maps[k] = mapped(path)[self._key][0]
+            self._maps[k] = self._open_rows(self._sources[k][0], self._key)
         return self._maps[k]
 
     def _span(self, lo: int, hi: int) -> np.ndarray:

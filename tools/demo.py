@@ -5,7 +5,7 @@ folder: the node table (an excerpt), the extraction with its progress bar, the m
 and how to load the result. Then a language model: a tiny random GPT-2 with a tokenizer
 trained on the spot, saved with ``save_pretrained``, run over a ``.jsonl`` corpus with one
 row per token. Extra arguments replace the default extraction arguments,
-e.g. ``python -m fxstore.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
+e.g. ``python -m tools.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli._main import main as cli
+from fxstore.cli import main as cli
 
 __all__ = ["main"]
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(manifest, indent=2))
         print("\n# load it (lazy, rows in sample order):")
         print(f">>> feats = fxstore.load_features({str(out)!r})")
-        from .dataset.reader import load_features
+        from fxstore import load_features
 
         feats = load_features(out)
         print(">>> {k: v.shape for k, v in feats.items()}")
@@ -85,10 +85,10 @@ def _text_demo(tmp: Path) -> int:
     except ImportError:
         print("\n(skipping the language-model demo: pip install transformers)")
         return 0
-    from .cli.hf import _no_progress_bars
+    from fxstore.cli.hf import no_progress_bars
 
     model, corpus, out = tmp / "tiny-gpt2", tmp / "corpus.jsonl", tmp / "acts"
-    with _no_progress_bars():
+    with no_progress_bars():
         _tiny_language_model(model)
     corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXT * 40)))
     print(f"\n# a language model: a random 3-block GPT-2 saved with save_pretrained in {model}, "
@@ -99,7 +99,7 @@ def _text_demo(tmp: Path) -> int:
     status = cli(step)
     if status:
         return status
-    from .dataset.reader import load_features
+    from fxstore import load_features
 
     acts = load_features(out)
     print(f">>> acts = fxstore.load_features({str(out)!r})  # one row per real token, shuffled")

@@ -10,19 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
-__all__ = ["ALGORITHM", "digest_bytes", "digest_file", "identity_digest"]
+__all__ = ["ALGORITHM", "digest_bytes", "digest_file", "identity_digest", "is_digest"]
 
 ALGORITHM = "sha256"
 _BLOCK = 8 << 20
+_DIGEST = re.compile(rf"{ALGORITHM}:[0-9a-f]{{64}}")
+
+
+def is_digest(value: object) -> bool:
+    """Whether ``value`` is a well-formed digest string (``"sha256:<64 hex digits>"``)."""
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def digest_bytes(data: bytes | memoryview) -> str:
     """The checksum of ``data``.
 
     Example:
-        >>> from fxstore.dataset._checksum import digest_bytes
+        >>> from fxstore.dataset.folder.checksums import digest_bytes
         >>> digest_bytes(b"abc")[:23]
         'sha256:ba7816bf8f01cfea'
     """
@@ -59,7 +66,7 @@ def identity_digest(identity: dict[str, object]) -> str:
     the same bytes. The data itself is covered by each shard's ``inputs`` digest.
 
     Example:
-        >>> from fxstore.dataset._checksum import identity_digest
+        >>> from fxstore.dataset.folder.checksums import identity_digest
         >>> identity_digest({"a": 1, "b": [2]}) == identity_digest({"b": [2], "a": 1, "data": "x"})
         True
     """

@@ -25,29 +25,27 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ...errors import OutputError
+from .. import formats
 from . import manifest as manifest_module
-from ._checksum import identity_digest
-from ._lock import LOCK_FILE, is_lock_file
-from ._outdir import (
+from .checksums import identity_digest
+from .files import create_exclusive, plain_stat, read_json, read_small
+from .lock import is_lock_file
+from .names import (
+    LOCK_FILE,
+    MANIFEST,
     PROBE,
     PROGRESS,
     RUN_FILE,
     STAGING,
     STAGING_MARKER,
-    TEMP_SUFFIX,
-    OutputError,
-    atomic_write_json,
-    create_exclusive,
-    plain_stat,
-    read_json,
-    read_small,
+    is_temp,
+    temp_base,
 )
-from ._sinks import SINKS, NpySink, SafetensorsSink, file_stem
+from .progress import read_markers, remove_markers
+from .record import read_record
 
-__all__ = ["Folder", "survey", "write_run_record", "start_staging", "remove_staging"]
-
-RUN_VERSION = 1
-
+__all__ = ["Folder", "survey", "start_staging", "remove_staging"]
 
 @dataclasses.dataclass
 class Folder:
@@ -84,20 +82,14 @@ class Folder:
     def clean(self) -> None:
         """Delete every file of fxstore's in the folder (not the lock); refuse before deleting if any is foreign."""
         self.refuse_foreign()
-        identity = self.identity or self.expected
-        if identity is not None:
-            SINKS[identity["format"]](self.out, [], 0).remove_progress()
-        last = {manifest_module.MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
+        if (self.identity or self.expected) is not None:
+            remove_markers(self.out)
+        last = {MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
         for path in sorted(self.ours, key=lambda p: last.get(p.name, 0)):
             if path.name == STAGING:
                 remove_staging(path)
             elif path.name not in (LOCK_FILE, PROGRESS, STAGING_MARKER) and plain_stat(path) is not None:
                 path.unlink()
-
-
-def write_run_record(out: Path, identity: dict[str, Any], files: list[str]) -> None:
-    """Record a run before it writes any data file (rank 0)."""
-    atomic_write_json(out / RUN_FILE, {"fxstore_run": RUN_VERSION, "identity": identity, "files": files})
 
 
 def start_staging(staging: Path, identity: dict[str, Any]) -> None:
@@ -119,37 +111,11 @@ def remove_staging(staging: Path) -> None:
     inner = survey(staging)
     inner.refuse_foreign()
     inner.clean()
-    SafetensorsSink(staging, [], 0).remove_progress()  # the staged rows are always safetensors shards
+    remove_markers(staging)
     if plain_stat(staging / LOCK_FILE) is not None:
         (staging / LOCK_FILE).unlink()
     (staging / STAGING_MARKER).unlink(missing_ok=True)
     staging.rmdir()
-
-
-def record_files(identity: dict[str, Any]) -> list[str]:
-    """The data files a run names in its record before writing them (``.npy``: one per array)."""
-    if identity.get("format") != "npy":
-        return []
-    keys = [*identity["features"], *(["target"] if identity.get("target") is not None else [])]
-    return [file_stem(k) + ".npy" for k in keys]
-
-
-def _read_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        record = read_json(path)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"not readable JSON: {e}" if isinstance(e, OSError) and e.args else "not readable JSON"
-    try:
-        valid = (isinstance(record, dict) and record.get("fxstore_run") == RUN_VERSION
-                 and isinstance(record.get("identity"), dict) and record["identity"].get("format") in SINKS
-                 and isinstance(record["identity"].get("features"), dict)
-                 and isinstance(record.get("files"), list)
-                 and sorted(record["files"]) == sorted(record_files(record["identity"])))
-    except (AttributeError, TypeError):
-        valid = False
-    if not valid:
-        return None, "not an fxstore run record: it must name exactly the files its run writes"
-    return record, None
 
 
 def _staging_digest(path: Path) -> str | None:
@@ -174,36 +140,28 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
     entries = {p.name: p for p in out.iterdir()}
     staged = _staging_digest(out) if out.name == STAGING else None
     if RUN_FILE in entries:
-        folder.record, why = _read_record(entries[RUN_FILE])
+        folder.record, why = read_record(entries[RUN_FILE])
         if why is not None:
             folder.foreign.append(f"{RUN_FILE} ({why})")
-    if manifest_module.MANIFEST in entries:
-        manifest, why = manifest_module.parse(entries[manifest_module.MANIFEST])
+    if MANIFEST in entries:
+        manifest, why = manifest_module.parse(entries[MANIFEST])
         if why is None:
             folder.manifest = manifest
         else:
-            folder.foreign.append(f"{manifest_module.MANIFEST} (not an fxstore manifest: {why})")
+            folder.foreign.append(f"{MANIFEST} (not an fxstore manifest: {why})")
     claimed = [i for i in (folder.record and folder.record["identity"],
                            folder.manifest and folder.manifest["identity"]) if i]
     identities = [*claimed, *([expected] if expected is not None else [])]
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
-    listed: dict[str, Any] = {}
-    if folder.manifest is not None and folder.manifest["format"] == "safetensors":
-        listed = {s["file"]: s["bytes"] for s in folder.manifest["shards"]}
-    if (folder.record is not None or staged) and PROGRESS in entries:  # a run's markers name its shards and sizes
-        for marker in _markers(entries[PROGRESS]):
-            listed.setdefault(SafetensorsSink.shard_file(marker["shard"]), marker.get("bytes"))
-    npy_claims = [i for i in claimed if i["format"] == "npy"]  # .npy headers carry no identity: a claim must name them
+    running = (folder.record is not None or staged) and PROGRESS in entries  # a run's markers name its shards
+    claims = formats.Claims(digests, formats.listed(folder.manifest, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
+                            claimed)
 
     def data_file(name: str, path: Path) -> bool:
-        if SafetensorsSink.PATTERN.fullmatch(name):
-            return SafetensorsSink.recognise(name, path, digests, listed)
-        if name.endswith((".npy", ".npy.partial")):
-            return NpySink.recognise(name, path, npy_claims)
-        return False
+        return formats.recognise(name, path, claims)
 
     def temporary(name: str, path: Path) -> bool:
-        base = name[1:-len(TEMP_SUFFIX)]
+        base = temp_base(name)
         info = plain_stat(path)
         if info is None:
             return False
@@ -211,7 +169,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
             return info.st_size == 0 or _starts(path, b'{\n  "fxstore_run"')
         if folder.record is None:  # every other temporary file is written while a run record exists
             return False
-        if base == manifest_module.MANIFEST:
+        if base == MANIFEST:
             return info.st_size == 0 or _starts(path, b'{\n  "fxstore_manifest"')
         return info.st_size == 0 or data_file(base, path)
 
@@ -221,24 +179,24 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
             return info is not None and info.st_size == 0
         if name == RUN_FILE:
             return folder.record is not None
-        if name == manifest_module.MANIFEST:
+        if name == MANIFEST:
             return folder.manifest is not None
         if name == LOCK_FILE:
             return is_lock_file(path)
         if name == STAGING_MARKER:
             return staged is not None
-        if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+        if is_temp(name):
             return temporary(name, path)
         return data_file(name, path)
 
     for name, path in sorted(entries.items()):
-        if name in (RUN_FILE, manifest_module.MANIFEST) and any(f.startswith(name + " (") for f in folder.foreign):
+        if name in (RUN_FILE, MANIFEST) and any(f.startswith(name + " (") for f in folder.foreign):
             continue
         real_dir = path.is_dir() and not path.is_symlink()
         if name == PROGRESS and real_dir and (identities or staged):
             strays = [p.name for p in path.iterdir()
                       if plain_stat(p) is None
-                      or not (p.name.isdigit() or (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)))]
+                      or not (p.name.isdigit() or is_temp(p.name))]
             folder.foreign.extend(f"{PROGRESS}/{s}" for s in strays)
             folder.ours.append(path)
         elif name == STAGING and real_dir and folder.record is not None and _staging_digest(path) is not None:
@@ -250,21 +208,6 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
         else:
             folder.foreign.append(name + ("/" if real_dir else ""))
     return folder
-
-
-def _markers(progress: Path) -> list[dict[str, Any]]:
-    if not progress.is_dir() or progress.is_symlink():
-        return []
-    found = []
-    for path in progress.iterdir():
-        if path.name.isdigit() and plain_stat(path) is not None:
-            try:
-                marker = read_json(path, limit=1 << 20)
-            except (OSError, UnicodeDecodeError, ValueError):
-                continue
-            if isinstance(marker, dict) and marker.get("shard") == int(path.name):
-                found.append(marker)
-    return found
 
 
 def _starts(path: Path, prefix: bytes) -> bool:

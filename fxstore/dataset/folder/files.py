@@ -1,4 +1,4 @@
-"""The output folder: atomic writes, early checks (writable, free space), error translation.
+"""Files of the output folder: atomic writes, early checks (writable, free space), error translation.
 
 Every file fxstore writes into an output folder goes through :func:`atomic_write` (a hidden
 temporary file in the same folder, ``fsync``, then ``os.replace``), so a killed process
@@ -18,35 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import FxStoreError
+from ...errors import OutputError
+from .names import PROBE, temp_path
 
-__all__ = ["OutputError", "NotPlainFile", "atomic_write", "atomic_write_json", "check_writable", "check_free_space",
-           "os_errors", "read_small", "read_json"]
+__all__ = ["NotPlainFile", "atomic_write", "atomic_write_json", "check_writable", "check_free_space",
+           "os_errors", "read_small", "read_json", "plain_stat", "create_exclusive", "check_depth"]
 
-TEMP_SUFFIX = ".fxstore-tmp"
-STAGING = ".fxstore-unshuffled.partial"
-"""The hidden folder inside ``out`` that holds a shuffled text run's unshuffled rows (itself an fxstore folder)."""
-RUN_FILE = ".fxstore-run.json"
-"""The run record: written before any data file, it names the run and the files it writes."""
-PROGRESS = ".fxstore-progress"
-"""Folder of per-shard markers (with checksums) of a run in progress."""
-PROBE = ".fxstore-probe"
-STAGING_MARKER = ".fxstore-staging"
-"""Written first into :data:`STAGING` and removed last: the staging folder is fxstore's in any partial state."""
 JSON_LIMIT = 256 << 20
 """The largest manifest or run record fxstore reads (a manifest of a million shards is about 200 MB)."""
 JSON_DEPTH = 32
 """The deepest nesting fxstore accepts in a manifest or run record (its own are 4 deep)."""
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class OutputError(FxStoreError):
-    """The output folder cannot hold the result: unwritable, full, or holding another run."""
-
-
-def temp_path(path: Path) -> Path:
-    """The hidden temporary name ``path`` is written under before the rename."""
-    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
 
 
 class NotPlainFile(OSError):
@@ -199,8 +181,8 @@ def check_free_space(out: Path, needed: int) -> None:
     if needed > free:
         raise OutputError(
             f"the output folder '{out}' needs about {_size(needed)} but its disk has {_size(free)} free.\n"
-            "Hint: free space, write elsewhere (--out), store fewer layers, pool them (--pool avg) "
-            "or use a smaller dtype (--dtype float16)."
+            "Hint: free space, write elsewhere (out=...), store fewer layers, pool them (reduce='avg') "
+            "or use a smaller dtype (dtype='float16')."
         )
 
 

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._outdir import OutputError, os_errors, read_small
+from ...errors import OutputError
+from .files import os_errors, read_small
+from .names import LOCK_FILE
 
-__all__ = ["LOCK_FILE", "FolderLock", "is_lock_file"]
-
-LOCK_FILE = ".fxstore-lock"
+__all__ = ["FolderLock", "is_lock_file"]
 
 
 def is_lock_file(path: Path) -> bool:

@@ -12,7 +12,7 @@ def commit() -> str:
     """The checked-out commit (``+dirty`` with uncommitted changes), or ``"unknown"`` outside git.
 
     Example:
-        >>> from fxstore._checkout import commit
+        >>> from tools.checkout import commit
         >>> commit() == "unknown" or len(commit().split("+")[0]) == 40
         True
     """

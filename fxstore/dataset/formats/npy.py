@@ -1,0 +1,281 @@
+"""The ``npy`` format: one ``.npy`` file per array (``numpy.load(..., mmap_mode="r")`` reads it).
+
+Each file is created under a hidden ``.partial`` name with every block allocated up front
+(``posix_fallocate``: a full disk is an error before the run, never a ``SIGBUS`` while writing
+through the memory map), filled row by row, and given its final name at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+
+from ...errors import ConfigError
+from ..folder.checksums import ALGORITHM, digest_bytes, digest_file, is_digest
+from ..folder.files import plain_stat
+from ..folder.names import array_file, is_array_file, partial_base, partial_name, plain_name
+from .base import ArraySpec, Claims, Sink, arrays_of, check_file
+
+__all__ = ["NpySink", "npy_layout"]
+
+
+class NpySink(Sink):
+    """One memory-mapped ``.npy`` file per array, preallocated, rows written in place."""
+
+    name = "npy"
+    sharded = False
+
+    def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
+        super().__init__(out, specs, num_samples, identity)
+        if num_samples is None:
+            raise ConfigError(
+                "format='npy' needs the number of samples before the run, but the data does not say.\n"
+                "Hint: pass a sized Dataset (or a DataLoader over one), or use format='safetensors'."
+            )
+        for s in specs:
+            if s.dtype == torch.bfloat16:
+                raise ConfigError(
+                    f"'{s.key}' is bfloat16, which .npy files cannot hold.\n"
+                    "Hint: use format='safetensors', or dtype='float16'/'float32'."
+                )
+        self.names = {s.key: array_file(s.key) for s in specs}
+        if len(set(self.names.values())) != len(self.names):
+            raise ConfigError(
+                f"two arrays would share one file name: {sorted(self.names)}.\n"
+                "Hint: give the layers distinct aliases with a dict {layer: alias}."
+            )
+        self._maps: dict[str, np.memmap] = {}
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.names.values())
+
+    @staticmethod
+    def record_files(identity: dict[str, Any]) -> list[str]:
+        return [array_file(k) for k in arrays_of(identity)]
+
+    @staticmethod
+    def matches(name: str) -> bool:
+        return is_array_file(name, partial=True)
+
+    @staticmethod
+    def validate_array(key: str, entry: dict[str, Any], files: set[str]) -> str | None:
+        name = entry.get("file")
+        if not (plain_name(name) and is_array_file(str(name))):
+            return f"the file of {key!r} is {name!r}, not a .npy file name inside the folder"
+        if name in files:
+            return f"two arrays name the file {name!r}"
+        files.add(name)
+        size = entry.get("bytes")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            return f"the size of {key!r} is {size!r}, not a count"
+        if entry["dtype"] == "bfloat16":
+            return f"{key!r} is bfloat16 in an npy folder"
+        return None
+
+    @staticmethod
+    def validate_shard(k: int, shard: dict[str, Any], arrays: dict[str, Any]) -> str | None:
+        sums = shard.get(ALGORITHM)
+        if not (isinstance(sums, dict) and set(sums) == set(arrays) and all(is_digest(v) for v in sums.values())):
+            return f"shard {k} has no checksum for every array"
+        return None
+
+    @classmethod
+    def verify(cls, root: Path, manifest: dict[str, Any], checksums: bool) -> list[str]:
+        problems, n = [], manifest["num_samples"]
+        for key, entry in arrays_of(manifest).items():
+            name, path = entry["file"], root / entry["file"]
+            problem = check_file(path, name, entry["bytes"], None)
+            layout = npy_layout(path) if problem is None else None
+            expected = ((n, *entry["shape"]), np.dtype(entry["dtype"]))
+            row = _row_bytes(entry)
+            if problem is None and (layout is None or layout[:2] != expected or layout[2] + n * row != entry["bytes"]):
+                problem = f"{name}: its header does not say {expected[0]} {expected[1]}"
+            if problem is None and checksums:
+                for shard in manifest["shards"]:
+                    problem = _rows_problem(path, name, layout[2], row, shard["start"], shard["count"],
+                                            shard[ALGORITHM][key])
+                    if problem is not None:
+                        break
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    @staticmethod
+    def sources(root: Path, manifest: dict[str, Any], key: str) -> list[tuple[Path, int]]:
+        return [(root / arrays_of(manifest)[key]["file"], manifest["num_samples"])]
+
+    @staticmethod
+    def open_rows(path: Path, key: str) -> np.ndarray:
+        return np.load(path, mmap_mode="r")
+
+    @staticmethod
+    def data_files(manifest: dict[str, Any]) -> int:
+        return len(arrays_of(manifest))
+
+    @staticmethod
+    def layouts(identity: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+        """``{file name: (shape, dtype, file size)}`` of every ``.npy`` file a run ``identity`` writes."""
+        n = int(identity["num_samples"])
+        found = {}
+        for key, entry in arrays_of(identity).items():
+            dtype = np.dtype(entry["dtype"])
+            shape = (n, *(int(d) for d in entry["shape"]))
+            size = _header_bytes(dtype, shape) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            found[array_file(key)] = (shape, dtype, size)
+        return found
+
+    @classmethod
+    def recognise(cls, name: str, path: Path, claims: Claims) -> bool:
+        """Whether ``path`` (``X.npy`` or ``.X.npy.partial``) is a file one of the claimed run identities
+        of this format writes: a regular file whose ``.npy`` header says exactly that array's shape and dtype.
+        (``.npy`` headers carry no identity: a claim must name them.)"""
+        base = partial_base(name) or name
+        if plain_stat(path) is None:
+            return False
+        layout = None
+        for identity in (i for i in claims.identities if i["format"] == cls.name):
+            try:
+                expected = cls.layouts(identity).get(base)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if expected is not None:
+                layout = npy_layout(path) if layout is None else layout
+                if layout is not None and layout[:2] == expected[:2]:
+                    return True
+        return False
+
+    def _partial(self, key: str) -> Path:
+        return self.out / partial_name(self.names[key])
+
+    def _size(self, s: ArraySpec) -> tuple[int, int]:
+        """(header bytes, total bytes) of the file of ``s``."""
+        offset = _header_bytes(_numpy_dtype(s.dtype), (self.num_samples, *s.shape))
+        return offset, offset + int(self.num_samples) * s.row_bytes
+
+    def _valid(self, s: ArraySpec) -> bool:
+        path = self._partial(s.key)
+        layout = npy_layout(path)
+        return (layout is not None and layout[:2] == ((self.num_samples, *s.shape), _numpy_dtype(s.dtype))
+                and path.stat().st_size == self._size(s)[1])
+
+    def check_shard(self, marker: dict[str, Any]) -> str | None:
+        sums = marker.get(ALGORITHM)
+        if not isinstance(sums, dict):
+            return f"shard {marker['shard']}: its marker holds no checksums"
+        for s in self.specs:
+            name = self.names[s.key]
+            if not self._valid(s):
+                return f"{name}: missing, truncated or of another shape"
+            problem = _rows_problem(self._partial(s.key), name, self._size(s)[0], s.row_bytes, marker["start"],
+                                    marker["count"], sums.get(s.key))
+            if problem is not None:
+                return problem
+        return None
+
+    def adopt(self) -> None:
+        for s in self.specs:
+            partial, final = self._partial(s.key), self.out / self.names[s.key]
+            if not partial.exists() and final.exists():  # a finish was interrupted after this rename
+                os.replace(final, partial)
+
+    def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
+        needed = 0
+        for s in self.specs:
+            size = self._size(s)[1]
+            path = self._partial(s.key)
+            allocated = path.stat().st_blocks * 512 if path.exists() and self._valid(s) else 0
+            needed += max(size - allocated, 0)
+        return needed
+
+    def prepare(self) -> None:
+        super().prepare()
+        for s in self.specs:
+            partial = self._partial(s.key)
+            if not self._valid(s):
+                partial.unlink(missing_ok=True)
+                array = open_memmap(partial, mode="w+", dtype=_numpy_dtype(s.dtype),
+                                    shape=(self.num_samples, *s.shape))
+                del array
+            fd = os.open(partial, os.O_RDWR)
+            try:  # allocate every block now: writes through the map can then never hit a full disk
+                os.posix_fallocate(fd, 0, self._size(s)[1])
+            finally:
+                os.close(fd)
+
+    def open(self) -> None:
+        self._maps = {s.key: open_memmap(self._partial(s.key), mode="r+") for s in self.specs}
+
+    def write(self, shard: int, start: int, arrays: dict[str, torch.Tensor]) -> None:
+        for key, array in self._maps.items():
+            rows = arrays[key].numpy()
+            if start + len(rows) > len(array):
+                raise ConfigError(
+                    f"the data yielded more than the {len(array)} samples it announced.\n"
+                    "Hint: check len(data), or use format='safetensors' for data of unknown length."
+                )
+            array[start:start + len(rows)] = rows
+
+    def finish(self, shard: int, start: int, count: int, inputs: str | None = None) -> None:
+        sums = {}
+        for key, array in self._maps.items():
+            array.flush()
+            sums[key] = digest_bytes(memoryview(np.ascontiguousarray(array[start:start + count])).cast("B"))
+        self.write_marker(shard, start, count, sums, inputs)
+
+    def close(self) -> None:
+        for array in self._maps.values():
+            array.flush()
+        self._maps = {}
+
+    def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        markers = self.markers()
+        entries = [self._entry(markers[k], start, count) for k, (start, count) in sorted(shards.items())]
+        files = {}
+        for s in self.specs:
+            final = self.out / self.names[s.key]
+            os.replace(self._partial(s.key), final)
+            files[s.key] = {"file": self.names[s.key], "bytes": self._size(s)[1]}
+        return files, entries
+
+
+def _rows_problem(path: Path, name: str, offset: int, row: int, start: int, count: int, expected: Any) -> str | None:
+    """Why the rows ``start`` to ``start + count`` of a ``.npy`` file (data at ``offset``) fail their checksum."""
+    if digest_file(path, offset + start * row, count * row) != expected:
+        return f"{name}: rows {start}-{start + count - 1} fail their checksum"
+    return None
+
+
+def _row_bytes(entry: dict[str, Any]) -> int:
+    itemsize = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
+    return itemsize * int(np.prod(entry["shape"], dtype=np.int64))
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """``(shape, dtype, data offset)`` from a ``.npy`` header, or ``None`` if it is not one."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            return (tuple(shape), dtype, f.tell()) if not fortran else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+    return len(buffer.getvalue())
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
