@@ -1,9 +1,11 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
+from .capture import Ablate, Add, Apply, Edit, Replace, Scale
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
 from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
+    EditError,
     FxStoreError,
     GradientNotReadyError,
     InvalidLayerError,
@@ -36,5 +38,12 @@ __all__ = [
     "TraceError",
     "ConfigError",
     "GradientNotReadyError",
+    "EditError",
+    "Edit",
+    "Add",
+    "Replace",
+    "Ablate",
+    "Scale",
+    "Apply",
     "OutputError",
 ]

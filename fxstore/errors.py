@@ -42,3 +42,10 @@ class ConfigError(FxStoreError, ValueError):
 
 class GradientNotReadyError(FxStoreError, LookupError):
     """A gradient was read before ``backward()`` reached the layer."""
+
+
+class EditError(FxStoreError, ValueError):
+    """An edit (``fxstore.Add``, ``Replace``, ...) does not fit its node, or is refused."""
+
+
+__all__.append("EditError")
