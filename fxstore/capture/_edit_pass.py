@@ -31,7 +31,7 @@ EditSpec = tuple[Any, str]
 
 
 def edit_sites(traced: Traced, edits: Sequence[EditSpec]) -> dict[fx.Node, tuple[str, str]]:
-    """The node each edit applies to: ``{node: (module name, site label)}``.
+    """The node each edit applies to: ``{node: (module name, where it is, for messages)}``.
 
     A module spec edits every call of the module; a module with several outputs (a tuple)
     is edited on its first element, as fxstore stores it.
@@ -41,17 +41,20 @@ def edit_sites(traced: Traced, edits: Sequence[EditSpec]) -> dict[fx.Node, tuple
         EditError: two edits on one node.
     """
     sites: dict[fx.Node, tuple[str, str]] = {}
+    labels: dict[fx.Node, str] = {}
     for spec, target in edits:
         label = spec_label(spec)
         for s in resolve(traced, [(spec, None)], strict=True):
             if ":" in s.key and not s.key.endswith(":0"):
                 continue  # later elements of a tuple output
+            name = traced.names.get(s.node, s.node.name)
             if s.node in sites and sites[s.node][0] != target:
                 raise EditError(
-                    f"two edits on the node '{traced.names.get(s.node, s.node.name)}': '{sites[s.node][1]}' and "
+                    f"two edits on the node '{name}': '{labels[s.node]}' and "
                     f"'{label}'.\nHint: combine them into one edit (fxstore.Apply), or edit different layers."
                 )
-            sites[s.node] = (target, label)
+            labels[s.node] = label
+            sites[s.node] = (target, f"'{label}'" + ("" if name == label else f" (node '{name}')"))
     return sites
 
 
@@ -83,7 +86,7 @@ def check_kept(graph: fx.Graph, edited: dict[fx.Node, fx.Node], sites: dict[fx.N
     for node, new in edited.items():
         if new not in alive:
             raise EditError(
-                f"the edit on '{sites[node][1]}' (node '{node.name}') has no effect: nothing that is returned "
+                f"the edit on {sites[node][1]} has no effect: nothing that is returned "
                 "depends on it (keep_output=False cuts the graph after the last stored layer).\n"
                 "Hint: keep the output (keep_output=True), or store a layer after the edited one."
             )

@@ -90,13 +90,18 @@ class Edit(nn.Module):
         raise NotImplementedError
 
     def forward(self, value: Any, site: str = "") -> Any:
-        """The edited value; a tuple or list is edited on its first element."""
+        """The edited value; a tuple or list is edited on its first element.
+
+        Args:
+            value: The node's value.
+            site: Where the edit is, for error messages (``"'layer1' (node 'layer1.1.relu_1')"``).
+        """
         if isinstance(value, (tuple, list)):
             return type(value)((self.forward(value[0], site), *value[1:]))
         if torch.compiler.is_compiling():
             return self._indexed(value)
+        self._check(value, site)
         try:
-            self._check(value, site)
             result = self._indexed(value)
         except (IndexError, RuntimeError) as e:
             raise EditError(
@@ -129,7 +134,7 @@ class Edit(nn.Module):
     # -- checks and updates -------------------------------------------------------------
 
     def _name(self, site: str) -> str:
-        return f"edit {type(self).__name__}" + (f" on '{site}'" if site else "")
+        return f"edit {type(self).__name__}" + (f" on {site}" if site else "")
 
     def _target_shape(self, value: torch.Tensor) -> tuple[int, ...]:
         if self._index_kind == "static":
