@@ -1,6 +1,6 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
-from .capture import Ablate, Add, Apply, Edit, Replace, Scale
+from .capture import Ablate, Add, Apply, Edit, Replace, Scale, patch_sweep
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
 from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
@@ -45,5 +45,6 @@ __all__ = [
     "Ablate",
     "Scale",
     "Apply",
+    "patch_sweep",
     "OutputError",
 ]
