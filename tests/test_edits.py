@@ -392,3 +392,49 @@ def test_a_bad_index_or_value_is_refused():
 def test_an_unknown_layer_is_a_layer_not_found_error(resnet):
     with pytest.raises(fxstore.LayerNotFoundError, match="Did you mean"):
         fxstore.FeatureExtractor(resnet, edits={"layer9": fxstore.Ablate()})
+
+
+# -- the hook backend applies the same edits --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["add", "replace_at", "mean_ablate_mask", "apply"])
+def test_hook_backend_edits_equal_the_extractor_output_and_stored_values(kind):
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(2, 3, 32, 32, generator=_gen(12))
+    edit, _ = _cases(_shape(model, "layer2", x, {}))[kind]
+    ex = fxstore.FeatureExtractor(model, ["layer2", "layer3"], edits={"layer2": edit})
+    storage = fxstore.HookForwardModuleStorage(model, ["layer2", "layer3"], edits={model.layer2: edit})
+    try:
+        with torch.no_grad():
+            out, feats = ex(x)
+            hooked = storage(x)
+        assert torch.equal(hooked, out)
+        assert torch.equal(storage["layer2"][0], feats["layer2"]) and torch.equal(storage["layer3"][0], feats["layer3"])
+        assert list(storage.edits) == ["layer2"]
+    finally:
+        storage.remove()
+    with torch.no_grad():  # outside the storage's calls (and after remove) the model runs unedited
+        assert torch.equal(model(x), fxstore.FeatureExtractor(model)(x)[0])
+
+
+def test_gradient_wrt_an_edit_tensor_equals_the_hook_backend():
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(2, 3, 32, 32, generator=_gen(13))
+    vector = torch.zeros(128, 1, 1, requires_grad=True)
+    ex = fxstore.FeatureExtractor(model, edits={"layer2": fxstore.Add(vector, scale=0.5)})
+    storage = fxstore.HookForwardModuleStorage(model, [], edits={"layer2": fxstore.Add(vector, scale=0.5)})
+    try:
+        expected = torch.autograd.grad(storage(x)[:, 5].sum(), vector)[0]
+    finally:
+        storage.remove()
+    got = torch.autograd.grad(ex(x)[0][:, 5].sum(), ex.edits["layer2"].vector)[0]
+    assert ex.edits["layer2"].vector is vector
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert expected.abs().sum() > 0
+
+
+def test_an_extractor_with_edits_does_not_export_its_values_silently(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    ex = fxstore.FeatureExtractor(model, edits={"0": fxstore.Add(torch.ones(3))})
+    with pytest.raises(fxstore.EditError, match=r"this extractor has edits \(0\).*\nHint"):
+        ex.export(tmp_path / "a.pt2", torch.rand(2, 4))

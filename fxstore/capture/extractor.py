@@ -696,6 +696,7 @@ class FeatureExtractor(nn.Module):
 
         Raises:
             ConfigError: an unknown format, gradient taps, or an extractor in train mode.
+            EditError: the extractor has edits (not exportable yet).
             TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
 
         Example:
@@ -711,6 +712,12 @@ class FeatureExtractor(nn.Module):
         """
         from ._deploy import export_extractor
 
+        if self._fx_edits:
+            raise EditError(
+                f"this extractor has edits ({', '.join(self._fx_edits)}); exporting them as inputs of the artifact "
+                "is not supported yet, and fxstore does not bake their current values in silently.\n"
+                "Hint: export an extractor without edits=, or run the edited extractor with torch.compile."
+            )
         return export_extractor(self, path, example_inputs, format, dynamic=dynamic, verify=verify)
 
     def extra_repr(self) -> str:
