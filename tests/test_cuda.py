@@ -85,6 +85,7 @@ def test_cuda_graphs_serve_new_steering_vectors_without_recompiling(resnet):
     add = fxstore.Add(torch.zeros(512, 1, 1, device="cuda"))
     ex = fxstore.FeatureExtractor(resnet, edits={"layer2": add})
     compiled = torch.compile(ex, mode="reduce-overhead", fullgraph=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
         ex(x)  # the eager self-check
         for i in range(4):
@@ -97,4 +98,4 @@ def test_cuda_graphs_serve_new_steering_vectors_without_recompiling(resnet):
             finally:
                 handle.remove()
             torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
