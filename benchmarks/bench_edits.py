@@ -10,16 +10,16 @@
 3. A steering vector changed in place over 20 calls of the inductor-compiled extractor:
    dynamo's graph count before and after (target: no new graph).
 
-    python benchmarks/bench_edits.py             # 12 layers x 768, batch 2 x 32 tokens, 15 repeats
-    python benchmarks/bench_edits.py --quick     # a tiny model, few repeats (smoke run)
+    python -m benchmarks.bench_edits --save      # 12 layers x 768, batch 2 x 32 tokens; recorded in results/
+    python -m benchmarks.bench_edits --quick     # a tiny model, few repeats (smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _timing import Contender, interleave  # noqa: E402
+import fxstore
 
-import fxstore  # noqa: E402
+from ._report import RESULTS, machine
+from ._timing import Contender, interleave
 
 
 def _model(layers: int, width: int, heads: int) -> torch.nn.Module:
@@ -182,8 +182,9 @@ def recompiles(model: torch.nn.Module, ids: torch.Tensor, block: int, calls: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_edits", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--save", action="store_true", help="record the result in benchmarks/results")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--no-compile", action="store_true", help="leave out the inductor cases")
     args = parser.parse_args(argv)
@@ -191,26 +192,36 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps if not args.quick else 3
     model = _model(layers, width, heads)
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    load = os.getloadavg()[0]
+    command = "python -m benchmarks.bench_edits" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    info = machine(torch.device("cpu"), torch.get_num_threads(), command)
+    result: dict[str, Any] = {"model": f"GPT2LMHeadModel {layers}x{width} (random)", "batch": [batch, tokens],
+                              "block": block, "reps": reps, "steering_median_s": {}}
     print(f"# bench_edits: GPT-2 {layers}x{width}, batch {batch}x{tokens}, {reps} reps, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load {load:.1f}", flush=True)
+          f"{info['cpu']}, {torch.get_num_threads()} threads, load {info['load_average'][0]:.1f}", flush=True)
     print("\n## Steering (Add at block %d): median per call, ratio to the plain model" % block, flush=True)
     cases = [False] if args.no_compile else [False, True]
     for compiled in cases:
         medians = steering(model, ids, block, reps, compiled)
+        result["steering_median_s"]["inductor" if compiled else "eager"] = medians
         base = medians["plain"]
         for name, median in medians.items():
             print(f"  {'inductor' if compiled else 'eager':8s} {name:32s} {median * 1e3:8.2f} ms  {median / base:5.3f}x",
                   flush=True)
     print("\n## Patching grid (%d blocks x %d positions): wall time" % (layers, min(16, tokens)), flush=True)
     times = grid(model, min(16, tokens), batch_size=32)
-    for name, seconds in times.items():
+    result["grid_wall_s"] = times    for name, seconds in times.items():
         print(f"  {name:32s} {seconds:8.2f} s  {seconds / times['fxstore patch_sweep']:5.2f}x fxstore", flush=True)
     if not args.no_compile:
         first, total = recompiles(model, ids, block, 20)
+        result["recompiles"] = {"graphs_after_first_call": first, "graphs_after_20_vectors": total}
         print(f"\n## 20 changing vectors (inductor): graphs after the first call {first}, after 20 more calls {total} "
               f"({total - first} recompiles)", flush=True)
+    result["load_average_at_end"] = os.getloadavg()
     print(f"\nload at the end: {os.getloadavg()[0]:.1f}", flush=True)
+    if args.save:
+        path = RESULTS / f"edits-cpu-{info['date'].split(' ')[0]}-{info['commit'][:12]}.json"
+        path.write_text(json.dumps({"machine": info, "result": result}, indent=2) + "\n")
+        print(f"saved {path}", file=sys.stderr)
     return 0
 
 
