@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     print("\n## Patching grid (%d blocks x %d positions): wall time" % (layers, min(16, tokens)), flush=True)
     times = grid(model, min(16, tokens), batch_size=32)
-    result["grid_wall_s"] = times    for name, seconds in times.items():
+    result["grid_wall_s"] = times
+    for name, seconds in times.items():
         print(f"  {name:32s} {seconds:8.2f} s  {seconds / times['fxstore patch_sweep']:5.2f}x fxstore", flush=True)
     if not args.no_compile:
         first, total = recompiles(model, ids, block, 20)
