@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                               "block": block, "reps": reps, "steering_median_s": {}}
     print(f"# bench_edits: GPT-2 {layers}x{width}, batch {batch}x{tokens}, {reps} reps, torch {torch.__version__}, "
           f"{info['cpu']}, {torch.get_num_threads()} threads, load {info['load_average'][0]:.1f}", flush=True)
-    print("\n## Steering (Add at block %d): median per call, ratio to the plain model" % block, flush=True)
+    print(f"\n## Steering (Add at block {block}): median per call, ratio to the plain model", flush=True)
     cases = [False] if args.no_compile else [False, True]
     for compiled in cases:
         medians = steering(model, ids, block, reps, compiled)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, median in medians.items():
             print(f"  {'inductor' if compiled else 'eager':8s} {name:32s} {median * 1e3:8.2f} ms  {median / base:5.3f}x",
                   flush=True)
-    print("\n## Patching grid (%d blocks x %d positions): wall time" % (layers, min(16, tokens)), flush=True)
+    print(f"\n## Patching grid ({layers} blocks x {min(16, tokens)} positions): wall time", flush=True)
     times = grid(model, min(16, tokens), batch_size=32)
     result["grid_wall_s"] = times
     for name, seconds in times.items():

@@ -265,7 +265,7 @@ def test_gradient_of_a_metric_wrt_the_steering_vector_equals_autograd_through_a_
     def metric(hidden: torch.Tensor) -> torch.Tensor:
         return hidden[:, -1, 0].sum() - hidden[:, -1, 1].sum()
 
-    for step in range(2):  # training the vector: the same buffer, new values
+    for _ in range(2):  # training the vector: the same buffer, new values
         got = torch.autograd.grad(metric(run(ids, use_cache=False)[0].last_hidden_state), ex.edits["h.0"].vector)[0]
         expected = _hook_grad(model, "h.0", vector, ids, metric)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -304,7 +304,8 @@ def test_twelve_vectors_and_twelve_batch_sizes_compile_once_after_the_first_dyna
             add.update(vector=vector, scale=float(i % 3))  # scale 0: the edit is off, same program
             x = torch.randint(0, VOCAB, (batch, 6), generator=_gen(200 + i))
             out, _ = compiled(x, use_cache=False)
-            expected, _, _ = _hooked(model, "h.1", "ln_f", lambda o: o + float(i % 3) * vector, x, {"use_cache": False})
+            expected, _, _ = _hooked(model, "h.1", "ln_f", lambda o, s=float(i % 3), v=vector: o + s * v, x,
+                                     {"use_cache": False})
             torch.testing.assert_close(out.last_hidden_state, expected, rtol=1e-5, atol=1e-5)
             counts.append(graphs.count)
     assert counts[-1] == counts[1] <= 2, counts  # the first static graph, then one dynamic graph serves all

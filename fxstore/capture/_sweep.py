@@ -133,7 +133,7 @@ def patch_sweep(
     with torch.no_grad():
         for start in range(0, len(cells), batch_size):
             chunk = cells[start:start + batch_size]
-            for i, (layer, mask) in enumerate(zip(layers, masks)):
+            for i, mask in enumerate(masks):
                 new = torch.zeros_like(mask)
                 for row, (cell_layer, j) in enumerate(chunk):
                     if cell_layer == i:
