@@ -1,7 +1,20 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
-from .capture import Ablate, Add, Apply, Edit, Replace, Scale, patch_sweep
-from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
+from .capture import (
+    Ablate,
+    Add,
+    Apply,
+    Edit,
+    FeatureExtractor,
+    FeatureKey,
+    Replace,
+    Scale,
+    TraceReport,
+    node_names,
+    parse_key,
+    patch_sweep,
+    trace_report,
+)
 from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,

@@ -92,7 +92,7 @@ def test_cuda_graphs_serve_new_steering_vectors_without_recompiling(resnet):
             vector = torch.randn(512, 1, 1, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
             add.update(vector=vector)
             out = compiled(x)[0].clone()
-            handle = resnet.layer2.register_forward_hook(lambda m, inp, o: o + vector)
+            handle = resnet.layer2.register_forward_hook(lambda m, inp, o, v=vector: o + v)
             try:
                 expected = resnet(x)
             finally:
