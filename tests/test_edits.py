@@ -439,3 +439,8 @@ def test_an_extractor_with_edits_does_not_export_its_values_silently(tmp_path):
     ex = fxstore.FeatureExtractor(model, edits={"0": fxstore.Add(torch.ones(3))})
     with pytest.raises(fxstore.EditError, match=r"this extractor has edits \(0\).*\nHint"):
         ex.export(tmp_path / "a.pt2", torch.rand(2, 4))
+
+
+def test_the_partial_frontend_refuses_edits_instead_of_dropping_them(resnet):
+    with pytest.raises(fxstore.TraceError, match="the partial frontend does not apply edits yet"):
+        fxstore.FeatureExtractor(resnet, edits={"layer1": fxstore.Ablate()}, frontend="partial")
