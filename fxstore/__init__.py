@@ -1,10 +1,25 @@
 """fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
 
 from ._version import __version__ as __version__
-from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
+from .capture import (
+    Ablate,
+    Add,
+    Apply,
+    Edit,
+    FeatureExtractor,
+    FeatureKey,
+    Replace,
+    Scale,
+    TraceReport,
+    node_names,
+    parse_key,
+    patch_sweep,
+    trace_report,
+)
 from .dataset import BatchLoader, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
+    EditError,
     FxStoreError,
     GradientNotReadyError,
     InvalidLayerError,
@@ -36,5 +51,13 @@ __all__ = [
     "TraceError",
     "ConfigError",
     "GradientNotReadyError",
+    "EditError",
+    "Edit",
+    "Add",
+    "Replace",
+    "Ablate",
+    "Scale",
+    "Apply",
+    "patch_sweep",
     "OutputError",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "GradientNotReadyError",
     "OutputError",
+    "EditError",
 ]
 
 
@@ -47,3 +48,7 @@ class GradientNotReadyError(FxStoreError, LookupError):
 
 class OutputError(FxStoreError):
     """The output folder cannot hold the result: unwritable, full, or holding another run."""
+
+
+class EditError(FxStoreError, ValueError):
+    """An edit (``fxstore.Add``, ``Replace``, ...) does not fit its node, or is refused."""

@@ -76,3 +76,26 @@ def test_reduce_overhead_compile_of_gradient_taps_gives_exact_gradients(resnet):
         grads = ex.gradients(feats)
         for name in layers:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_serve_new_steering_vectors_without_recompiling(resnet):
+    """``mode="reduce-overhead"``: the edit's tensors are static buffers, updated in place between replays."""
+    torch._dynamo.reset()
+    x = torch.rand(2, 3, 64, 64, device="cuda")
+    add = fxstore.Add(torch.zeros(512, 1, 1, device="cuda"))
+    ex = fxstore.FeatureExtractor(resnet, edits={"layer2": add})
+    compiled = torch.compile(ex, mode="reduce-overhead", fullgraph=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        ex(x)  # the eager self-check
+        for i in range(4):
+            vector = torch.randn(512, 1, 1, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+            add.update(vector=vector)
+            out = compiled(x)[0].clone()
+            handle = resnet.layer2.register_forward_hook(lambda m, inp, o, v=vector: o + v)
+            try:
+                expected = resnet(x)
+            finally:
+                handle.remove()
+            torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils import _pytree
 
 from ..errors import TraceError
-from . import _export, _partial, _rewrite
+from . import _edit_pass, _export, _partial, _rewrite
 from ._keys import grad_key
 from ._policy import StoragePolicy
 from ._program import GraphRun, Program, TraceReport
@@ -48,6 +48,7 @@ class Request:
         register: ``register(name, tensor)`` makes a tensor the graph reads an attribute of the
             program's owner (fx's tensor constants, export's lifted constants).
         constants: Tensor constants found by earlier fx traces (names stay stable across modes).
+        edits: ``(canonical spec, edit module name)`` per edit; the modules are the owner's children.
     """
 
     model: nn.Module
@@ -58,6 +59,7 @@ class Request:
     frontend: str
     register: Callable[[str, torch.Tensor], None]
     constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    edits: list[_edit_pass.EditSpec] = dataclasses.field(default_factory=list)
 
 
 def build(request: Request, training: bool, strict: bool, inputs: Inputs | None,
@@ -115,11 +117,13 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
             request.register(name, value)
     selected = resolve(traced, request.specs, strict=strict)
     tapped = resolve(traced, request.grad_specs, strict=strict)
+    sites = _edit_pass.edit_sites(traced, request.edits)
     reference = None
-    if not request.policy.keep_output:  # the self-check needs the model's output: keep the trace as it was
+    if not request.policy.keep_output or sites:  # the self-check needs the plain output: keep the trace as it was
         reference = _ReferenceRun(_rewrite.code_module(_copy_graph(traced.graph)))
     graph = traced.graph
-    _rewrite.capture(graph, traced.root, [s.node for s in selected], [s.node for s in tapped], request.policy)
+    _rewrite.capture(graph, traced.root, [s.node for s in selected], [s.node for s in tapped], request.policy,
+                     sites)
     keys = tuple(s.key for s in selected)
     grad_keys = tuple(grad_key(s.key) for s in tapped)
     run = GraphRun(_rewrite.code_module(graph), keys, grad_keys, request.policy.keep_output)
@@ -139,12 +143,13 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         traced = exported.traced
         selected = resolve(traced, request.specs, strict=strict)
         tapped = resolve(traced, request.grad_specs, strict=strict)
+        sites = _edit_pass.edit_sites(traced, request.edits)
         if not first:  # the self-check's reference is the graph before the rewrite, as in build_fx
-            reference = None if request.policy.keep_output else _ExportReference(
+            reference = None if request.policy.keep_output and not sites else _ExportReference(
                 _rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec)
             first.update(selected=selected, tapped=tapped, reference=reference)
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
-                         request.policy)
+                         request.policy, sites)
         code = type(_rewrite.code_module(traced.graph)).forward
         return exported, tuple(s.key for s in selected), tuple(grad_key(s.key) for s in tapped), code
 
@@ -158,6 +163,11 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
     """Partial tracing: modules fx cannot trace run as Python around rewritten traceable children."""
+    if request.edits:
+        raise TraceError(
+            "the partial frontend does not apply edits yet (they need one graph).\n"
+            "Hint: use frontend='fx' or 'export', or edit with the hook backend (fxstore.HookForwardModuleStorage)."
+        )
     plan = _partial.trace_partial(request.model, request.trace_options, training, failures.get("fx"))
     selected = resolve(plan.traced, request.specs, strict=strict)
     tapped = resolve(plan.traced, request.grad_specs, strict=strict)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import _taps
+from . import _edit_pass, _taps
 from ._alias import AliasAnalysis
 from ._policy import StoragePolicy
 
@@ -196,8 +196,9 @@ def capture(
     features: Sequence[fx.Node],
     taps: Sequence[fx.Node],
     policy: StoragePolicy,
+    edits: dict[fx.Node, tuple[str, str]] | None = None,
 ) -> None:
-    """All passes in order: tap gradients, store features, set the outputs, prune.
+    """All passes in order: edits, tap gradients, store features, set the outputs, prune.
 
     Args:
         graph: The traced graph, changed in place.
@@ -205,11 +206,21 @@ def capture(
         features: Nodes to store, in key order.
         taps: Nodes whose gradients are tapped, in key order.
         policy: The storage policy (``keep_output`` included).
+        edits: ``{node: (edit module name, site label)}`` (:func:`~._edit_pass.edit_sites`);
+            features and taps of an edited node read its edited value.
+
+    Raises:
+        EditError: an edit that nothing returned depends on.
     """
+    sites = edits or {}
+    edited = _edit_pass.insert_edits(graph, sites)
+    features = [edited.get(n, n) for n in features]
+    taps = [edited.get(n, n) for n in taps]
     tickets = add_grad_taps(graph, taps)
     stored = store_features(graph, features, AliasAnalysis(graph, root), policy)
     set_outputs(graph, [stored[n] for n in features], [tickets[n] for n in taps], policy.keep_output)
     prune(graph, AliasAnalysis(graph, root))
+    _edit_pass.check_kept(graph, edited, sites)
     graph.lint()
 
 

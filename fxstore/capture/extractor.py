@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import ConfigError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
+from ..errors import ConfigError, EditError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError, TraceError
 from . import _frontends, _taps
 from ._calls import call_defaults, with_defaults
+from ._edits import Edit
 from ._frontends import FRONTENDS, Request
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
@@ -117,12 +118,20 @@ class FeatureExtractor(nn.Module):
         verify: Check once (first call, or build time with ``example_inputs``) that the
             captured program reproduces the plain model's output; a mismatch moves
             ``frontend="auto"`` to the next frontend and raises ``TraceError`` for an explicit one.
+            (With edits the check runs the captured graph without them.)
+        edits: ``{layer: edit}`` (layers in the same forms as ``layers``): each edit
+            (``fxstore.Add``, ``Replace``, ``Ablate``, ``Scale``, ``Apply``) replaces that node's
+            value for everything downstream, stored features included, inside the graph. Its
+            tensors are buffers of the extractor (:attr:`edits`; ``edit.update(...)`` changes them
+            without recompiling) and may require grad.
 
     Raises:
         LayerNotFoundError: a layer matches nothing (the message suggests close names).
         InvalidLayerError: a layer is not a valid specification.
         TraceError: the model cannot be captured (the message names the module).
         ConfigError: an option is invalid.
+        EditError: an edit that is not an edit, two edits on one node, or an edit that nothing
+            returned depends on.
 
     Example:
         >>> import torch, torchvision, fxstore
@@ -155,6 +164,7 @@ class FeatureExtractor(nn.Module):
         frontend: str = "auto",
         example_inputs: Any = None,
         verify: bool = True,
+        edits: Mapping[Any, Edit] | None = None,
     ) -> None:
         super().__init__()
         if frontend not in FRONTENDS:
@@ -182,10 +192,11 @@ class FeatureExtractor(nn.Module):
                                      device=device, non_blocking=non_blocking)
         self._mirror(model)
         object.__setattr__(self, "_fx_model", model)  # not a submodule: keeps state_dict keys equal
+        edit_specs = self._add_edits(model, edits)
         self._fx_request = Request(model, specs, grad_specs, policy,
                                    TraceOptions.build(leaf_modules, autowrap_functions, autowrap_modules,
                                                       concrete_args),
-                                   frontend, self._register_constant)
+                                   frontend, self._register_constant, edits=edit_specs)
         self._fx_programs: dict[bool, Program] = {}
         self._fx_call_defaults, self._fx_notes = call_defaults(model)
         example = _example(example_inputs)
@@ -209,6 +220,49 @@ class FeatureExtractor(nn.Module):
         for name, buf in model._buffers.items():
             self._check_free(name, model)
             self.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
+
+    def _add_edits(self, model: nn.Module, edits: Mapping[Any, Edit] | None) -> list[tuple[Any, str]]:
+        """Make each edit a child ``_fx_edit_<i>`` (its tensors become buffers); ``[(spec, child name)]``."""
+        self._fx_edits: dict[str, Edit] = {}
+        if edits is None:
+            return []
+        if not isinstance(edits, Mapping):
+            raise EditError(
+                f"edits={edits!r} is not a mapping.\nHint: pass edits={{layer: fxstore.Add(vector), ...}}."
+            )
+        out = []
+        for i, (spec, edit) in enumerate(edits.items()):
+            if not isinstance(edit, Edit):
+                raise EditError(
+                    f"the edit for layer {spec!r} is a {type(edit).__name__}, not an fxstore edit.\n"
+                    "Hint: use fxstore.Add, Replace, Ablate, Scale or Apply."
+                )
+            canonical = canonical_specs([spec], model)[0][0]
+            label = spec_label(canonical)
+            if label in self._fx_edits:
+                raise EditError(f"two edits for the layer '{label}'.\nHint: combine them into one fxstore.Apply.")
+            name = f"_fx_edit_{i}"
+            self.add_module(name, edit)
+            self._fx_edits[label] = edit
+            out.append((canonical, name))
+        return out
+
+    @property
+    def edits(self) -> dict[str, Edit]:
+        """Each edit by the layer it edits (``edit.update(...)`` changes its values in place).
+
+        Example:
+            >>> import torch, torchvision, fxstore
+            >>> m = torchvision.models.resnet18().eval()
+            >>> ex = fxstore.FeatureExtractor(m, edits={m.layer1: fxstore.Scale(0.0)})
+            >>> list(ex.edits)
+            ['layer1']
+            >>> _ = ex.edits["layer1"].update(factor=1.0)  # the plain model again, same program
+            >>> x = torch.rand(1, 3, 32, 32)
+            >>> torch.equal(ex(x)[0], m(x))
+            True
+        """
+        return dict(self._fx_edits)
 
     def _check_free(self, name: str, model: nn.Module) -> None:
         if hasattr(self, name) or name.startswith("_fx_"):
@@ -642,6 +696,7 @@ class FeatureExtractor(nn.Module):
 
         Raises:
             ConfigError: an unknown format, gradient taps, or an extractor in train mode.
+            EditError: the extractor has edits (not exportable yet).
             TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
 
         Example:
@@ -657,6 +712,12 @@ class FeatureExtractor(nn.Module):
         """
         from ._deploy import export_extractor
 
+        if self._fx_edits:
+            raise EditError(
+                f"this extractor has edits ({', '.join(self._fx_edits)}); exporting them as inputs of the artifact "
+                "is not supported yet, and fxstore does not bake their current values in silently.\n"
+                "Hint: export an extractor without edits=, or run the edited extractor with torch.compile."
+            )
         return export_extractor(self, path, example_inputs, format, dynamic=dynamic, verify=verify)
 
     def extra_repr(self) -> str:

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..capture import Edit
 from ..capture._policy import StoragePolicy, parse_device, parse_dtype
 from ..capture._selection import ModuleRef, canonical_specs, spec_label
-from ..errors import GradientNotReadyError, InvalidLayerError, LayerNotFoundError
+from ..errors import EditError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError
 from ._fx import StorageBase
 
 __all__ = ["HookForwardModuleStorage", "HookBackwardModuleStorage"]
@@ -70,6 +71,10 @@ class HookForwardModuleStorage(_HookStorage):
         detach: Store ``out.detach()``.
         device: Store ``out.to(device)``.
         dtype: Store ``out.to(dtype)``.
+        edits: ``{module: edit}`` (module objects, names or types): each edit
+            (``fxstore.Add``, ...) replaces that module's output (its first element for a tuple)
+            in the storage's own calls, through a forward hook that runs before the storing
+            hooks, so stored values are the edited ones, as in ``FeatureExtractor(edits=...)``.
 
     Example:
         >>> import torch, torchvision, fxstore
@@ -81,9 +86,31 @@ class HookForwardModuleStorage(_HookStorage):
     """
 
     def __init__(self, model: nn.Module, layers: Any, *, detach: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 edits: dict[Any, Edit] | None = None) -> None:
         self._policy = StoragePolicy.build(detach=detach, device=device, dtype=dtype)
         super().__init__(model, layers)
+        self.edits: dict[str, Edit] = {}
+        modules = dict(model.named_modules())
+        for spec, edit in (edits or {}).items():
+            if not isinstance(edit, Edit):
+                raise EditError(
+                    f"the edit for layer {spec!r} is a {type(edit).__name__}, not an fxstore edit.\n"
+                    "Hint: use fxstore.Add, Replace, Ablate, Scale or Apply."
+                )
+            canonical = canonical_specs([spec], model)[0][0]
+            label = spec_label(canonical)
+            self.edits[label] = edit
+            for module in _modules_for(canonical, modules, model):
+                self._handles.append(self._register_edit(module, edit, label))
+
+    def _register_edit(self, module: nn.Module, edit: Edit, label: str) -> RemovableHandle:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            if self._active is not False:
+                return edit(output, f"'{label}'")
+            return None
+
+        return module.register_forward_hook(hook, prepend=True)
 
     def _register(self, module: nn.Module, group: str | None, label: str) -> RemovableHandle:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:

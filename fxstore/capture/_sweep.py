@@ -1,0 +1,168 @@
+"""Activation patching grids as batched forwards of one program.
+
+:func:`patch_sweep` stores each layer's value on the clean input, then builds one extractor
+whose edits patch every layer from a mask buffer: row ``r`` of a batch is the corrupted input
+with one (layer, position) cell taken from the clean run. Filling the masks for the next
+batch is an in-place copy, so every batch runs the same (optionally compiled) program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree
+
+from ..errors import EditError
+from ._edits import Apply
+from .extractor import FeatureExtractor
+
+__all__ = ["patch_sweep"]
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _inputs(x: Any) -> Inputs:
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and isinstance(x[1], dict):
+        return x[0], dict(x[1])
+    return (x if isinstance(x, tuple) else (x,)), {}
+
+
+def _repeat(inputs: Inputs, rows: int, what: str) -> Inputs:
+    def repeat(leaf: torch.Tensor) -> torch.Tensor:
+        if leaf.dim() == 0 or leaf.shape[0] != 1:
+            raise EditError(
+                f"patch_sweep: {what} has a tensor of shape {tuple(leaf.shape)}; it takes one example "
+                "(batch dimension 1).\nHint: pass e.g. token ids of shape (1, T)."
+            )
+        return leaf.expand(rows, *leaf.shape[1:]).contiguous()
+
+    return _pytree.tree_map_only(torch.Tensor, repeat, inputs)
+
+
+def _patch(value: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``value`` with ``clean`` where ``mask`` (over the leading dimensions) is true."""
+    mask = mask.reshape(tuple(mask.shape) + (1,) * (value.dim() - mask.dim()))
+    return torch.where(mask, clean.to(value.dtype), value)
+
+
+def patch_sweep(
+    model: nn.Module,
+    clean: Any,
+    corrupted: Any,
+    layers: Sequence[Any],
+    metric: Callable[[Any], torch.Tensor],
+    positions: Iterable[int] | None = None,
+    batch_size: int = 32,
+    *,
+    compile: bool | dict[str, Any] = False,
+    frontend: str = "auto",
+) -> torch.Tensor:
+    """The activation-patching grid: ``metric`` of the corrupted run with each (layer, position) patched
+    from the clean run.
+
+    Cell ``[i, j]`` is ``metric(model(corrupted))`` with layer ``i``'s value at token position
+    ``positions[j]`` (dimension 1 of the value) replaced by its value in ``model(clean)``; without
+    positions, cell ``[i]`` patches the whole value. The cells run as batched forwards of one
+    program (one row per cell, ``batch_size`` rows a call), not one forward per cell.
+
+    Args:
+        model: The model (not modified).
+        clean: The clean input for one example (a tensor, a tuple of args, or ``(args, kwargs)``;
+            batch dimension 1).
+        corrupted: The corrupted input, same form and shapes.
+        layers: Layers to patch, in any form ``FeatureExtractor`` accepts; each must be one node
+            (a module's first output for a tuple output).
+        metric: Maps the model's output for a batch to one value per row.
+        positions: Token positions to patch; ``None`` patches whole values.
+        batch_size: Rows per forward.
+        compile: Run the program compiled: ``True`` (``torch.compile(fullgraph=True)``) or a dict
+            of ``torch.compile`` options.
+        frontend: The extractor's frontend (see :class:`FeatureExtractor`).
+
+    Returns:
+        A tensor ``[len(layers), len(positions)]`` (``[len(layers)]`` without positions).
+
+    Raises:
+        EditError: a layer matching several nodes, a position out of range, inputs with a batch
+            dimension other than 1, or a metric that does not give one value per row.
+
+    Example:
+        >>> import torch, fxstore
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        >>> clean, corrupted = torch.rand(1, 5, 3), torch.rand(1, 5, 3)
+        >>> grid = fxstore.patch_sweep(net, clean, corrupted, ["0", "1"], lambda y: y[:, -1, 0], positions=[3, 4])
+        >>> tuple(grid.shape)
+        (2, 2)
+        >>> bool(grid[0, 1] == net(clean)[0, -1, 0])  # patching the last token's first layer: the clean run
+        True
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise EditError(f"patch_sweep: batch_size={batch_size!r} must be a positive int.\nHint: use e.g. 32.")
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    clean_in, corrupted_in = _inputs(clean), _inputs(corrupted)
+    with torch.no_grad():
+        reader = FeatureExtractor(model, layers, frontend=frontend, example_inputs=clean_in)
+        _, feats = reader(*clean_in[0], **clean_in[1])
+    values = [feats[_one_key(reader, layer)].detach() for layer in layers]
+    cells_per_layer = 1 if positions is None else len(positions := list(positions))
+    masks = []
+    for layer, value in zip(layers, values):
+        if positions is None:
+            masks.append(torch.zeros(batch_size, dtype=torch.bool, device=value.device))
+            continue
+        length = value.shape[1] if value.dim() > 1 else 0
+        bad = [p for p in positions if not -length <= p < length]
+        if bad:
+            raise EditError(
+                f"patch_sweep: positions {bad} are out of range for layer {layer!r}, whose value has shape "
+                f"{tuple(value.shape)} (positions index dimension 1).\nHint: use positions below {length}."
+            )
+        masks.append(torch.zeros(batch_size, length, dtype=torch.bool, device=value.device))
+    edits = {layer: Apply(_patch, value, mask) for layer, value, mask in zip(layers, values, masks)}
+    rows_in = _repeat(corrupted_in, batch_size, "corrupted")
+    patched = FeatureExtractor(model, frontend=frontend, example_inputs=rows_in, edits=edits)
+    run: Callable[..., Any] = patched
+    if compile:
+        run = torch.compile(patched, **({"fullgraph": True} | (compile if isinstance(compile, dict) else {})))
+    cells = [(i, j) for i in range(len(layers)) for j in range(cells_per_layer)]
+    results = []
+    with torch.no_grad():
+        for start in range(0, len(cells), batch_size):
+            chunk = cells[start:start + batch_size]
+            for i, mask in enumerate(masks):
+                new = torch.zeros_like(mask)
+                for row, (cell_layer, j) in enumerate(chunk):
+                    if cell_layer == i:
+                        if positions is None:
+                            new[row] = True
+                        else:
+                            new[row, positions[j]] = True
+                patched.edits[_label(patched, i)].update(t1=new)
+            scores = metric(run(*rows_in[0], **rows_in[1])[0])
+            if not isinstance(scores, torch.Tensor) or scores.shape[:1] != (batch_size,) or scores.dim() != 1:
+                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise EditError(
+                    f"patch_sweep: metric returned {got} for a batch of {batch_size} rows; it must return one "
+                    "value per row.\nHint: e.g. lambda logits: logits[:, -1, a] - logits[:, -1, b]."
+                )
+            results.append(scores[: len(chunk)].detach())
+    grid = torch.cat(results)
+    return grid if positions is None else grid.reshape(len(layers), cells_per_layer)
+
+
+def _label(extractor: FeatureExtractor, i: int) -> str:
+    return list(extractor.edits)[i]
+
+
+def _one_key(extractor: FeatureExtractor, layer: Any) -> str:
+    keys = [k for k in extractor.keys_for(layer) if ":" not in k or k.endswith(":0")]
+    if len(keys) != 1:
+        raise EditError(
+            f"patch_sweep: layer {layer!r} is {len(keys)} nodes ({keys[:4]}); each layer of a sweep is one node.\n"
+            "Hint: name one node or module call per layer (fxstore.node_names(model) lists them)."
+        )
+    return keys[0]
