@@ -1,7 +1,11 @@
-"""fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
+"""fxstore: capture layer outputs and gradients as real torch.fx graph outputs.
 
+The dataset names (:func:`extract_dataset`, :func:`load_features`, ...) are imported on
+first use, so ``import fxstore`` costs little more than ``import torch``.
+"""
+
+from ._lazy import lazy_attributes
 from .capture import FeatureExtractor, FeatureKey, TraceReport, node_names, parse_key, trace_report
-from .dataset import BatchLoader, OutputError, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
     FxStoreError,
@@ -13,6 +17,9 @@ from .errors import (
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 __version__ = "0.1.0"
+
+_LAZY = {name: ".dataset" for name in ("BatchLoader", "OutputError", "ShardedArray", "extract_dataset",
+                                        "load_features", "read_manifest")}
 
 __all__ = [
     "FeatureExtractor",
@@ -38,3 +45,5 @@ __all__ = [
     "GradientNotReadyError",
     "OutputError",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "cli", "coverage", "demo"))
