@@ -58,10 +58,12 @@ def add_(a: Any, b: Any) -> Any:
 
     Example:
         >>> a = torch.ones(2, 3)
-        >>> add_(a, torch.ones(3)) is a
+        >>> add_(a, torch.ones(2, 3)) is a
         True
         >>> add_(torch.ones(3), torch.ones(2, 3)).shape  # broadcasts past ``a``: out of place
         torch.Size([2, 3])
+        >>> add_(a, torch.ones(2, 3, dtype=torch.float64)).dtype  # promotes: out of place
+        torch.float64
     """
     return operator.iadd(a, b) if _writable(a, b) else operator.add(a, b)
 
