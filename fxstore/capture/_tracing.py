@@ -117,7 +117,16 @@ def _tracer_class() -> type:
                 self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
             return out
 
+    _Tracer.__qualname__ = "_Tracer"  # pickled graphs name it as a module attribute (see __getattr__)
+    globals()["_Tracer"] = _Tracer
     return _Tracer
+
+
+def __getattr__(name: str) -> Any:
+    """``_Tracer`` on first use: unpickling a graph looks its tracer class up here."""
+    if name == "_Tracer":
+        return _tracer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
