@@ -14,6 +14,7 @@ from . import (
     _cases_cut,
     _cases_deploy,
     _cases_forward,
+    _cases_reinplace,
     _cases_shapes,
     _cases_trace,
     _memory,
@@ -41,4 +42,5 @@ CASES: dict[str, Case] = {
     "grads_shapes": _cases_capture.grads_over_shapes,
     "verify": _cases_capture.verify_cost,
     "deploy": _cases_deploy.deployed,
+    "reinplace": _cases_reinplace.reinplace,
 }

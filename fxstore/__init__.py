@@ -1,5 +1,10 @@
-"""fxstore: capture layer outputs and gradients as real torch.fx graph outputs."""
+"""fxstore: capture layer outputs and gradients as real torch.fx graph outputs.
 
+The dataset names (:func:`extract_dataset`, :func:`load_features`, ...) are imported on
+first use, so ``import fxstore`` costs little more than ``import torch``.
+"""
+
+from ._lazy import lazy_attributes
 from ._version import __version__ as __version__
 from .capture import (
     Ablate,
@@ -16,7 +21,6 @@ from .capture import (
     patch_sweep,
     trace_report,
 )
-from .dataset import BatchLoader, ShardedArray, extract_dataset, load_features, read_manifest
 from .errors import (
     ConfigError,
     EditError,
@@ -28,6 +32,9 @@ from .errors import (
     TraceError,
 )
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
+
+_LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
+                                        "read_manifest")}
 
 __all__ = [
     "FeatureExtractor",
@@ -61,3 +68,5 @@ __all__ = [
     "patch_sweep",
     "OutputError",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "cli"))

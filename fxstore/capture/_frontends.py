@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.utils import _pytree
 
 from ..errors import TraceError
-from . import _edit_pass, _export, _partial, _rewrite
+from . import _edit_pass, _export, _partial, _reinplace, _rewrite
 from ._keys import grad_key
 from ._policy import StoragePolicy
 from ._program import GraphRun, Program, TraceReport
@@ -124,6 +124,7 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
     graph = traced.graph
     _rewrite.capture(graph, traced.root, [s.node for s in selected], [s.node for s in tapped], request.policy,
                      sites)
+    _reinplace.reinplace(graph, traced.root)
     keys = tuple(s.key for s in selected)
     grad_keys = tuple(grad_key(s.key) for s in tapped)
     run = GraphRun(_rewrite.code_module(graph), keys, grad_keys, request.policy.keep_output)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.utils import _pytree
-from torchvision.models import feature_extraction as _tv
 
 from ..errors import TraceError
 from ._registry import notrace_functions, notrace_modules
@@ -63,7 +63,7 @@ class TraceOptions:
             kwargs["leaf_modules"] = list(leaves)
         if self.autowrap_modules:
             kwargs["autowrap_modules"] = tuple(self.autowrap_modules)
-        return _tv._set_default_tracer_kwargs(kwargs)
+        return _torchvision_fx()._set_default_tracer_kwargs(kwargs)
 
 
 @dataclasses.dataclass
@@ -82,28 +82,51 @@ class Traced:
         return {name: node for node, name in self.names.items()}
 
 
-class _Tracer(_tv.NodePathTracer):
-    """NodePathTracer that also records every module call's output node(s)."""
+@functools.cache
+def _torchvision_fx() -> ModuleType:
+    """torchvision's feature extraction module, imported on first trace (it costs seconds at start-up)."""
+    from torchvision.models import feature_extraction
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.module_calls: dict[str, list[tuple[fx.Node, ...]]] = {}
-        self.failed_module: str | None = None
+    return feature_extraction
 
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        try:
-            out = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_module is None:  # the innermost module is the one that failed
-                try:
-                    self.failed_module = self.path_of_module(m) or "<model>"
-                except NameError:
-                    self.failed_module = type(m).__name__
-            raise
-        nodes = tuple(leaf.node for leaf in _pytree.tree_leaves(out) if isinstance(leaf, fx.Proxy))
-        if nodes:
-            self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
-        return out
+
+@functools.cache
+def _tracer_class() -> type:
+    """The tracer class, built on first use because its base lives in torchvision."""
+
+    class _Tracer(_torchvision_fx().NodePathTracer):  # type: ignore[name-defined,misc]
+        """NodePathTracer that also records every module call's output node(s)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.module_calls: dict[str, list[tuple[fx.Node, ...]]] = {}
+            self.failed_module: str | None = None
+
+        def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+            try:
+                out = super().call_module(m, forward, args, kwargs)
+            except Exception:
+                if self.failed_module is None:  # the innermost module is the one that failed
+                    try:
+                        self.failed_module = self.path_of_module(m) or "<model>"
+                    except NameError:
+                        self.failed_module = type(m).__name__
+                raise
+            nodes = tuple(leaf.node for leaf in _pytree.tree_leaves(out) if isinstance(leaf, fx.Proxy))
+            if nodes:
+                self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
+            return out
+
+    _Tracer.__qualname__ = "_Tracer"  # pickled graphs name it as a module attribute (see __getattr__)
+    globals()["_Tracer"] = _Tracer
+    return _Tracer
+
+
+def __getattr__(name: str) -> Any:
+    """``_Tracer`` on first use: unpickling a graph looks its tracer class up here."""
+    if name == "_Tracer":
+        return _tracer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
@@ -150,7 +173,7 @@ def trace(model: nn.Module, options: TraceOptions, training: bool | None = None,
     """
     training = model.training if training is None else training
     shadow = shadow_of(model, training, constants)
-    tracer = _Tracer(**options.tracer_kwargs())
+    tracer = _tracer_class()(**options.tracer_kwargs())
     try:
         graph = tracer.trace(shadow, concrete_args=options.concrete_args)
     except Exception as e:  # the tracer raises anything the model's code raises
