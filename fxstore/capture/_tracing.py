@@ -63,7 +63,9 @@ class TraceOptions:
             kwargs["leaf_modules"] = list(leaves)
         if self.autowrap_modules:
             kwargs["autowrap_modules"] = tuple(self.autowrap_modules)
-        return _torchvision_fx()._set_default_tracer_kwargs(kwargs)
+        from torchvision.models import feature_extraction  # imported on first trace, like _torchvision_fx
+
+        return feature_extraction._set_default_tracer_kwargs(kwargs)
 
 
 @dataclasses.dataclass
