@@ -306,3 +306,17 @@ def test_batch_loader_in_a_dataloader_visits_every_row_once_across_workers(tmp_p
         assert sorted(targets.tolist()) == sorted(i % 7 for i in range(40))
         rows = {tuple(r.tolist()) for r in fc}
         assert len(rows) == 40 and rows == {tuple(r.tolist()) for r in torch.as_tensor(load_features(tmp_path)["fc"][:])}
+
+
+def test_a_resume_says_how_much_was_already_written(tmp_path, capsys):
+    options = {"shard_size": 4, "batch_size": 2, "data_name": "images"}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_dataset(toy_model(), LAYERS, FailsAt(12, bad=9), tmp_path, progress=False, **options)
+    capsys.readouterr()
+    extract_dataset(toy_model(), LAYERS, Images(12), tmp_path, progress=True, **options)
+    assert f"fxstore: resuming '{tmp_path}': 2 of 3 shard(s) already written (8 rows); computing the rest" \
+        in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="interrupted"):
+        extract_dataset(toy_model(), LAYERS, FailsAt(12, bad=9), tmp_path / "quiet", progress=False, **options)
+    extract_dataset(toy_model(), LAYERS, Images(12), tmp_path / "quiet", progress=False, **options)
+    assert "resuming" not in capsys.readouterr().err  # progress=False: nothing printed

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -209,11 +210,22 @@ def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any,
             if shards is not None:
                 check_free_space(out, sink.bytes_needed(done, shards))
             sink.prepare()
+        if done and o.progress:
+            print(_resuming(out, plan, done), file=sys.stderr)
         check = {} if getattr(plan, "indexed", True) or not done else {  # streamed data: checked as it passes by
             k: markers[k]["inputs"] for k in {min(done), max(done)} if "inputs" in markers[k]}
         return {"done": sorted(done), "check": check}
     except FxStoreError as e:
         return {"error": e}
+
+
+def _resuming(out: Path, plan: Rows, done: set[int]) -> str:
+    """The line a resumed run prints before its progress bar (which counts only what is left)."""
+    known = [plan.shards[k][1] for k in done if k in plan.shards]
+    rows = f" ({sum(known)} rows)" if len(known) == len(done) else ""
+    every = plan.all_shards()
+    left = f" of {len(every)}" if every is not None else ""
+    return f"fxstore: resuming '{out}': {len(done)}{left} shard(s) already written{rows}; computing the rest"
 
 
 def _listed(problems: list[str], limit: int = 8) -> str:
