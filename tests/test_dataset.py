@@ -320,3 +320,23 @@ def test_a_resume_says_how_much_was_already_written(tmp_path, capsys):
         extract_dataset(toy_model(), LAYERS, FailsAt(12, bad=9), tmp_path / "quiet", progress=False, **options)
     extract_dataset(toy_model(), LAYERS, Images(12), tmp_path / "quiet", progress=False, **options)
     assert "resuming" not in capsys.readouterr().err  # progress=False: nothing printed
+
+
+def test_image_folder_class_names_are_in_the_manifest(tmp_path):
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["dog", "cat", "cat", "zebra"]):
+        (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    data = ImageFolder(tmp_path / "data", transform=transforms.ToTensor())
+    manifest = extract_dataset(toy_model(), ["fc"], data, tmp_path / "out", progress=False)
+    assert manifest["target"]["classes"] == data.classes == ["cat", "dog", "zebra"]
+    assert fxstore.read_manifest(tmp_path / "out")["target"]["classes"] == data.classes
+    subset = extract_dataset(toy_model(), ["fc"], torch.utils.data.Subset(data, [0, 2]), tmp_path / "sub",
+                             progress=False)
+    assert subset["target"]["classes"] == data.classes
+    plain = extract_dataset(toy_model(), ["fc"], Images(4), tmp_path / "plain", progress=False)
+    assert "classes" not in (plain["target"] or {})

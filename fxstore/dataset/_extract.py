@@ -211,7 +211,7 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
         extractors, reduction_of = _extractors(model, layers, o, device)
         plan, first = make_plan(data, o.shard_size, o.collate_fn)
         specs = probe(extractors, first, o, device)
-        identity = _identity(model, specs, reduction_of, plan, o)
+        identity = _identity(model, specs, reduction_of, plan, data, o)
         sink = formats.get(o.format)(out, specs, plan.num_samples, identity_digest(identity))
 
         def work(decision: dict[str, Any]) -> None:
@@ -238,22 +238,32 @@ def _extractors(model: nn.Module, layers: Any, o: _Options,
                             non_blocking=device.type == "cuda")
 
 
-def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, str], plan: Plan,
+def _identity(model: nn.Module, specs: list[ArraySpec], reduction_of: dict[str, str], plan: Plan, data: Any,
               o: _Options) -> dict[str, Any]:
     def entry(s: ArraySpec) -> dict[str, Any]:
         return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
 
     target = next((s for s in specs if s.key == TARGET), None)
+    classes = _class_names(data)
     return {
         "format": o.format,
         "model": {"name": o.model_name or type(model).__name__, "fingerprint": manifest.model_fingerprint(model)},
         "features": {s.key: {**entry(s), "reduce": reduction_of.get(s.key, "none")} for s in specs if s is not target},
-        "target": None if target is None else entry(target),
+        "target": None if target is None else {**entry(target), **({"classes": classes} if classes else {})},
         "num_samples": plan.num_samples,
         "shard_size": o.shard_size,
         "batch_size": o.batch_size if plan.indexed else None,
         "data": o.data_name,
     }
+
+
+def _class_names(data: Any) -> list[str] | None:
+    """The class names of an ``ImageFolder``-like dataset (also inside a ``Subset`` or ``DataLoader``), else ``None``."""
+    for source in (data, getattr(data, "dataset", None)):
+        classes = getattr(source, "classes", None)
+        if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
+            return list(classes)
+    return None
 
 
 def _assign(plan: Plan, done: set[int], ranks: _distributed.Ranks) -> Callable[[int], bool]:
