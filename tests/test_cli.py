@@ -143,6 +143,19 @@ def test_extract_npy_source(tmp_path):
     assert "target" not in load_features(tmp_path / "out")
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_extract_a_uint8_npy_of_images_scales_them_as_to_tensor_does(tmp_path, layout):
+    from torchvision.transforms.functional import to_tensor
+
+    images = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)  # H x W x C, as PIL gives
+    np.save(tmp_path / "images.npy", images if layout == "NHWC" else images.transpose(0, 3, 1, 2))
+    assert main(["extract", "dataset_helpers:toy_cnn", "--layers", "fc", "--data", str(tmp_path / "images.npy"),
+                 "--batch-size", "2", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    with torch.no_grad():
+        expected = load_model("dataset_helpers:toy_cnn")(torch.stack([to_tensor(image) for image in images]))
+    torch.testing.assert_close(loaded(tmp_path / "out", "fc"), expected, rtol=0, atol=1e-6)
+
+
 def test_extract_with_a_local_weights_file(tmp_path):
     trained = load_model("dataset_helpers:toy_cnn", seed=7)
     torch.save(trained.state_dict(), tmp_path / "w.pt")

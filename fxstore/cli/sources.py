@@ -121,6 +121,10 @@ def _eval_transform(size: int, resize: bool = True) -> transforms.Compose:
 class NpyDataset(Dataset[torch.Tensor]):
     """Rows of a ``.npy`` array as tensors, floats as float32 (the file is memory-mapped, not loaded).
 
+    ``uint8`` rows of two or more axes are images: they become float32 in ``[0, 1]`` as
+    torchvision's ``ToTensor`` makes them (``H x W x C`` rows, ``C`` being 1, 3 or 4, are moved to
+    ``C x H x W``; ``C x H x W`` rows keep their layout). Other integer rows (token ids) stay integers.
+
     Example:
         >>> import tempfile, numpy as np
         >>> from fxstore.cli.sources import NpyDataset
@@ -145,7 +149,18 @@ class NpyDataset(Dataset[torch.Tensor]):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         row = torch.from_numpy(np.array(self.array[index]))
+        if row.dtype == torch.uint8 and row.dim() >= 2:
+            return _image_row(row)
         return row.float() if row.is_floating_point() else row
+
+
+def _image_row(row: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` image row as ``ToTensor`` gives it: float32 in ``[0, 1]``, channels first."""
+    if row.dim() == 3 and row.shape[-1] in (1, 3, 4) and row.shape[0] not in (1, 3, 4):
+        row = row.permute(2, 0, 1)
+    elif row.dim() == 2:
+        row = row.unsqueeze(0)
+    return row.contiguous().float().div(255)
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
