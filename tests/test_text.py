@@ -190,6 +190,33 @@ def test_empty_document_is_refused_with_its_index(loaded, tmp_path):
         fxstore.extract_dataset(model, ["transformer.h.0"], [], tmp_path, tokenizer=tok, progress=False)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("option", ["context_length", "max_length"])
+def test_a_length_beyond_the_models_positions_is_refused_before_any_work(kind, option, loaded, tmp_path):
+    model, tok = loaded[kind]
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or config.n_positions
+    with pytest.raises(ConfigError, match=rf"{option}={positions + 1} is more than the {positions} positions of "
+                                          rf"{type(model).__name__} \(config\.\w+\)\.\nHint: use {option}={positions} or less"):
+        fxstore.extract_dataset(model, ["transformer.h.0" if kind == "gpt2" else BLOCKS[kind].format(0)], corpus(3),
+                                tmp_path / "out", tokenizer=tok, progress=False, **{option: positions + 1})
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_without_a_tokenizer_asks_for_one_and_token_ids_need_none(loaded, tmp_path):
+    model, tok = loaded["gpt2"]
+    for data in (["a cat", "a dog"], [{"text": "a cat"}, {"text": "a dog"}], [("a cat", 0), ("a dog", 1)]):
+        with pytest.raises(ConfigError, match=r"the data holds text \('a cat'\.\.\.\), and no tokenizer was given"
+                                              r"\.\nHint: pass tokenizer="):
+            fxstore.extract_dataset(model, ["transformer.h.0"], data, tmp_path / "out", progress=False)
+    ids = torch.tensor([tok("a cat sat on the mat")["input_ids"]] * 3)
+    fxstore.extract_dataset(model, ["transformer.h.0"], torch.utils.data.TensorDataset(ids), tmp_path / "ids",
+                            progress=False, batch_size=2)
+    stored = torch.from_numpy(np.asarray(fxstore.load_features(tmp_path / "ids")["transformer.h.0"][:]))
+    torch.testing.assert_close(stored, hidden_states(model, ids[0].tolist())[1].expand(3, -1, -1), rtol=0,
+                               atol=1e-5)
+
+
 def test_unknown_text_field_lists_the_fields(loaded, tmp_path):
     model, tok = loaded["gpt2"]
     with pytest.raises(ConfigError, match=r"no text field 'body'; its fields are \['text'\]"):

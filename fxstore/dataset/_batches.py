@@ -50,6 +50,7 @@ def pick(batch: Any, input_key: int | str | None, target_key: int | str | bool |
     Raises:
         ConfigError: the field is missing, naming the fields the batch has.
     """
+    refuse_text(batch)
     if isinstance(batch, torch.Tensor):
         if input_key is not None:
             raise ConfigError(
@@ -59,6 +60,9 @@ def pick(batch: Any, input_key: int | str | None, target_key: int | str | bool |
         return batch, None
     if isinstance(batch, Mapping):
         fields = list(batch)
+        if input_key is None and not set(_INPUT_KEYS) & set(fields):
+            for value in batch.values():
+                refuse_text(value)
         x = _field(batch, input_key, _INPUT_KEYS, fields, "input")
         y = None if target_key is False else _field(batch, target_key, _TARGET_KEYS, fields, "target",
                                                      required=target_key is not None)
@@ -74,6 +78,21 @@ def pick(batch: Any, input_key: int | str | None, target_key: int | str | bool |
         f"cannot find the model input in a batch of type {type(batch).__name__}.\n"
         "Hint: yield tensors, (input, target) tuples or dicts of tensors."
     )
+
+
+def refuse_text(value: Any) -> None:
+    """Refuse text (a string, or a list of strings) as a model input: it needs a tokenizer.
+
+    Raises:
+        ConfigError: ``value`` is text.
+    """
+    if isinstance(value, str) or (isinstance(value, (list, tuple)) and value
+                                  and all(isinstance(v, str) for v in value)):
+        first = value if isinstance(value, str) else value[0]
+        raise ConfigError(
+            f"the data holds text ({first[:40]!r}...), and no tokenizer was given.\n"
+            "Hint: pass tokenizer=AutoTokenizer.from_pretrained(...) to store one row per token."
+        )
 
 
 def _field(batch: Any, key: Any, defaults: Sequence[Any], fields: list[Any], what: str,

@@ -17,7 +17,7 @@ import torch
 from ..capture import FeatureExtractor
 from ..errors import ConfigError, OutputError
 from . import _distributed
-from ._batches import Batch, Plan, batch_size_of, pick
+from ._batches import Batch, Plan, batch_size_of, pick, refuse_text
 from ._loop import Step, first_batch_errors, write_all
 from .formats import ArraySpec, Sink
 
@@ -49,6 +49,7 @@ def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -
 def probe(extractors: list[FeatureExtractor], batch: Any, o: Any, device: torch.device) -> list[ArraySpec]:
     """Run the first (tiny) batch: the row shape and dtype of every array, checked."""
     x, y = pick(batch, o.input_key, o.target_key)
+    refuse_text(x)  # e.g. (text, label) pairs
     n = batch_size_of(x)
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
     with first_batch_errors(f"the data's first batch (input {shape})",

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from . import _distributed, formats
 from ._batches import Plan, make_plan
 from ._compute import TARGET, compute, probe
-from ._reduce import build_extractors
+from ._reduce import build_extractors, reductions
 from .folder import manifest
 from .folder.checksums import identity_digest
 from .formats import ArraySpec
@@ -208,9 +208,10 @@ def _check_options(format: str, batch_size: int, shard_size: int, num_workers: i
 def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distributed.Ranks,
              o: _Options) -> dict[str, Any]:
     with placed(model, o.device, ranks) as device:
-        extractors, reduction_of = _extractors(model, layers, o, device)
+        extractors, names = _extractors(model, layers, o, device)
         plan, first = make_plan(data, o.shard_size, o.collate_fn)
         specs = probe(extractors, first, o, device)
+        reduction_of = reductions(extractors, names)
         identity = _identity(model, specs, reduction_of, plan, data, o)
         sink = formats.get(o.format)(out, specs, plan.num_samples, identity_digest(identity))
 
@@ -223,14 +224,14 @@ def _extract(model: nn.Module, layers: Any, data: Any, out: Path, ranks: _distri
 
 
 def _extractors(model: nn.Module, layers: Any, o: _Options,
-                device: torch.device) -> tuple[list[FeatureExtractor], dict[str, str]]:
+                device: torch.device) -> tuple[list[FeatureExtractor], list[str]]:
     if isinstance(model, FeatureExtractor):
         if layers is not None or o.reduce is not None or o.dtype is not None:
             raise ConfigError(
                 "layers, reduce and dtype must be None when a FeatureExtractor is passed.\n"
                 "Hint: configure the extractor itself, or pass the plain model."
             )
-        return [model], {key: "none" for key in model.feature_keys}
+        return [model], ["none"]
     if layers is None:
         raise ConfigError("no layers selected.\nHint: pass layers=[...]; list them with fxstore.node_names(model).")
     host = torch.device("cpu") if device.type != "cpu" else None

@@ -18,7 +18,7 @@ from torch import nn
 from ..capture import FeatureExtractor
 from ..errors import ConfigError
 
-__all__ = ["REDUCTIONS", "global_avg_pool", "global_max_pool", "flatten", "build_extractors"]
+__all__ = ["REDUCTIONS", "global_avg_pool", "global_max_pool", "flatten", "build_extractors", "reductions"]
 
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,11 @@ def build_extractors(
     dtype: torch.dtype | str | None,
     host: torch.device | None,
     non_blocking: bool,
-) -> tuple[list[FeatureExtractor], dict[str, str]]:
-    """One extractor per reduction group, and the reduction of every feature key.
+) -> tuple[list[FeatureExtractor], list[str]]:
+    """One extractor per reduction group, and each group's reduction name.
+
+    Feature keys are not read here: an extractor whose frontend needs example inputs (a
+    Hugging Face model) knows them only after its first call; :func:`reductions` maps them.
 
     Args:
         model: The model (shared by all extractors).
@@ -83,8 +86,7 @@ def build_extractors(
         non_blocking: Copy to ``host`` without waiting.
 
     Raises:
-        ConfigError: an unknown reduction, a mapping key that is not a selected layer, or
-            one key produced by two groups.
+        ConfigError: an unknown reduction, or a mapping key that is not a selected layer.
     """
     pairs = _pairs(layers)
     if isinstance(reduce, Mapping):
@@ -104,11 +106,20 @@ def build_extractors(
     groups: dict[str, dict[Any, str | None]] = {}
     for (spec, alias), name in zip(pairs, chosen, strict=True):
         groups.setdefault(name, {})[spec] = alias
-    extractors: list[FeatureExtractor] = []
+    extractors = [FeatureExtractor(model, group, keep_output=False, detach=True, transform=REDUCTIONS[name],
+                                   dtype=dtype, device=host, non_blocking=non_blocking)
+                  for name, group in groups.items()]
+    return extractors, list(groups)
+
+
+def reductions(extractors: list[FeatureExtractor], names: list[str]) -> dict[str, str]:
+    """The reduction of every feature key (after the extractors' first call).
+
+    Raises:
+        ConfigError: one key produced by two groups.
+    """
     reduction_of: dict[str, str] = {}
-    for name, group in groups.items():
-        ex = FeatureExtractor(model, group, keep_output=False, detach=True, transform=REDUCTIONS[name],
-                              dtype=dtype, device=host, non_blocking=non_blocking)
+    for ex, name in zip(extractors, names, strict=True):
         for key in ex.feature_keys:
             if key in reduction_of:
                 raise ConfigError(
@@ -116,5 +127,4 @@ def build_extractors(
                     "Hint: select each layer once, or give the second one an alias with a dict {layer: alias}."
                 )
             reduction_of[key] = name
-        extractors.append(ex)
-    return extractors, reduction_of
+    return reduction_of

@@ -115,14 +115,29 @@ def _extractor(model: nn.Module, layers: Any, dtype: Any) -> FeatureExtractor:
 
 
 def _max_length(model: nn.Module, tokenizer: Any, text: TextOptions) -> int:
+    positions = _positions(model)
+    for name in ("max_length", "context_length"):
+        value = getattr(text, name)
+        if value is not None and positions is not None and value > positions[1]:
+            raise ConfigError(
+                f"{name}={value} is more than the {positions[1]} positions of {type(model).__name__} "
+                f"(config.{positions[0]}).\nHint: use {name}={positions[1]} or less."
+            )
     if text.max_length is not None:
         return text.max_length
-    candidates = [getattr(tokenizer, "model_max_length", None)]
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        candidates.append(getattr(config, name, None))
+    candidates = [getattr(tokenizer, "model_max_length", None)] + ([positions[1]] if positions else [])
     known = [int(c) for c in candidates if isinstance(c, int) and 0 < c < 1_000_000]
     return min(known) if known else 512
+
+
+def _positions(model: nn.Module) -> tuple[str, int] | None:
+    """The model's number of positions and the config field it comes from (``None``: not known)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1_000_000:
+            return name, value
+    return None
 
 
 def _plan(data: Any, tokenizer: Any, max_length: int, text: TextOptions, o: Any) -> TextPlan:
