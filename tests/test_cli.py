@@ -275,3 +275,28 @@ def test_demo_runs_the_cli_on_the_embedded_default():
                      "fxstore.load_features("):
         assert expected in run.stdout
     assert "sample/s" in run.stderr
+
+
+@pytest.mark.parametrize("when", ["after", "before", "before, on a finished folder"])
+def test_an_interrupt_reports_what_the_folder_holds(tmp_path, monkeypatch, capsys, when):
+    import fxstore.dataset
+
+    real = fxstore.dataset.extract_dataset
+    command = ["extract", "dataset_helpers:toy_cnn", "--layers", "fc", "--data", "fake:4", "--image-size", "8",
+               "--out", str(tmp_path / "out"), "--quiet"]
+    if when.endswith("finished folder"):
+        assert main(command) == 0  # a complete folder from an earlier run: an interrupt now must not count it
+
+    def interrupted(*args, **kwargs):
+        if when == "after":
+            real(*args, **kwargs)  # the manifest is written; Ctrl-C lands before the command returns
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fxstore.dataset, "extract_dataset", interrupted)
+    capsys.readouterr()
+    status = main(command + (["--overwrite"] if when.endswith("finished folder") else []))
+    err = capsys.readouterr().err
+    if when == "after":
+        assert status == 0 and f"interrupted after the extraction finished: {tmp_path / 'out'} is complete" in err
+    else:
+        assert status == 130 and "interrupted; run the same command again to resume" in err

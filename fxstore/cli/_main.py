@@ -20,7 +20,9 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..dataset import FORMATS
@@ -236,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
+    started = time.time_ns()
     try:
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not as a message at exit
@@ -247,8 +250,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fxstore {args.command}: error: {_one_line(flag_hint(str(e)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.command == "extract" and _finished_since(args.out, started):
+            print(f"fxstore extract: interrupted after the extraction finished: {args.out} is complete.",
+                  file=sys.stderr)
+            return 0
         print(f"fxstore {args.command}: interrupted; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _finished_since(out: Any, started: int) -> bool:
+    """Whether ``out`` holds a valid manifest written by this command (after ``started``, in ns)."""
+    from ..dataset import read_manifest
+    from ..dataset.folder.names import MANIFEST
+
+    try:
+        written = (Path(out) / MANIFEST).lstat().st_mtime_ns
+        read_manifest(out)
+    except (OSError, FxStoreError, KeyboardInterrupt):
+        return False
+    return written >= started
 
 if __name__ == "__main__":
     sys.exit(main())
