@@ -30,7 +30,7 @@ def test_quick_benchmark_run_prints_a_verified_table(tmp_path: Path) -> None:
     assert "| Case | Contender | Median | × plain |" in done.stdout
     rows = json.loads(out.read_text())["rows"]
     cases = {r["case"].split(" ", 1)[0] for r in rows}
-    assert cases == {str(n) for n in range(1, 16)}
+    assert cases == {str(n) for n in range(1, 17)}
     assert not [r for r in rows if r["contender"] == "(case)"], "a case crashed"
     verified = re.compile(r"exact( \(one call of the built extractor\))?$|close \(max \|Δ\| [0-9.e+-]+\)$")
     by_case: dict[str, list[dict]] = {}
