@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,15 @@ from torch import nn
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop dynamo's caches: a worker running hundreds of compiling tests
+    otherwise keeps every compiled graph alive (a CI worker reached 12 GB and was killed for memory)."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 class TwoConvNet(nn.Module):
