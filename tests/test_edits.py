@@ -434,13 +434,6 @@ def test_gradient_wrt_an_edit_tensor_equals_the_hook_backend():
     assert expected.abs().sum() > 0
 
 
-def test_an_extractor_with_edits_does_not_export_its_values_silently(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
-    ex = fxstore.FeatureExtractor(model, edits={"0": fxstore.Add(torch.ones(3))})
-    with pytest.raises(fxstore.EditError, match=r"this extractor has edits \(0\).*\nHint"):
-        ex.export(tmp_path / "a.pt2", torch.rand(2, 4))
-
-
 def test_the_partial_frontend_refuses_edits_instead_of_dropping_them(resnet):
     with pytest.raises(fxstore.TraceError, match="the partial frontend does not apply edits yet"):
         fxstore.FeatureExtractor(resnet, edits={"layer1": fxstore.Ablate()}, frontend="partial")
