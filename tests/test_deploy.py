@@ -447,6 +447,29 @@ def test_cli_export_then_info(tmp_path, capsys):
     torch.testing.assert_close(got, global_avg_pool(seen["conv2"][0]), atol=ATOL, rtol=0)
 
 
+def test_cli_export_with_a_steering_vector_takes_it_as_an_input(tmp_path, capsys):
+    out = tmp_path / "s.pt2"
+    assert main(["export", "test_deploy:SmallCNN", "--layers", "conv2", "--steer", "conv1", "--image-size", "16",
+                 "--format", "exported", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "edit Add on conv1: inputs edit_conv1_vector (4, 1, 1) float32, edit_conv1_scale () float32, " \
+           "edit_conv1_enabled () bool" in printed
+    assert [e["key"] for e in read_metadata(out)["edits"]] == ["conv1"]
+    model = __import__("fxstore.cli.models", fromlist=["load_model"]).load_model("test_deploy:SmallCNN")
+    x, vector = torch.rand(3, 3, 16, 16), torch.randn(4, 1, 1)
+    seen = {}
+    handles = [model.conv1.register_forward_hook(lambda _m, _i, o: o + 0.5 * vector),
+               model.conv2.register_forward_hook(lambda _m, _i, o: seen.setdefault("conv2", o))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    got = torch.export.load(out).module()(x, vector, torch.tensor(0.5), torch.tensor(True))["conv2"]
+    torch.testing.assert_close(got, seen["conv2"], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["test_deploy:DataDependent", "--layers", "conv"], "torch.export could not export the extractor"),
     (["test_deploy:SmallCNN", "--layers", "nosuch"], "nosuch"),
