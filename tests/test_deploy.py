@@ -278,6 +278,128 @@ def test_aoti_package_runs_in_a_fresh_process_without_fxstore(tmp_path):
     assert json.loads(saved["meta"]) == read_metadata(tmp_path / "s.pt2")
 
 
+# -- edits: their tensors are inputs of the artifact ------------------------------------
+
+
+def steered(model, layer, fn, x):
+    """(model output, {layer: its edited value}) with ``fn`` applied by a forward hook on the plain model."""
+    seen = {}
+
+    def hook(_m, _i, out):
+        seen[layer] = fn(out)
+        return seen[layer]
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model(x), seen
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def steered_cnn():
+    """SmallCNN with a steering vector on conv1 (storing conv2), and its eager extractor."""
+    torch.manual_seed(1)
+    model = SmallCNN().eval()
+    add = fxstore.Add(torch.randn(4, 1, 1), scale=1.0)
+    return model, add, fxstore.FeatureExtractor(model, ["conv2"], edits={"conv1": add})
+
+
+def test_edit_tensors_are_named_inputs_listed_in_the_metadata(steered_cnn, tmp_path):
+    _, _, ex = steered_cnn
+    report = ex.export(tmp_path / "s.pt2", torch.rand(2, 3, 16, 16), format="exported")
+    meta = read_metadata(tmp_path / "s.pt2")
+    assert meta == report.metadata and report.max_diff <= ATOL
+    assert [i["name"] for i in meta["inputs"]] == ["x", "edit_conv1_vector", "edit_conv1_scale", "edit_conv1_enabled"]
+    assert meta["edits"] == [{"key": "conv1", "kind": "Add", "inputs": [
+        {"field": "vector", "name": "edit_conv1_vector", "shape": [4, 1, 1], "dtype": "float32"},
+        {"field": "scale", "name": "edit_conv1_scale", "shape": [], "dtype": "float32"},
+        {"field": "enabled", "name": "edit_conv1_enabled", "shape": [], "dtype": "bool"}]}]
+
+
+@pytest.mark.parametrize("format", ["exported", "onnx"])
+def test_artifact_with_a_new_vector_equals_the_eager_extractor_after_update(steered_cnn, tmp_path, format):
+    model, add, ex = steered_cnn
+    path = tmp_path / ("s.pt2" if format == "exported" else "s.onnx")
+    first = add.vector.clone()
+    ex.export(path, torch.rand(2, 3, 16, 16), format=format)
+    x, vector, scale = torch.rand(3, 3, 20, 20), torch.randn(4, 1, 1), torch.tensor(0.5)
+    atol = ATOL if format == "exported" else ONNX_ATOL
+    for enabled in (True, False):
+        inputs = (x, vector, scale, torch.tensor(enabled))
+        if format == "exported":
+            output, features = torch.export.load(path).module()(*inputs)
+        else:
+            got = run_onnx(path, *inputs)
+            output, features = got["output"], {"conv2": got["conv2"]}
+        try:
+            add.update(vector=vector, scale=0.5, enabled=enabled)
+            with torch.no_grad():
+                want_out, want = ex(x)
+        finally:
+            add.update(vector=first, scale=1.0, enabled=True)
+        torch.testing.assert_close(output, want_out, atol=atol, rtol=0)
+        torch.testing.assert_close(features["conv2"], want["conv2"], atol=atol, rtol=0)
+        reference, _ = steered(model, "conv1", (lambda o: o + 0.5 * vector) if enabled else (lambda o: o), x)
+        torch.testing.assert_close(output, reference, atol=atol, rtol=0)
+
+
+def test_exported_patch_with_one_position_per_row_follows_the_batch(tmp_path):
+    model = _tiny_gpt2()
+    ids = torch.randint(0, 50, (2, 8))
+    patch = fxstore.Replace(torch.randn(16), index=torch.tensor([1, 0]))
+    ex = fxstore.FeatureExtractor(model, ["transformer.h.1"], keep_output=False,
+                                  edits={"transformer.h.0": patch}, example_inputs=(ids,))
+    report = ex.export(tmp_path / "g.pt2", (ids,), format="exported")
+    assert [i["shape"] for i in report.metadata["inputs"]][1:] == [[16], ["batch"], []]
+    assert "batch" in report.metadata["dynamic"]
+    x, value, positions = torch.randint(0, 50, (3, 8)), torch.randn(16), torch.tensor([5, 0, 7])
+    got = torch.export.load(tmp_path / "g.pt2").module()(x, value, positions, torch.tensor(True))
+
+    def per_row(out):  # a block returns its hidden states, or a tuple starting with them
+        hidden = (out[0] if isinstance(out, tuple) else out).clone()
+        for row, p in enumerate(positions.tolist()):
+            hidden[row, p] = value
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    seen = {}
+    handles = [model.transformer.h[0].register_forward_hook(lambda _m, _i, o: per_row(o)),
+               model.transformer.h[1].register_forward_hook(
+                   lambda _m, _i, o: seen.setdefault("h1", o[0] if isinstance(o, tuple) else o))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got["transformer.h.1"], seen["h1"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_aoti_package_takes_the_steering_vector_as_an_input(steered_cnn, tmp_path):
+    from torch._inductor import aoti_load_package
+
+    model, _, ex = steered_cnn
+    report = ex.export(tmp_path / "s.pt2", (torch.rand(2, 3, 16, 16),), format="aoti")
+    assert report.max_diff <= ATOL and report.metadata["edits"][0]["key"] == "conv1"
+    x, vector = torch.rand(3, 3, 16, 16), torch.randn(4, 1, 1)
+    output, _ = aoti_load_package(str(tmp_path / "s.pt2"))(x, vector, torch.tensor(2.0), torch.tensor(True))
+    reference, _ = steered(model, "conv1", lambda o: o + 2.0 * vector, x)
+    torch.testing.assert_close(output, reference, atol=ATOL, rtol=0)
+
+
+def test_an_edit_torch_export_cannot_capture_is_one_clear_error(tmp_path):
+    def data_dependent(value):
+        return value * 2 if value.sum() > 0 else value
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    ex = fxstore.FeatureExtractor(model, edits={"0": fxstore.Apply(data_dependent)})
+    with pytest.raises(fxstore.TraceError, match=r"could not export the extractor of Sequential with edits on 0: "
+                                                 r".*\nHint: .*each fxstore.Apply's fn is traceable"):
+        ex.export(tmp_path / "a.pt2", torch.rand(2, 4))
+
+
 # -- refused requests --------------------------------------------------------------------
 
 
@@ -323,6 +445,29 @@ def test_cli_export_then_info(tmp_path, capsys):
     _, seen = hooked_outputs(model, ["conv2"], x)
     got = torch.export.load(out).module()(x)["conv2"]
     torch.testing.assert_close(got, global_avg_pool(seen["conv2"][0]), atol=ATOL, rtol=0)
+
+
+def test_cli_export_with_a_steering_vector_takes_it_as_an_input(tmp_path, capsys):
+    out = tmp_path / "s.pt2"
+    assert main(["export", "test_deploy:SmallCNN", "--layers", "conv2", "--steer", "conv1", "--image-size", "16",
+                 "--format", "exported", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "edit Add on conv1: inputs edit_conv1_vector (4, 1, 1) float32, edit_conv1_scale () float32, " \
+           "edit_conv1_enabled () bool" in printed
+    assert [e["key"] for e in read_metadata(out)["edits"]] == ["conv1"]
+    model = __import__("fxstore.cli.models", fromlist=["load_model"]).load_model("test_deploy:SmallCNN")
+    x, vector = torch.rand(3, 3, 16, 16), torch.randn(4, 1, 1)
+    seen = {}
+    handles = [model.conv1.register_forward_hook(lambda _m, _i, o: o + 0.5 * vector),
+               model.conv2.register_forward_hook(lambda _m, _i, o: seen.setdefault("conv2", o))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    got = torch.export.load(out).module()(x, vector, torch.tensor(0.5), torch.tensor(True))["conv2"]
+    torch.testing.assert_close(got, seen["conv2"], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("argv, message", [

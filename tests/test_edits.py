@@ -327,6 +327,67 @@ def test_inductor_compiled_edit_matches_the_hook_reference_and_ex_compile_too():
         torch.testing.assert_close(out2, expected, rtol=1e-5, atol=1e-5)
 
 
+# -- the enabled switch -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_edit_switched_off_is_bit_equal_to_the_plain_model_and_on_again_to_the_hook(kind):
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(2, 3, 32, 32, generator=_gen(13))
+    edit, by_hand = _cases(_shape(model, "layer2", x, {}))[kind]
+    ex = fxstore.FeatureExtractor(model, ["layer2", "layer3"], edits={"layer2": edit})
+    plain, plain_layer2, plain_layer3 = _hooked(model, "layer2", "layer3", lambda o: o, x, {})
+    edit.update(enabled=False)
+    with torch.no_grad():
+        out, feats = ex(x)
+        assert torch.equal(out, plain)
+        assert torch.equal(feats["layer2"], plain_layer2) and torch.equal(feats["layer3"], plain_layer3)
+        assert "enabled=False" in repr(edit)
+        edit.update(enabled=True)
+        expected, _, _ = _hooked(model, "layer2", "layer3", by_hand, x, {})
+        assert torch.equal(ex(x)[0], expected)
+
+
+@pytest.mark.compile
+def test_switching_edits_off_and_on_does_not_recompile():
+    torch._dynamo.reset()
+    model = _gpt2().eval()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=_gen(14))
+    edits = {"h.0": fxstore.Replace(torch.randn(32, generator=_gen(15)), index=torch.tensor([1, 0])),
+             "h.1.mlp": fxstore.Ablate(),
+             "ln_f": fxstore.Apply(lambda v, t: v * torch.sigmoid(t), torch.randn(32, generator=_gen(16)))}
+    ex = fxstore.FeatureExtractor(model, ["h.1"], edits=edits, example_inputs=((ids,), {"use_cache": False}))
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ex, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        plain = _main(model(ids, use_cache=False))
+        for switches in [(True, True, True), (False, False, False), (True, False, True), (False, False, False)]:
+            for edit, on in zip(edits.values(), switches):
+                edit.update(enabled=on)
+            out, _ = compiled(ids, use_cache=False)
+            want, _ = ex(ids, use_cache=False)
+            assert torch.equal(out.last_hidden_state, want.last_hidden_state)
+            if not any(switches):
+                assert torch.equal(out.last_hidden_state, plain)
+    assert counter.frame_count == 1
+
+
+def test_hook_backend_leaves_the_output_alone_when_the_edit_is_off():
+    model = torchvision.models.resnet18().eval()
+    x = torch.rand(2, 3, 32, 32, generator=_gen(17))
+    plain, plain_layer2, _ = _hooked(model, "layer2", "layer3", lambda o: o, x, {})
+    edit = fxstore.Ablate().update(enabled=False)
+    storage = fxstore.HookForwardModuleStorage(model, ["layer2"], edits={model.layer2: edit})
+    try:
+        with torch.no_grad():
+            out = storage(x)
+        assert torch.equal(out, plain) and torch.equal(storage["layer2"][0], plain_layer2)
+    finally:
+        storage.remove()
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
@@ -432,13 +493,6 @@ def test_gradient_wrt_an_edit_tensor_equals_the_hook_backend():
     assert ex.edits["layer2"].vector is vector
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     assert expected.abs().sum() > 0
-
-
-def test_an_extractor_with_edits_does_not_export_its_values_silently(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
-    ex = fxstore.FeatureExtractor(model, edits={"0": fxstore.Add(torch.ones(3))})
-    with pytest.raises(fxstore.EditError, match=r"this extractor has edits \(0\).*\nHint"):
-        ex.export(tmp_path / "a.pt2", torch.rand(2, 4))
 
 
 def test_the_partial_frontend_refuses_edits_instead_of_dropping_them(resnet):

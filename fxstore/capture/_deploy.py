@@ -15,6 +15,11 @@ A call returns the features dict, or ``(output, features)`` when the output is k
 batch axis is dynamic by default, and so are the sequence axis of integer inputs (token ids)
 and the spatial axes of images where the model allows it: each artifact records the ranges
 in its metadata (key ``fxstore``, a JSON string), read back by :func:`read_metadata`.
+
+An extractor with edits exports each edit's tensors (its own, a tensor ``index``, and the
+``enabled`` switch) as inputs of the artifact, after the model's inputs, named
+``edit_<layer>_<field>`` (``edit_layer1_vector``): a deployed steered model changes its vector,
+or turns the edit off, at run time without re-exporting. The metadata's ``edits`` lists them.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import itertools
 import json
 import logging
 import os
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +88,51 @@ class _Deployable(nn.Module):
         return features if output is None else (output, features)
 
 
+@dataclasses.dataclass(frozen=True)
+class _EditInput:
+    """One edit tensor as an input of the artifact."""
+
+    name: str  # the input's name: edit_<layer>_<field>, sanitised
+    key: str  # the edited layer, as in ``extractor.edits``
+    field: str  # the tensor's name in ``edit.update(...)``
+    path: str  # the buffer's path in the exported module
+    tensor: torch.Tensor
+
+
+def _edit_inputs(module: nn.Module, extractor: nn.Module, taken: list[str]) -> list[_EditInput]:
+    """Every tensor of every edit of ``extractor``, with its buffer path in ``module`` (which holds it)."""
+    edits = getattr(extractor, "edits", None)
+    if not edits:
+        return []
+    paths = {id(m): name for name, m in module.named_modules(remove_duplicate=False)}
+    used = set(taken)
+    inputs = []
+    for key, edit in edits.items():
+        for field, tensor in edit.values().items():
+            name = base = "edit_" + re.sub(r"\W", "_", f"{key}_{field}")
+            for i in itertools.count(1):
+                if name not in used:
+                    break
+                name = f"{base}_{i}"
+            used.add(name)
+            inputs.append(_EditInput(name, key, field, f"{paths[id(edit)]}.{field}", tensor.detach()))
+    return inputs
+
+
+class _WithEdits(nn.Module):
+    """Takes each edit tensor as an input after the model's: the exported program reads the inputs,
+    not the buffers (``torch.func.functional_call`` swaps them in for the call)."""
+
+    def __init__(self, inner: nn.Module, paths: list[str]) -> None:
+        super().__init__()
+        self.inner, self.paths = inner, paths
+
+    def forward(self, *args: Any) -> Any:
+        count = len(args) - len(self.paths)
+        values = dict(zip(self.paths, args[count:]))
+        return torch.func.functional_call(self.inner, values, args[:count], tie_weights=False)
+
+
 class _Positional(nn.Module):
     """Takes keyword inputs positionally, in the order of the example: ``(ids, mask)`` for
     ``input_ids=ids, attention_mask=mask``. torch 2.14's exported module cannot check the
@@ -121,6 +172,20 @@ def export_extractor(
         ConfigError: an unknown format, gradient taps, train mode, or inputs the model rejects.
         TraceError: ``torch.export`` or the ONNX exporter cannot capture the extractor, or the
             artifact disagrees with the eager extractor.
+
+    Example:
+        An edit's tensors are inputs of the artifact, after the model's:
+
+        >>> import tempfile, torch, fxstore
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+        >>> ex = fxstore.FeatureExtractor(model, ["0"], edits={"0": fxstore.Add(torch.zeros(3))}, keep_output=False)
+        >>> report = export_extractor(ex, tempfile.mkdtemp() + "/steer.pt2", torch.rand(2, 4))
+        >>> [i["name"] for i in report.metadata["inputs"]]
+        ['input', 'edit_0_vector', 'edit_0_scale', 'edit_0_enabled']
+        >>> program, x = torch.export.load(report.path).module(), torch.rand(5, 4)
+        >>> got = program(x, torch.ones(3), torch.tensor(2.0), torch.tensor(True))["0"]
+        >>> torch.equal(got, model[0](x) + 2.0)
+        True
     """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r} is not an export format.\nHint: use one of {', '.join(map(repr, FORMATS))}.")
@@ -147,8 +212,12 @@ def export_extractor(
     named = (args, kwargs)
     if kwargs:  # keyword inputs become positional ones, in the order given (see _Positional)
         module, args, kwargs = _Positional(module, len(args), list(kwargs)).eval(), (*args, *kwargs.values()), {}
-    program, dims = _export_program(module, args, kwargs, extractor, dynamic)
-    metadata = _metadata(extractor, program, dims, expected, format, model_name, *named)
+    edits = _edit_inputs(module, extractor, _input_names(extractor, *named))
+    if edits:  # edit tensors are inputs after the model's (see _WithEdits)
+        module = _WithEdits(module, [e.path for e in edits]).eval()
+        args, kwargs = (*args, *kwargs.values(), *(e.tensor for e in edits)), {}
+    program, dims = _export_program(module, args, kwargs, extractor, dynamic, edits)
+    metadata = _metadata(extractor, program, dims, expected, format, model_name, *named, edits)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "exported":
@@ -218,9 +287,11 @@ def _plans(leaves: list[Any], extractor: nn.Module) -> list[dict[str, tuple[int,
     return unique
 
 
-def _shapes_spec(args: tuple[Any, ...], kwargs: dict[str, Any], plan: dict[str, tuple[int, int]]) -> Any:
+def _shapes_spec(args: tuple[Any, ...], kwargs: dict[str, Any], plan: dict[str, tuple[int, int]],
+                 edits: Sequence[_EditInput] = ()) -> Any:
     dims = {name: Dim(name, min=lo, max=hi) for name, (lo, hi) in plan.items()}
-    leaves = _pytree.tree_leaves((args, kwargs))
+    model_args = args[:len(args) - len(edits)]
+    leaves = _pytree.tree_leaves((model_args, kwargs))
     batch = next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim()), None)
 
     def spec(leaf: Any) -> Any:
@@ -228,45 +299,60 @@ def _shapes_spec(args: tuple[Any, ...], kwargs: dict[str, Any], plan: dict[str, 
             return None
         return {axis: dims[name] for axis, name in _axes(leaf, batch).items() if name in dims} or None
 
+    def edit_spec(edit: _EditInput, leaf: torch.Tensor) -> Any:
+        """An edit's own tensors have fixed shapes; a tensor index (mask, positions) follows the batch."""
+        if edit.field == "index" and leaf.dim() and leaf.shape[0] == batch and "batch" in dims:
+            return {0: dims["batch"]}
+        return None
+
     shapes: dict[str, Any] = {}
     if args:  # torch.export wants exactly the names of the inputs given: no "args" for a keyword-only call
-        shapes["args"] = tuple(_pytree.tree_map(spec, a) for a in args)
+        shapes["args"] = tuple(_pytree.tree_map(spec, a) for a in model_args) + tuple(
+            edit_spec(e, x) for e, x in zip(edits, args[len(model_args):]))
     if kwargs:
         shapes["kwargs"] = {k: _pytree.tree_map(spec, v) for k, v in kwargs.items()}
     return shapes
 
 
-def _widen_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Batch-1 examples are repeated to 2: export specialises an axis of size 1."""
-    leaves, spec = _pytree.tree_flatten((args, kwargs))
+def _widen_batch(args: tuple[Any, ...], kwargs: dict[str, Any],
+                 edits: Sequence[_EditInput] = ()) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Batch-1 examples are repeated to 2 (and so is a tensor index of an edit): export specialises an axis of size 1."""
+    count = len(args) - len(edits)
+    leaves, spec = _pytree.tree_flatten((args[:count], kwargs))
     tensors = [x for x in leaves if isinstance(x, torch.Tensor) and x.dim()]
     if not tensors or any(x.shape[0] != 1 for x in tensors):
         return args, kwargs
     widened = [torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() else x for x in leaves]
-    return _pytree.tree_unflatten(widened, spec)
+    model_args, kwargs = _pytree.tree_unflatten(widened, spec)
+    edit_args = tuple(torch.cat([x, x]) if e.field == "index" and x.dim() and x.shape[0] == 1 else x
+                      for e, x in zip(edits, args[count:]))
+    return (*model_args, *edit_args), kwargs
 
 
 def _export_program(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], extractor: nn.Module,
-                    dynamic: bool) -> tuple[torch.export.ExportedProgram, dict[str, tuple[int, int]]]:
+                    dynamic: bool, edits: list[_EditInput]
+                    ) -> tuple[torch.export.ExportedProgram, dict[str, tuple[int, int]]]:
     """The exported program with the most dynamic axes the model allows, and their ranges."""
-    plans = _plans(_pytree.tree_leaves((args, kwargs)), extractor) if dynamic else [{}]
-    wide = _widen_batch(args, kwargs)
+    plans = _plans(_pytree.tree_leaves((args[:len(args) - len(edits)], kwargs)), extractor) if dynamic else [{}]
+    wide = _widen_batch(args, kwargs, edits)
     last: Exception | None = None
     for plan in plans:
         inputs = wide if plan else (args, kwargs)
         try:
             with _quiet():
                 program = torch.export.export(module, inputs[0], inputs[1],
-                                              dynamic_shapes=_shapes_spec(*inputs, plan) if plan else None,
+                                              dynamic_shapes=_shapes_spec(*inputs, plan, edits) if plan else None,
                                               strict=False)
             return program, plan
         except Exception as e:  # export raises whatever the model's code raises, and its own errors
             last = e
     name = type(getattr(extractor, "_fx_model", extractor)).__name__
-    raise TraceError(f"torch.export could not export the extractor of {name}: {type(last).__name__}: "
+    edited = f" with edits on {', '.join(dict.fromkeys(e.key for e in edits))}" if edits else ""
+    raise TraceError(f"torch.export could not export the extractor of {name}{edited}: {type(last).__name__}: "
                      f"{_first_line(last)}\n"
-                     "Hint: check that the model runs on the example inputs; models torch.export cannot capture "
-                     "cannot be deployed this way.") from last
+                     "Hint: check that the model runs on the example inputs" +
+                     (" and that each fxstore.Apply's fn is traceable by torch.export" if edits else "") +
+                     "; models torch.export cannot capture cannot be deployed this way.") from last
 
 
 def _first_line(error: BaseException) -> str:
@@ -338,14 +424,14 @@ def _shape(value: Any, names: dict[str, str]) -> list[int | str]:
 
 def _metadata(extractor: nn.Module, program: torch.export.ExportedProgram, dims: dict[str, tuple[int, int]],
               expected: Any, format: str, model_name: str | None, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> dict[str, Any]:
+              kwargs: dict[str, Any], edits: list[_EditInput]) -> dict[str, Any]:
     from .. import __version__
     from ..dataset.manifest import model_fingerprint
 
     model = getattr(extractor, "_fx_model", extractor)
-    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder"][-len(_pytree.tree_leaves((args, kwargs))):]
+    tensors = [*_pytree.tree_leaves((args, kwargs)), *(e.tensor for e in edits)]
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder"][-len(tensors):]
     symbols: dict[str, str] = {}
-    tensors = [x for x in _pytree.tree_leaves((args, kwargs))]
     batch = next((x.shape[0] for x in tensors if isinstance(x, torch.Tensor) and x.dim()), None)
     for node, leaf in zip(user_inputs, tensors):
         val = node.meta.get("val")
@@ -357,9 +443,14 @@ def _metadata(extractor: nn.Module, program: torch.export.ExportedProgram, dims:
     values = [a.meta.get("val") if hasattr(a, "meta") else a for a in output_node.args[0]]
     names = _output_names(expected)
     inputs = []
-    for name, node, leaf in zip(_input_names(extractor, args, kwargs), user_inputs, tensors):
+    for name, node, leaf in zip(_input_names(extractor, args, kwargs) + [e.name for e in edits], user_inputs, tensors):
         if isinstance(leaf, torch.Tensor):
             inputs.append({"name": name, "shape": _shape(node.meta["val"], symbols), "dtype": str(leaf.dtype)[6:]})
+    by_name = {i["name"]: i for i in inputs}
+    edited: dict[str, dict[str, Any]] = {}
+    for e in edits:
+        entry = edited.setdefault(e.key, {"key": e.key, "kind": type(extractor.edits[e.key]).__name__, "inputs": []})
+        entry["inputs"].append({"field": e.field, **by_name[e.name]})
     outputs = {name: {"shape": _shape(v, symbols), "dtype": str(v.dtype)[6:]}
                for name, v in zip(names, values) if isinstance(v, torch.Tensor)}
     features = expected if isinstance(expected, dict) else expected[1]
@@ -370,6 +461,7 @@ def _metadata(extractor: nn.Module, program: torch.export.ExportedProgram, dims:
         "inputs": inputs,
         "dynamic": {name: list(dims[name]) for name in dims if name in symbols.values()},
         "returns": "features" if isinstance(expected, dict) else "(output, features)",
+        "edits": list(edited.values()),
         "model": {"name": model_name or type(model).__name__, "fingerprint": model_fingerprint(model)},
         "fxstore": __version__,
         "torch": torch.__version__,

@@ -15,6 +15,10 @@ forward hooks in the hook backend.
   the edit applies where it is true; its tensors broadcast against the whole value;
 - an integer tensor of shape ``[batch]`` (a buffer): a position on dimension 1 per row, so
   each row of a batch can patch another token.
+
+Every edit has an on/off switch, ``enabled``, a 0-d boolean buffer like its other tensors:
+``edit.update(enabled=False)`` turns it off without recompiling (the edited node's value is then
+the model's own, bit for bit), ``edit.update(enabled=True)`` on again.
 """
 
 from __future__ import annotations
@@ -56,6 +60,16 @@ class Edit(nn.Module):
             extractor's ``state_dict`` keeps the model's keys). Tensors that require grad
             stay the same objects: ``torch.autograd.grad(metric, edit.vector)`` works.
         index: Where the edit applies (see the module docstring).
+
+    Attributes:
+        enabled: A 0-d boolean buffer: ``False`` leaves the value as it is (switch it with
+            ``edit.update(enabled=...)``: in place, so a compiled or exported extractor keeps its program).
+
+    Example:
+        >>> import torch, fxstore
+        >>> edit = fxstore.Replace(torch.ones(2))
+        >>> edit.update(enabled=False)(torch.zeros(2)), bool(edit.enabled)
+        (tensor([0., 0.]), False)
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], index: Any = None) -> None:
@@ -64,6 +78,7 @@ class Edit(nn.Module):
         self._names = tuple(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor, persistent=False)
+        self.register_buffer("enabled", torch.tensor(True), persistent=False)
         self._static: Any = None
         self._index_kind = "none"
         if index is None:
@@ -117,18 +132,20 @@ class Edit(nn.Module):
 
     def _indexed(self, value: torch.Tensor) -> torch.Tensor:
         kind = self._index_kind
+        enabled = self.enabled.to(value.device)
         if kind == "none":
-            return self.edit(value)
+            return torch.where(enabled, self.edit(value), value)
         if kind == "static":
             out = value.clone()
-            out[self._static] = self.edit(value[self._static])
+            part = value[self._static]
+            out[self._static] = torch.where(enabled, self.edit(part), part)
             return out
         if kind == "mask":
-            mask = self.index
+            mask = self.index.to(value.device)
         else:
             positions = self.index.to(value.device)
             mask = torch.arange(value.shape[1], device=value.device) == positions[:, None]
-        mask = mask.to(value.device).reshape(tuple(mask.shape) + (1,) * (value.dim() - mask.dim()))
+        mask = (mask & enabled).reshape(tuple(mask.shape) + (1,) * (value.dim() - mask.dim()))
         return torch.where(mask, self.edit(value), value)
 
     # -- checks and updates -------------------------------------------------------------
@@ -183,6 +200,19 @@ class Edit(nn.Module):
                     f"Hint: give {name} a shape that broadcasts to {target} (e.g. {target[-1:]})."
                 )
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """The edit's tensors by the names :meth:`update` takes: its own, ``index`` (a tensor index), ``enabled``.
+
+        An exported extractor takes each of them as an input (see :meth:`fxstore.FeatureExtractor.export`).
+
+        Example:
+            >>> import torch, fxstore
+            >>> list(fxstore.Add(torch.zeros(3)).values())
+            ['vector', 'scale', 'enabled']
+        """
+        names = self._names + (("index",) if "index" in self._buffers else ()) + ("enabled",)
+        return {name: getattr(self, name) for name in names}
+
     def update(self, **values: Any) -> Edit:
         """Copy new values into the edit's buffers, in place (same shape and dtype).
 
@@ -190,7 +220,8 @@ class Edit(nn.Module):
 
         Args:
             **values: Buffer name -> new value (a tensor, or a number for a 0-d buffer such as
-                ``scale``); ``index`` updates a tensor index.
+                ``scale``); ``index`` updates a tensor index; ``enabled=False`` turns the edit off
+                (the value is left as it is), ``enabled=True`` on again.
 
         Returns:
             The edit itself.
@@ -205,15 +236,17 @@ class Edit(nn.Module):
             tensor([1., 1., 1.])
         """
         kind = type(self).__name__
-        names = self._names + (("index",) if "index" in self._buffers else ())
+        tensors = self.values()
         for name, new in values.items():
-            if name not in names:
+            if name not in tensors:
                 raise EditError(
-                    f"{kind}.update: '{name}' is not a tensor of this edit (it has {list(names)}).\n"
-                    f"Hint: update one of {', '.join(names) or 'nothing'}."
+                    f"{kind}.update: '{name}' is not a tensor of this edit (it has {list(tensors)}).\n"
+                    f"Hint: update one of {', '.join(tensors)}."
                 )
-            current = getattr(self, name)
-            if isinstance(new, (int, float)) and not isinstance(new, bool) and current.dim() == 0:
+            current = tensors[name]
+            if isinstance(new, bool) and current.dtype == torch.bool and current.dim() == 0:
+                new = torch.tensor(new)
+            elif isinstance(new, (int, float)) and not isinstance(new, bool) and current.dim() == 0:
                 new = torch.tensor(new, dtype=current.dtype)
             if not isinstance(new, torch.Tensor) or new.shape != current.shape or new.dtype != current.dtype:
                 got = (tuple(new.shape), new.dtype) if isinstance(new, torch.Tensor) else type(new).__name__
@@ -231,6 +264,8 @@ class Edit(nn.Module):
             parts.append(f"index={self._static!r}")
         elif self._index_kind != "none":
             parts.append(f"index=<{self._index_kind} {tuple(self.index.shape)}>")
+        if not bool(self.enabled):
+            parts.append("enabled=False")
         return ", ".join(parts)
 
 

@@ -683,6 +683,8 @@ class FeatureExtractor(nn.Module):
         the features dict, or ``(output, features)`` when the output is kept. The batch axis (and
         the sequence axis of token ids, the image size where the model allows it) is dynamic; the
         ranges, feature shapes and dtypes are stored in the artifact (see ``fxstore info FILE``).
+        Each edit's tensors (and its ``enabled`` switch) are inputs of the artifact after the
+        model's, named ``edit_<layer>_<field>`` and listed under the metadata's ``edits``.
 
         Args:
             path: The file to write.
@@ -696,7 +698,6 @@ class FeatureExtractor(nn.Module):
 
         Raises:
             ConfigError: an unknown format, gradient taps, or an extractor in train mode.
-            EditError: the extractor has edits (not exportable yet).
             TraceError: the model cannot be exported, or the artifact disagrees with the extractor.
 
         Example:
@@ -712,12 +713,6 @@ class FeatureExtractor(nn.Module):
         """
         from ._deploy import export_extractor
 
-        if self._fx_edits:
-            raise EditError(
-                f"this extractor has edits ({', '.join(self._fx_edits)}); exporting them as inputs of the artifact "
-                "is not supported yet, and fxstore does not bake their current values in silently.\n"
-                "Hint: export an extractor without edits=, or run the edited extractor with torch.compile."
-            )
         return export_extractor(self, path, example_inputs, format, dynamic=dynamic, verify=verify)
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ Examples::
     fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
     fxstore export resnet50 --weights resnet50.pt --layers layer3 layer4 --format aoti --out feats.pt2
     fxstore export hf:./gpt2 --layers transformer.h.6 --format exported --out gpt2-h6.pt2
+    fxstore export hf:./gpt2 --layers transformer.h.11 --steer transformer.h.6 --format onnx --out steered.onnx
     fxstore info feats.onnx
 """
 
@@ -43,6 +44,9 @@ def add_parser(commands: Any, model_help: str, pools: tuple[str, ...], dtypes: t
     p.add_argument("--keep-output", action="store_true", help="also return the model output (default: features only)")
     p.add_argument("--static", action="store_true", help="fix every input shape (default: dynamic batch, sequence, "
                    "image size where the model allows)")
+    p.add_argument("--steer", nargs="+", default=[], metavar="LAYER",
+                   help="add a steering vector (fxstore.Add, zeros) at each layer: the artifact takes it as inputs "
+                   "edit_<layer>_vector, _scale and _enabled after the model's (default: none)")
     p.add_argument("--no-verify", action="store_true", help="skip running the artifact against the eager extractor")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(run=run)
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     model, example = _model_and_input(args)
     ex = FeatureExtractor(model, list(args.layers), keep_output=args.keep_output, detach=True,
-                          transform=REDUCTIONS[args.pool], dtype=args.dtype, example_inputs=example)
+                          transform=REDUCTIONS[args.pool], dtype=args.dtype, example_inputs=example,
+                          edits=_steering(model, args.steer, example))
     report = export_extractor(ex, args.out, example, args.format, dynamic=not args.static,
                               verify=not args.no_verify, model_name=args.model)
     meta = report.metadata
@@ -89,11 +94,41 @@ def run(args: argparse.Namespace) -> int:
     dynamic = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in meta["dynamic"].items()) or "none (static shapes)"
     print(f"wrote {args.format} {args.out}: {shapes}")
     print(f"dynamic axes: {dynamic}")
+    for edit in meta["edits"]:
+        inputs = ", ".join(f"{i['name']} {_shape(i['shape'])} {i['dtype']}" for i in edit["inputs"])
+        print(f"edit {edit['kind']} on {edit['key']}: inputs {inputs}")
     if report.max_diff is None:
         print("not verified (--no-verify)")
     else:
         print(f"verified against the eager extractor: max abs difference {report.max_diff:.3g}")
     return 0
+
+
+def _steering(model: torch.nn.Module, layers: list[str], example: tuple[Any, ...]) -> dict[str, Any] | None:
+    """A zero steering vector per layer: ``[channels, 1, 1]`` for an image map, ``[hidden]`` otherwise."""
+    if not layers:
+        return None
+    from ..capture import Add, FeatureExtractor
+
+    probe = FeatureExtractor(model, list(layers), keep_output=False, detach=True, example_inputs=example)
+    with torch.no_grad():
+        _, values = probe(*example)
+    edits: dict[str, Any] = {}
+    for layer in layers:
+        value = values.get(layer, values.get(f"{layer}:0"))
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            raise ConfigError(f"--steer {layer}: the layer's value is {_described(value)}, not a batch of "
+                              "features.\nHint: steer one module or node name whose output is a tensor "
+                              "(see 'fxstore nodes').")
+        shape = (value.shape[1], 1, 1) if value.dim() == 4 else (value.shape[-1],)
+        edits[layer] = Add(torch.zeros(shape, dtype=value.dtype))
+    return edits
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return "several values (a glob?)" if value is None else type(value).__name__
 
 
 def info(path: str) -> int:

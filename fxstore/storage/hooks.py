@@ -75,6 +75,8 @@ class HookForwardModuleStorage(_HookStorage):
             (``fxstore.Add``, ...) replaces that module's output (its first element for a tuple)
             in the storage's own calls, through a forward hook that runs before the storing
             hooks, so stored values are the edited ones, as in ``FeatureExtractor(edits=...)``.
+            An edit switched off (``edit.update(enabled=False)``) leaves the output alone: the
+            hook returns the module's own output object.
 
     Example:
         >>> import torch, torchvision, fxstore
@@ -106,7 +108,7 @@ class HookForwardModuleStorage(_HookStorage):
 
     def _register_edit(self, module: nn.Module, edit: Edit, label: str) -> RemovableHandle:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            if self._active is not False:
+            if self._active is not False and bool(edit.enabled):
                 return edit(output, f"'{label}'")
             return None
 
