@@ -23,7 +23,7 @@ COMPILED_SHAPES = [(3, 10), (2, 4), (4, 9), (2, 13), (5, 5), (2, 11), (3, 7), (4
 
 def _runner(ex: FeatureExtractor) -> ExportRunner:
     """The export frontend's runner of the extractor's current mode (where its export count lives)."""
-    runner = ex._fx_programs[ex.training].run  # the counts: also ex.exports
+    runner = ex._program().run  # the counts: also ex.exports
     assert isinstance(runner, ExportRunner)
     return runner
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxstore
-from fxstore.capture.extractor import FeatureExtractor, trace_report
+from fxstore import FeatureExtractor, trace_report
 
 
 class Head(nn.Module):
@@ -199,5 +199,5 @@ def test_raft_partial_features_equal_hooks():
     ref_out, ref = hooked_outputs(model, names, a, b, num_flow_updates=2)
     assert same(out, ref_out)
     assert torch.equal(feats["feature_encoder"], ref["feature_encoder"][0])
-    motion = ex._labelled(feats)["update_block.motion_encoder"]
+    motion = ex.by_label(feats)["update_block.motion_encoder"]
     assert len(motion) == 2 and all(torch.equal(m, r) for m, r in zip(motion, ref["update_block.motion_encoder"]))

@@ -255,7 +255,7 @@ def check(case: Case, samples: int = 4, seed: int = 0, frontend: str = "auto") -
             output, features = extractor(*args, **kwargs)
             expected = model(*args, **kwargs)
             reference = _recorded(model, picked, args, kwargs)
-        labelled = extractor._labelled(features)
+        labelled = extractor.by_label(features)
         ours = {name: [t for v in labelled.get(name, []) for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
                 for name in picked}
         bad = [name for name in picked if not _matches(ours[name], reference[name])]

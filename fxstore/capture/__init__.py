@@ -1,11 +1,28 @@
-"""Capture: trace a model, select nodes, rewrite the graph, and wrap it as a :class:`FeatureExtractor`."""
+"""Capture: trace a model, select nodes, rewrite the graph, and wrap it as a :class:`FeatureExtractor`.
 
+The names after the user-facing ones are capture's surface for fxstore's other subpackages
+(storage, dataset, cli): layer specifications, the storage policy's parsers, tracing, model
+identity and deployable artifacts. Nothing outside ``capture/`` imports its underscore modules.
+"""
+
+from ._artifact import read_metadata
+from ._deploy import FORMATS as EXPORT_FORMATS
+from ._deploy import DeployReport, export_extractor
 from ._edits import Ablate, Add, Apply, Edit, Replace, Scale
+from ._fingerprint import model_fingerprint
+from ._inspect import node_names, trace_report
 from ._keys import FeatureKey, parse_key
+from ._policy import StoragePolicy, parse_device, parse_dtype
+from ._program import TraceReport
+from ._selection import Layers, ModuleRef, canonical_specs, spec_label
 from ._sweep import patch_sweep
 from ._taps import gradient_of
-from .extractor import FeatureExtractor, TraceReport, node_names, trace_report
+from ._tracing import TraceOptions, modes_restored, trace
+from .extractor import FeatureExtractor
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "FeatureKey", "parse_key",
-           "gradient_of", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep"]
-
+           "gradient_of", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
+           # for fxstore's other subpackages
+           "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
+           "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "spec_label",
+           "TraceOptions", "modes_restored", "trace"]

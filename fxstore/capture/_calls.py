@@ -10,11 +10,12 @@ in the trace report. Passing ``use_cache=True`` explicitly still reaches the mod
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any
 
 from torch import nn
 
-__all__ = ["call_defaults", "with_defaults"]
+__all__ = ["call_defaults", "with_defaults", "fresh"]
 
 
 def call_defaults(model: nn.Module) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -43,3 +44,21 @@ def call_defaults(model: nn.Module) -> tuple[dict[str, Any], tuple[str, ...]]:
 def with_defaults(defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with every default the user did not pass."""
     return {**defaults, **kwargs} if defaults else kwargs
+
+
+def fresh(function: Any) -> Any:
+    """A copy of ``function`` with its own code object (other callables are returned as they are).
+
+    ``torch.compile`` keeps its compiled graphs (and its recompile limit) per code object;
+    giving each extractor its own ``forward`` code makes every extractor its own program,
+    however many there are in one process. The copy keeps the closure, so a subclass's
+    ``forward`` that calls ``super().forward(...)`` still finds its class.
+    """
+    if not isinstance(function, types.FunctionType):
+        return function
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__doc__, copy.__qualname__ = function.__doc__, function.__qualname__
+    return copy

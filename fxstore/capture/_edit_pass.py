@@ -15,19 +15,47 @@ so they are inputs of a compiled program, not constants.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import fx, nn
 
 from ..errors import EditError
-from ._selection import resolve, spec_label
+from ._edits import Edit
+from ._selection import canonical_specs, resolve, spec_label
 from ._tracing import Traced
 
-__all__ = ["EditSpec", "edit_sites", "insert_edits", "check_kept"]
+__all__ = ["EditSpec", "checked_edits", "edit_sites", "insert_edits", "check_kept"]
 
 EditSpec = tuple[Any, str]
 """``(canonical layer spec, name of the edit module on the program's owner)``."""
+
+
+def checked_edits(edits: Mapping[Any, Edit] | None, model: nn.Module) -> list[tuple[str, Any, Edit]]:
+    """``[(label, canonical spec, edit)]`` of an extractor's ``edits=``, in order.
+
+    Raises:
+        EditError: not a mapping, a value that is not an edit, or two edits for one layer.
+    """
+    if edits is None:
+        return []
+    if not isinstance(edits, Mapping):
+        raise EditError(
+            f"edits={edits!r} is not a mapping.\nHint: pass edits={{layer: fxstore.Add(vector), ...}}."
+        )
+    out: list[tuple[str, Any, Edit]] = []
+    for spec, edit in edits.items():
+        if not isinstance(edit, Edit):
+            raise EditError(
+                f"the edit for layer {spec!r} is a {type(edit).__name__}, not an fxstore edit.\n"
+                "Hint: use fxstore.Add, Replace, Ablate, Scale or Apply."
+            )
+        canonical = canonical_specs([spec], model)[0][0]
+        label = spec_label(canonical)
+        if any(label == other for other, _, _ in out):
+            raise EditError(f"two edits for the layer '{label}'.\nHint: combine them into one fxstore.Apply.")
+        out.append((label, canonical, edit))
+    return out
 
 
 def edit_sites(traced: Traced, edits: Sequence[EditSpec]) -> dict[fx.Node, tuple[str, str]]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-__all__ = ["GRAD_SUFFIX", "FeatureKey", "parse_key", "call_key", "output_key", "repeat_key", "grad_key"]
+__all__ = ["GRAD_SUFFIX", "FeatureKey", "parse_key", "call_key", "output_key", "repeat_key", "grad_key",
+           "grad_source"]
 
 GRAD_SUFFIX = ":grad"
 """Suffix of the keys that hold gradient probes (``"layer1:grad"``)."""
@@ -76,6 +77,16 @@ def output_key(base: str, index: int) -> str:
 def grad_key(key: str) -> str:
     """The key of the gradient probe of ``key``."""
     return key + GRAD_SUFFIX
+
+
+def grad_source(key: str) -> str | None:
+    """The key whose gradient probe ``key`` is, or ``None`` when ``key`` is not a probe.
+
+    Example:
+        >>> grad_source("layer1:grad"), grad_source("layer1")
+        ('layer1', None)
+    """
+    return key[: -len(GRAD_SUFFIX)] if key.endswith(GRAD_SUFFIX) else None
 
 
 def call_key(key: str, run: int) -> str:

@@ -8,12 +8,13 @@ outputs mean and how it was captured.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import fx, nn
 
-from ._keys import grad_key
+from ._keys import GRAD_SUFFIX, call_key, grad_key, output_key
 from ._selection import Selected
 
 __all__ = ["Program", "TraceReport", "Run", "GraphRun", "labels_of"]
@@ -121,6 +122,49 @@ class Program:
             report=report,
             **extra,
         )
+
+    @property
+    def code(self) -> str | None:
+        """The Python code generated for the graph that runs (``None`` for the partial frontend)."""
+        if isinstance(self.run, GraphRun):
+            return self.run.code.code
+        if self.graph is not None:
+            return self.graph.python_code("self").src
+        return None
+
+    def keys_of(self, label: str) -> tuple[str, ...] | None:
+        """The feature keys stored for a label, spec label or key (``None`` if not selected)."""
+        label = self.sources.get(label, label)
+        if label in self.labels:
+            return self.labels[label]
+        return (label,) if label in self.keys else None
+
+    def by_label(self, features: Mapping[str, Any], grads: bool = False) -> dict[str, list[Any]]:
+        """``{label: [value, ...]}`` in call order, repeated runs of partially traced parts included."""
+        labels = self.grad_labels if grads else self.labels
+        suffix = GRAD_SUFFIX if grads else ""
+        out: dict[str, list[Any]] = {}
+        for label, keys in labels.items():
+            values = out.setdefault(label, [])
+            for run in itertools.count():
+                found = [v for k in keys for v in _values(features, call_key(k, run), suffix)]
+                if not found:
+                    break
+                values += found
+        return out
+
+
+def _values(features: Mapping[str, Any], key: str, suffix: str) -> list[Any]:
+    """The value stored under ``key``, or the values of its outputs ``key:0``, ``key:1``, ... ."""
+    if key + suffix in features:
+        return [features[key + suffix]]
+    parts = []
+    for i in itertools.count():
+        name = output_key(key, i) + suffix
+        if name not in features:
+            return parts
+        parts.append(features[name])
+    return parts
 
 
 def labels_of(selected: list[Selected]) -> dict[str, tuple[str, ...]]:

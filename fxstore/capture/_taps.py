@@ -29,10 +29,15 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["anchor", "gradient_of", "is_ticket", "grad_tap", "deposit"]
+from ..errors import ConfigError, GradientNotReadyError
+from ._keys import grad_source
+
+__all__ = ["anchor", "gradient_of", "is_ticket", "grad_tap", "deposit", "gradients", "attributions"]
 
 _slots: dict[int, torch.Tensor | None] = {}
 _numbers = itertools.count(1)
@@ -121,3 +126,43 @@ def gradient_of(ticket: object) -> torch.Tensor | None:
         (1, 512, 1, 1)
     """
     return _slots.get(int(ticket)) if is_ticket(ticket) else None  # type: ignore[call-overload]
+
+
+def gradients(features: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``{key: gradient}`` for every ticket among ``features`` (the body of ``FeatureExtractor.gradients``).
+
+    Raises:
+        GradientNotReadyError: backward has not reached a tapped layer yet.
+    """
+    grads: dict[str, torch.Tensor] = {}
+    for key, ticket in features.items():
+        name = grad_source(key)
+        if name is None:
+            continue
+        grad = gradient_of(ticket)
+        if grad is None:
+            raise GradientNotReadyError(
+                f"no gradient for '{name}' yet.\n"
+                "Hint: call backward() on a loss computed from this call's output or features first."
+            )
+        grads[name] = grad
+    return grads
+
+
+def attributions(features: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``{key: activation * gradient}`` for every tapped layer whose activation is stored too.
+
+    Raises:
+        GradientNotReadyError: backward has not reached a tapped layer yet.
+        ConfigError: a tapped layer is not stored.
+    """
+    result: dict[str, torch.Tensor] = {}
+    for name, grad in gradients(features).items():
+        if name not in features:
+            raise ConfigError(
+                f"attributions need the activation of the tapped layer '{name}', which is not stored.\n"
+                "Hint: select it in layers= as well as in grads=."
+            )
+        with torch.no_grad():
+            result[name] = features[name].detach().to(grad.device, grad.dtype) * grad
+    return result

@@ -26,7 +26,7 @@ _HF = "hf:"
 
 def add_parser(commands: Any, model_help: str, pools: tuple[str, ...], dtypes: tuple[str, ...], positive: Any) -> None:
     """Register the ``export`` command on the ``fxstore`` subparsers."""
-    from ..capture._deploy import FORMATS
+    from ..capture import EXPORT_FORMATS as FORMATS
 
     p = commands.add_parser("export", help="write a deployable extractor (ONNX, AOTInductor, torch.export)")
     p.add_argument("model", help=model_help + ", or hf:DIR")
@@ -79,8 +79,7 @@ def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[A
 
 def run(args: argparse.Namespace) -> int:
     """Build the extractor, export it, verify it, and print what was written."""
-    from ..capture import FeatureExtractor
-    from ..capture._deploy import export_extractor
+    from ..capture import FeatureExtractor, export_extractor
     from ..dataset import REDUCTIONS
 
     model, example = _model_and_input(args)
@@ -133,7 +132,7 @@ def _described(value: Any) -> str:
 
 def info(path: str) -> int:
     """``fxstore info FILE``: print the metadata of an exported artifact."""
-    from ..capture._deploy import read_metadata
+    from ..capture import read_metadata
 
     print(json.dumps(read_metadata(path), indent=2))
     return 0

@@ -171,7 +171,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _check_device(name: str) -> None:
     """Refuse a device this machine does not have before the model is even loaded."""
-    from ..capture._policy import parse_device
+    from ..capture import parse_device
 
     parse_device(name)
 

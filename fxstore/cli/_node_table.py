@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..capture._tracing import TraceOptions, trace
+from ..capture import TraceOptions, trace
 from ..errors import ConfigError, TraceError
 
 __all__ = ["node_rows", "format_table"]

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import FeatureExtractor
-from ..capture._selection import Layers
+from ..capture import FeatureExtractor, Layers
 from ..errors import ConfigError
 from . import _distributed, formats
 from ._batches import Plan, make_plan

@@ -157,10 +157,7 @@ def _plan(data: Any, tokenizer: Any, max_length: int, text: TextOptions, o: Any)
 
 def _plain(model: nn.Module) -> nn.Module:
     """The user's model inside a :class:`FeatureExtractor` (the model itself otherwise)."""
-    public = getattr(type(model), "model", None)  # the extractor's public ``.model``, where capture has one
-    if isinstance(model, FeatureExtractor) and public is not None:
-        return model.model
-    return getattr(model, "_fx_model", model)  # until then: the one private read, allow-listed in test_architecture
+    return model.wrapped_model if isinstance(model, FeatureExtractor) else model
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,8 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..capture._policy import parse_device
-from ..capture._tracing import modes_restored
+from ..capture import modes_restored, parse_device
 from ..errors import ConfigError, FxStoreError, OutputError
 from . import _distributed
 from ._compute import changed_inputs, inputs_digest

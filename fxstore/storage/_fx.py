@@ -14,10 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import gradient_of
-from ..capture._policy import parse_device, parse_dtype
-from ..capture._selection import canonical_specs, spec_label
-from ..capture.extractor import FeatureExtractor
+from ..capture import FeatureExtractor, canonical_specs, gradient_of, parse_device, parse_dtype, spec_label
 from ..errors import ConfigError, GradientNotReadyError, LayerNotFoundError
 
 __all__ = ["ForwardModuleStorage", "BackwardModuleStorage", "StorageBase", "GroupView"]
@@ -199,7 +196,7 @@ class _FxStorage(StorageBase):
 
     def _collect(self, extractor: FeatureExtractor, features: dict[str, torch.Tensor],
                  grads: bool = False) -> dict[str, list[Any]]:
-        return extractor._labelled(features, grads)
+        return extractor.by_label(features, grads)
 
     @property
     def extractors(self) -> dict[str | None, FeatureExtractor]:

@@ -19,9 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..capture import Edit
-from ..capture._policy import StoragePolicy, parse_device, parse_dtype
-from ..capture._selection import ModuleRef, canonical_specs, spec_label
+from ..capture import Edit, ModuleRef, StoragePolicy, canonical_specs, parse_device, parse_dtype, spec_label
 from ..errors import EditError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError
 from ._fx import StorageBase
 

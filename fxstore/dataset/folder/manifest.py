@@ -13,7 +13,6 @@ no timestamp either; only ``command`` and ``versions`` can differ between equiva
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Any
 import numpy as np
 import safetensors
 import torch
-from torch import nn
 
 from ..._version import __version__
+from ...capture import model_fingerprint
 from ...errors import OutputError
 from ..formats import FORMATS, NAMES, arrays_of, get
 from .checksums import ALGORITHM, is_digest
@@ -48,26 +47,6 @@ _NAMES = {
 }
 _DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool",
            "complex64", "complex128", "uint16", "uint32", "uint64"}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A SHA-256 over the class, parameter and buffer names, dtypes, shapes and values.
-
-    Example:
-        >>> import copy, torch
-        >>> from fxstore.dataset.folder.manifest import model_fingerprint
-        >>> a = torch.nn.Linear(2, 2)
-        >>> model_fingerprint(a) == model_fingerprint(copy.deepcopy(a))
-        True
-        >>> model_fingerprint(a).startswith("sha256:")
-        True
-    """
-    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return "sha256:" + digest.hexdigest()
 
 
 def read_manifest(out: str | Path) -> dict[str, Any]:
