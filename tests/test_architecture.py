@@ -54,9 +54,6 @@ ALLOWED_PRIVATE_READS = {  # (module, attribute)
     ("fxstore.capture.extractor", "_modules"),
     ("fxstore.capture.extractor", "_non_persistent_buffers_set"),
     ("fxstore.capture.extractor", "_parameters"),
-    ("fxstore.storage._fx", "_label"),
-    ("fxstore.storage._fx", "_read"),
-    ("fxstore.storage._fx", "_state"),
 }
 
 

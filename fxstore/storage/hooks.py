@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..capture import Edit, ModuleRef, StoragePolicy, canonical_specs, parse_device, parse_dtype, spec_label
 from ..errors import EditError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError
-from ._fx import StorageBase
+from ._base import StorageBase
 
 __all__ = ["HookForwardModuleStorage", "HookBackwardModuleStorage"]
 
