@@ -8,13 +8,14 @@ identity and deployable artifacts. Nothing outside ``capture/`` imports its unde
 from ._artifact import read_metadata
 from ._deploy import FORMATS as EXPORT_FORMATS
 from ._deploy import DeployReport, export_extractor
+from ._edit_pass import checked_edits
 from ._edits import Ablate, Add, Apply, Edit, Replace, Scale
 from ._fingerprint import model_fingerprint
 from ._inspect import node_names, trace_report
 from ._keys import FeatureKey, parse_key
 from ._policy import StoragePolicy, parse_device, parse_dtype
 from ._program import TraceReport
-from ._selection import Layers, ModuleRef, canonical_specs, spec_label
+from ._selection import Layers, ModuleRef, canonical_specs, layer_pairs, spec_label
 from ._sweep import patch_sweep
 from ._taps import gradient_of
 from ._tracing import TraceOptions, modes_restored, trace
@@ -23,6 +24,7 @@ from .extractor import FeatureExtractor
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "FeatureKey", "parse_key",
            "gradient_of", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
            # for fxstore's other subpackages
-           "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
-           "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "spec_label",
+           "checked_edits", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
+           "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "layer_pairs",
+           "spec_label",
            "TraceOptions", "modes_restored", "trace"]

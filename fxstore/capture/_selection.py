@@ -20,7 +20,7 @@ from ..errors import ConfigError, InvalidLayerError, LayerNotFoundError
 from ._keys import output_key, repeat_key
 from ._tracing import Traced
 
-__all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "canonical_specs", "resolve", "spec_label"]
+__all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "layer_pairs", "canonical_specs", "resolve", "spec_label"]
 
 LayerSpec = str | nn.Module | type | Callable[..., bool]
 Layers = LayerSpec | Iterable[LayerSpec] | Mapping[Any, str]
@@ -57,6 +57,31 @@ def spec_label(spec: Any) -> str:
     return getattr(spec, "__name__", repr(spec))
 
 
+def layer_pairs(layers: Layers | None) -> list[tuple[Any, str | None]]:
+    """``layers`` in any accepted form as ``[(spec, alias)]``, the specs as given (the one normaliser).
+
+    Example:
+        >>> layer_pairs("layer1"), layer_pairs({"layer1": "a"}), layer_pairs(["x", "y"])
+        ([('layer1', None)], [('layer1', 'a')], [('x', None), ('y', None)])
+
+    Raises:
+        InvalidLayerError: for a value that is not a layer specification.
+    """
+    if layers is None:
+        return []
+    if isinstance(layers, Mapping):
+        return list(layers.items())
+    if isinstance(layers, (str, nn.Module, type)) or (callable(layers) and not isinstance(layers, Iterable)):
+        return [(layers, None)]
+    if isinstance(layers, Iterable):
+        return [(spec, None) for spec in layers]
+    raise InvalidLayerError(
+        f"layers={layers!r} is not a layer specification.\n"
+        "Hint: pass a list of module objects, names, patterns, module types or predicates, "
+        "or a dict {layer: alias}."
+    )
+
+
 def canonical_specs(layers: Layers | None, model: nn.Module) -> list[tuple[Any, str | None]]:
     """Normalise ``layers`` into ``[(spec, alias)]`` with module objects turned into names.
 
@@ -64,20 +89,7 @@ def canonical_specs(layers: Layers | None, model: nn.Module) -> list[tuple[Any, 
         InvalidLayerError: for a value that is not a layer specification.
         LayerNotFoundError: for a module object that is not part of ``model``.
     """
-    if layers is None:
-        return []
-    if isinstance(layers, Mapping):
-        pairs = list(layers.items())
-    elif isinstance(layers, (str, nn.Module, type)) or (callable(layers) and not isinstance(layers, Iterable)):
-        pairs = [(layers, None)]
-    elif isinstance(layers, Iterable):
-        pairs = [(spec, None) for spec in layers]
-    else:
-        raise InvalidLayerError(
-            f"layers={layers!r} is not a layer specification.\n"
-            "Hint: pass a list of module objects, names, patterns, module types or predicates, "
-            "or a dict {layer: alias}."
-        )
+    pairs = layer_pairs(layers)
     names = {id(m): name for name, m in model.named_modules()}
     out: list[tuple[Any, str | None]] = []
     for spec, alias in pairs:

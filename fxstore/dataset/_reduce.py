@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import FeatureExtractor
+from ..capture import FeatureExtractor, layer_pairs
 from ..errors import ConfigError
 
 __all__ = ["REDUCTIONS", "global_avg_pool", "global_max_pool", "flatten", "build_extractors", "reductions"]
@@ -54,14 +54,6 @@ def _reduction(value: Any, where: str) -> str:
     return name
 
 
-def _pairs(layers: Any) -> list[tuple[Any, str | None]]:
-    if isinstance(layers, Mapping):
-        return list(layers.items())
-    if isinstance(layers, (str, nn.Module, type)) or callable(layers):
-        return [(layers, None)]
-    return [(spec, None) for spec in layers]
-
-
 def build_extractors(
     model: nn.Module,
     layers: Any,
@@ -88,7 +80,7 @@ def build_extractors(
     Raises:
         ConfigError: an unknown reduction, or a mapping key that is not a selected layer.
     """
-    pairs = _pairs(layers)
+    pairs = layer_pairs(layers)
     if isinstance(reduce, Mapping):
         known = {id(spec) for spec, _ in pairs} | {id(alias) for _, alias in pairs if alias is not None}
         labels = {spec for spec, _ in pairs if isinstance(spec, str)} | {a for _, a in pairs if a is not None}

@@ -19,8 +19,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..capture import Edit, ModuleRef, StoragePolicy, canonical_specs, parse_device, parse_dtype, spec_label
-from ..errors import EditError, GradientNotReadyError, InvalidLayerError, LayerNotFoundError
+from ..capture import (
+    Edit,
+    ModuleRef,
+    StoragePolicy,
+    canonical_specs,
+    checked_edits,
+    parse_device,
+    parse_dtype,
+    spec_label,
+)
+from ..errors import GradientNotReadyError, InvalidLayerError, LayerNotFoundError
 from ._base import StorageBase
 
 __all__ = ["HookForwardModuleStorage", "HookBackwardModuleStorage"]
@@ -92,14 +101,7 @@ class HookForwardModuleStorage(_HookStorage):
         super().__init__(model, layers)
         self.edits: dict[str, Edit] = {}
         modules = dict(model.named_modules())
-        for spec, edit in (edits or {}).items():
-            if not isinstance(edit, Edit):
-                raise EditError(
-                    f"the edit for layer {spec!r} is a {type(edit).__name__}, not an fxstore edit.\n"
-                    "Hint: use fxstore.Add, Replace, Ablate, Scale or Apply."
-                )
-            canonical = canonical_specs([spec], model)[0][0]
-            label = spec_label(canonical)
+        for label, canonical, edit in checked_edits(edits, model):
             self.edits[label] = edit
             for module in _modules_for(canonical, modules, model):
                 self._handles.append(self._register_edit(module, edit, label))
