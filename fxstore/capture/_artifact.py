@@ -210,7 +210,7 @@ def write_aoti(program: torch.export.ExportedProgram, path: Path, metadata: dict
     from torch._inductor import aoti_compile_and_package
 
     if path.suffix != ".pt2":
-        raise ConfigError(f"an AOTInductor package must end in .pt2, not '{path.name}'.\nHint: e.g. --out feats.pt2.")
+        raise ConfigError(f"an AOTInductor package must end in .pt2, not '{path.name}'.\nHint: name the file so it ends in .pt2 (feats.pt2).")
     with quiet():
         aoti_compile_and_package(
             program, package_path=str(path), inductor_configs={"aot_inductor.metadata": {META_KEY: json.dumps(metadata)}})
