@@ -495,6 +495,122 @@ def test_gradient_wrt_an_edit_tensor_equals_the_hook_backend():
     assert expected.abs().sum() > 0
 
 
-def test_the_partial_frontend_refuses_edits_instead_of_dropping_them(resnet):
-    with pytest.raises(fxstore.TraceError, match="the partial frontend does not apply edits yet"):
-        fxstore.FeatureExtractor(resnet, edits={"layer1": fxstore.Ablate()}, frontend="partial")
+class _Loop(nn.Module):
+    """Untraceable (a loop count read from the data): kept as Python; its ``lin`` is traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(h.abs().sum() > 0) + 1):
+            h = torch.tanh(self.lin(h))
+        return h
+
+
+class _Untraceable(nn.Module):
+    """The partial frontend's case: an untraceable top level around traceable children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.branch = _Loop()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        if h.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace the top
+            h = self.branch(h)
+        return self.head(h)
+
+
+# layer -> where it lives: a traced part's output, a node inside a traced part, a module kept as Python,
+# a traced part inside a module kept as Python
+PARTIAL_LAYERS = {"stem": "part", "stem.1": "node in a part", "branch": "python", "branch.lin": "part in python"}
+
+
+@pytest.mark.parametrize("layer", list(PARTIAL_LAYERS))
+@pytest.mark.parametrize("kind", ["add", "ablate", "scale", "mean_ablate_mask", "apply"])
+def test_partial_frontend_edits_equal_a_forward_hook(layer, kind):
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    x = torch.rand(3, 8, generator=_gen(21))
+    edit, by_hand = _cases(_shape(model, layer, x, {}))[kind]
+    ex = fxstore.FeatureExtractor(model, ["head"], edits={layer: edit}, frontend="partial")
+    assert ex.trace_report.frontend == "partial"
+    expected, _, stored = _hooked(model, layer, "head", by_hand, x, {})
+    out, feats = ex(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(feats["head"], stored, rtol=0, atol=0)
+    assert not torch.equal(out, model(x))  # the edit changed something
+
+
+def test_partial_frontend_edits_take_new_values_switch_off_and_carry_gradients():
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    x = torch.rand(3, 8, generator=_gen(22))
+    vector = torch.zeros(16, requires_grad=True)
+    ex = fxstore.FeatureExtractor(model, ["branch"], edits={"branch": fxstore.Add(vector)}, frontend="partial")
+    out, feats = ex(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # a zero vector: the plain model
+    new = torch.randn(16, generator=_gen(23))
+    ex.edits["branch"].update(vector=new)
+    expected, stored, _ = _hooked(model, "branch", "branch", lambda o: o + new, x, {})
+    out, feats = ex(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(feats["branch"], stored, rtol=0, atol=0)  # stored after the edit
+    ex.edits["branch"].update(enabled=False)
+    torch.testing.assert_close(ex(x)[0], model(x), rtol=0, atol=0)
+    ex.edits["branch"].update(enabled=True)
+    got = torch.autograd.grad(ex(x)[0][:, 1].sum(), ex.edits["branch"].vector)[0]
+    storage = fxstore.HookForwardModuleStorage(model, [], edits={"branch": fxstore.Add(new.clone().requires_grad_())})
+    try:
+        reference = storage.edits["branch"].vector
+        want = torch.autograd.grad(storage(x)[:, 1].sum(), reference)[0]
+    finally:
+        storage.remove()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert want.abs().sum() > 0
+
+
+def test_partial_frontend_edit_on_a_detection_backbone_equals_a_forward_hook():
+    torch.manual_seed(0)
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    images = [torch.rand(3, 96, 128, generator=_gen(24))]
+    layer = "backbone.features.0.0"
+    ex = fxstore.FeatureExtractor(model, edits={layer: fxstore.Scale(0.5)}, frontend="partial")
+    assert ex.trace_report.frontend == "partial"
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: o * 0.5)
+    try:
+        with torch.no_grad():
+            expected = model(images)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        got = ex(images)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_partial_frontend_refuses_an_edit_it_would_skip():
+    class Gate(nn.Module):  # traced with its default; called with another value, it runs as plain Python
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.lin(x) * scale
+
+    class Top(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gate(x, 2.0) if x.sum() > -1e9 else x
+
+    ex = fxstore.FeatureExtractor(Top().eval(), edits={"gate.lin": fxstore.Ablate()}, frontend="partial",
+                                  verify=False)
+    with pytest.raises(fxstore.EditError, match=r"(?s)'gate' was called with a non-default value.*without its edits"):
+        ex(torch.rand(2, 8))
+
+

@@ -49,6 +49,7 @@ class Request:
             program's owner (fx's tensor constants, export's lifted constants).
         constants: Tensor constants found by earlier fx traces (names stay stable across modes).
         edits: ``(canonical spec, edit module name)`` per edit; the modules are the owner's children.
+        edit_modules: Edit module name -> the module (the partial frontend's Python parts call it).
     """
 
     model: nn.Module
@@ -60,6 +61,7 @@ class Request:
     register: Callable[[str, torch.Tensor], None]
     constants: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     edits: list[_edit_pass.EditSpec] = dataclasses.field(default_factory=list)
+    edit_modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
 
 
 def build(request: Request, training: bool, strict: bool, inputs: Inputs | None,
@@ -164,19 +166,16 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
     """Partial tracing: modules fx cannot trace run as Python around rewritten traceable children."""
-    if request.edits:
-        raise TraceError(
-            "the partial frontend does not apply edits yet (they need one graph).\n"
-            "Hint: use frontend='fx' or 'export', or edit with the hook backend (fxstore.HookForwardModuleStorage)."
-        )
     plan = _partial.trace_partial(request.model, request.trace_options, training, failures.get("fx"))
     selected = resolve(plan.traced, request.specs, strict=strict)
     tapped = resolve(plan.traced, request.grad_specs, strict=strict)
-    runner = _partial.PartialRunner(request.model, plan, selected, tapped, request.policy, training)
+    sites = _edit_pass.edit_sites(plan.traced, request.edits)
+    edits = {node: (request.edit_modules[target], where) for node, (target, where) in sites.items()}
+    runner = _partial.PartialRunner(request.model, plan, selected, tapped, request.policy, training, edits)
     report = TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons),
                          tuple(plan.traced.module_calls))
     run = _PartialRun(runner, request.policy.keep_output)
-    reference = None if request.policy.keep_output else _PartialRun(runner, True).output
+    reference = None if request.policy.keep_output and not sites else _PartialRun(runner, True).output
     return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference)
 
 
@@ -212,7 +211,8 @@ class _PartialRun:
         return (output if self.keep_output else None), features
 
     def output(self, owner: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return self.runner(args, kwargs)[0]
+        """The model's own output (edits off): the self-check's reference."""
+        return self.runner(args, kwargs, edits=False)[0]
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

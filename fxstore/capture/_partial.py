@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree
 
-from ..errors import ConfigError, TraceError
+from ..errors import ConfigError, EditError, TraceError
 from . import _rewrite, _taps
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
@@ -163,11 +163,19 @@ class PartialRunner:
         tapped: Gradients to tap (nodes of the plan's view).
         policy: The extractor's storage policy.
         training: The mode of the top-level module.
+        edits: ``{node of the plan's view: (edit module, where it is)}``: a traced part calls the
+            edit inside its rewritten graph, a module kept as Python on its output; stored
+            features and taps read the edited value.
+
+    Attributes:
+        edits_on: Whether the edits apply in the current call (the self-check runs without them).
     """
 
     def __init__(self, model: nn.Module, plan: PartialTrace, selected: list[Selected], tapped: list[Selected],
-                 policy: StoragePolicy, training: bool) -> None:
+                 policy: StoragePolicy, training: bool, edits: dict[fx.Node, tuple[nn.Module, str]] | None = None
+                 ) -> None:
         self._policy = policy
+        self.edits_on = True
         self._active: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
         self._warned: set[str] = set()
         owner = {id(part.graph): path for path, part in plan.parts.items()}
@@ -176,11 +184,13 @@ class PartialRunner:
         def path_of(node: fx.Node) -> str:
             return owner.get(id(node)) or owner[id(node.graph)]
 
-        wanted: dict[str, tuple[list[Selected], list[Selected]]] = {}
+        wanted: dict[str, tuple[list[Selected], list[Selected], dict[fx.Node, tuple[nn.Module, str]]]] = {}
         for s in selected:
-            wanted.setdefault(path_of(s.node), ([], []))[0].append(s)
+            wanted.setdefault(path_of(s.node), ([], [], {}))[0].append(s)
         for s in tapped:
-            wanted.setdefault(path_of(s.node), ([], []))[1].append(s)
+            wanted.setdefault(path_of(s.node), ([], [], {}))[1].append(s)
+        for node, edit in (edits or {}).items():
+            wanted.setdefault(path_of(node), ([], [], {}))[2][node] = edit
 
         root = plan.parts[""].root if "" in plan.parts else shadow_of(model, training)
         shadows: dict[str, nn.Module] = {"": root}
@@ -197,22 +207,26 @@ class PartialRunner:
                 shadow = shadow_of(module, module.training)
             shadows[parent_path]._modules[name] = shadow
             shadows[path] = shadow
-        for path, (features, taps) in wanted.items():
+        for path, (features, taps, part_edits) in wanted.items():
             if path in plan.parts:
-                self._rewrite_part(path, plan.parts[path], plan.concrete[path], features, taps)
+                self._rewrite_part(path, plan.parts[path], plan.concrete[path], features, taps, part_edits)
             else:
-                self._wrap_python(path, shadows[path], features, taps)
+                self._wrap_python(path, shadows[path], features, taps, next(iter(part_edits.values()), None))
         self._root = root
         self.keys = tuple(s.key for s in selected)
         self.grad_keys = tuple(s.key + GRAD_SUFFIX for s in tapped)
 
     # -- building -----------------------------------------------------------------------
 
-    def _rewrite_part(self, path: str, part: Traced, concrete: dict[str, Any],
-                      features: list[Selected], taps: list[Selected]) -> None:
+    def _rewrite_part(self, path: str, part: Traced, concrete: dict[str, Any], features: list[Selected],
+                      taps: list[Selected], edits: dict[fx.Node, tuple[nn.Module, str]]) -> None:
         """Rewrite one traced subtree and make its shadow run the rewritten code."""
+        sites = {}
+        for i, (node, (edit, where)) in enumerate(edits.items()):
+            part.root.add_module(f"_fx_edit_{i}", _EditSlot(edit, self))  # the shadow's own, not the model's
+            sites[node] = (f"_fx_edit_{i}", where)
         _rewrite.capture(part.graph, part.root, [s.node for s in features], [s.node for s in taps],
-                         dataclasses.replace(self._policy, keep_output=True))
+                         dataclasses.replace(self._policy, keep_output=True), sites)
         code = type(_rewrite.code_module(part.graph)).forward
         shadow = part.root
         original = type(shadow).forward
@@ -222,6 +236,13 @@ class PartialRunner:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not _matches(concrete, positions, args, kwargs):
+                if edits and self.edits_on:
+                    raise EditError(
+                        f"'{path}' was called with a non-default value for an argument it was traced with its "
+                        "default; that call would run as plain Python, without its edits.\n"
+                        "Hint: edit a module that is called with its traced arguments, or use the hook backend "
+                        "(fxstore.HookForwardModuleStorage(..., edits=...))."
+                    )
                 self._warn_fallback(path)
                 return original(shadow, *args, **kwargs)
             output, values, tickets = code(shadow, *args, **kwargs)
@@ -230,8 +251,9 @@ class PartialRunner:
 
         object.__setattr__(shadow, "forward", forward)
 
-    def _wrap_python(self, path: str, shadow: nn.Module, features: list[Selected], taps: list[Selected]) -> None:
-        """Make a module kept as Python report its output (and tap its gradient)."""
+    def _wrap_python(self, path: str, shadow: nn.Module, features: list[Selected], taps: list[Selected],
+                     edit: tuple[nn.Module, str] | None) -> None:
+        """Make a module kept as Python report its output (and tap its gradient, and edit it)."""
         original = type(shadow).forward
         key = features[0].key if features else None
         grad_key = taps[0].key if taps else None
@@ -239,6 +261,8 @@ class PartialRunner:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(shadow, *args, **kwargs)
+            if edit is not None and self.edits_on:
+                output = edit[0](output, edit[1])
             leaves, spec = _pytree.tree_flatten(output)
             tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
             values = [policy.apply(leaves[i]) for i in tensors]
@@ -256,13 +280,16 @@ class PartialRunner:
 
     # -- running --------------------------------------------------------------------------
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, torch.Tensor]]:
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any], edits: bool = True
+                 ) -> tuple[Any, dict[str, torch.Tensor]]:
         features: dict[str, torch.Tensor] = {}
         self._active = (features, {})
+        self.edits_on = edits
         try:
             output = self._root(*args, **kwargs)
         finally:
             self._active = None
+            self.edits_on = True
         return output, features
 
     def _record(self, path: str, keys: list[str], values: Any, grad_keys: list[str], tickets: Any) -> None:
@@ -289,6 +316,18 @@ class PartialRunner:
                 "its default; that call runs as plain Python and its features are missing.",
                 stacklevel=4,
             )
+
+
+class _EditSlot(nn.Module):
+    """An edit as a traced part's graph calls it: the edit, or the value as it is while edits are off."""
+
+    def __init__(self, edit: nn.Module, runner: PartialRunner) -> None:
+        super().__init__()
+        self.edit = edit
+        object.__setattr__(self, "runner", runner)  # not a submodule
+
+    def forward(self, value: Any, site: str = "") -> Any:
+        return self.edit(value, site) if self.runner.edits_on else value
 
 
 def _expand(key: str | None, count: int) -> list[str]:

@@ -136,14 +136,14 @@ class FeatureExtractor(Readout, nn.Module):
                                      device=device, non_blocking=non_blocking)
         self._mirror(model)
         self._fx_edits: dict[str, Edit] = {}
-        edit_specs = []
+        edit_specs, edit_modules = [], {}
         for i, (label, spec, edit) in enumerate(checked_edits(edits, model)):
             self.add_module(f"_fx_edit_{i}", edit)  # its tensors become the extractor's buffers
-            self._fx_edits[label] = edit
+            self._fx_edits[label], edit_modules[f"_fx_edit_{i}"] = edit, edit
             edit_specs.append((spec, f"_fx_edit_{i}"))
         options = TraceOptions.build(leaf_modules, autowrap_functions, autowrap_modules, concrete_args)
         request = Request(model, specs, grad_specs, policy, options, frontend, self._register_constant,
-                          edits=edit_specs)
+                          edits=edit_specs, edit_modules=edit_modules)
         self._fx_call_defaults, self._fx_notes = call_defaults(model)
         self._fx_capture = Capture(request, example_inputs, verify, self._fx_call_defaults)
         self._bind_forward()
