@@ -5,8 +5,9 @@
    hook on the HF model (registered before compiling), nnsight (eager) and TransformerLens
    ``run_with_hooks`` (eager, when installed; a ``HookedTransformer`` of the same size).
 2. The patching grid (every block x 16 positions, logit difference): wall time of
-   ``fxstore.patch_sweep`` against a forward-hook loop (one forward per cell) and nnsight
-   (one trace per cell); each is checked against the hook loop.
+   ``fxstore.patch_sweep`` against a forward-hook loop (one forward per cell), nnsight
+   (one trace per cell), each checked against the hook loop, and TransformerLens'
+   ``patching.get_act_patch_resid_pre`` (when installed; its own model of the same size).
 3. A steering vector changed in place over 20 calls of the inductor-compiled extractor:
    dynamo's graph count before and after (target: no new graph).
 
@@ -160,6 +161,19 @@ def grid(model: torch.nn.Module, tokens: int, batch_size: int) -> dict[str, floa
                     theirs[i, p] = logits[0, -1, 3] - logits[0, -1, 7]
         times["nnsight"] = time.perf_counter() - start
         print(f"  check: nnsight vs hook loop max |diff| {(theirs - loop).abs().max().item():.2e}", flush=True)
+
+    lens = _transformer_lens(model)
+    if lens is not None:  # its own model of the same size and random weights: timed, its values not compared
+        from transformer_lens import patching
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            _, cache = lens.run_with_cache(clean)
+            tl = patching.get_act_patch_resid_pre(lens, corrupted, cache,
+                                                  lambda logits: logits[0, -1, 3] - logits[0, -1, 7])
+        times["TransformerLens get_act_patch_resid_pre"] = time.perf_counter() - start
+        print(f"  TransformerLens grid: shape {tuple(tl.shape)} (a same-size model of its own: values not compared)",
+              flush=True)
     return times
 
 

@@ -11,6 +11,7 @@ operand of ``+=`` among others.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 
 import pytest
@@ -37,6 +38,12 @@ def rewritten(ex: fxstore.FeatureExtractor) -> int:
     return ex.code.count("fxstore_capture__reinplace_")
 
 
+def _digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal digests mean bit-equal tensors (same dtype and shape)."""
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{t.dtype}|{tuple(t.shape)}|" + hashlib.sha256(data).hexdigest()
+
+
 def run_once(model, x, picked, tapped, training, off):
     """Output, features, tapped gradients and parameter gradients of one extractor call."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
@@ -48,8 +55,8 @@ def run_once(model, x, picked, tapped, training, off):
     sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out) if t.is_floating_point()).backward()
     grads = {k: gradient_of(v) for k, v in feats.items() if k.endswith(":grad")}
     values = {k: v.detach() for k, v in feats.items() if not k.endswith(":grad")}
-    params = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
+    params = [None if p.grad is None else _digest(p.grad) for p in model.parameters()]  # not copies: the zoo's
+    model.zero_grad(set_to_none=True)  # largest models (regnet_y_128gf, vit_h_14) hold 2.5 GB of gradients
     for k, v in model.named_buffers():
         v.copy_(buffers[k])
     return out, values, grads, params, rewritten(ex)
@@ -75,8 +82,7 @@ def test_zoo_same_with_and_without_the_pass(name, training):
         assert torch.equal(on[1][key], off[1][key]), key
     for key, grad in off[2].items():
         assert (grad is None and on[2][key] is None) or torch.equal(on[2][key], grad), key
-    for a, b in zip(on[3], off[3]):
-        assert (a is None and b is None) or torch.equal(a, b)
+    assert on[3] == off[3]  # parameter gradients, bit for bit (their digests)
     with torch.no_grad():  # and both are the plain model
         torch.manual_seed(1)
         assert same(on[0], model(x))
