@@ -84,8 +84,11 @@ def steering(model: torch.nn.Module, ids: torch.Tensor, block: int, reps: int, c
     lens = _transformer_lens(model) if not compiled else None
     if lens is not None:
         hook_name = f"blocks.{block}.hook_resid_post"
-        contenders.append(Contender("TransformerLens run_with_hooks", lambda: lens.run_with_hooks(
-            ids, fwd_hooks=[(hook_name, lambda t, hook: t + vector)]) and None))
+
+        def lens_run() -> None:
+            lens.run_with_hooks(ids, fwd_hooks=[(hook_name, lambda t, hook: t + vector)])
+
+        contenders.append(Contender("TransformerLens run_with_hooks", lens_run))
     with torch.inference_mode():
         stats = interleave(contenders, reps=reps, warmup=2, device=ids.device)
     return {name: s.median for name, s in stats.items()}
