@@ -43,7 +43,9 @@ def test_quick_benchmark_run_prints_a_verified_table(tmp_path: Path) -> None:
             continue
         for r in case_rows:
             name, verdict = r["contender"], r["verified"]
-            if r is case_rows[0] or "(the floor)" in name:  # the baselines capture nothing
+            if r is case_rows[0] and verified.match(verdict):  # a baseline that captures (case 16: hooks)
+                ok = True
+            elif r is case_rows[0] or "(the floor)" in name:  # the other baselines capture nothing
                 ok = verdict == "— (no capture)"
             elif name == "hooks registered after compile":  # the failure fxstore exists to avoid
                 ok = verdict == "FAILED: 'layer1' not captured"
