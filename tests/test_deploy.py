@@ -19,7 +19,7 @@ from _hooks import hooked_outputs
 from torch import nn
 
 import fxstore
-from fxstore.capture._deploy import read_metadata
+from fxstore.capture import read_metadata
 from fxstore.cli import main
 from fxstore.dataset._reduce import global_avg_pool
 

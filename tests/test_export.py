@@ -6,7 +6,7 @@ from _hooks import hooked_grads, hooked_outputs
 from torch import nn
 
 import fxstore
-from fxstore.capture.extractor import FeatureExtractor, trace_report
+from fxstore import FeatureExtractor, trace_report
 
 transformers = pytest.importorskip("transformers")
 
