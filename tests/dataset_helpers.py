@@ -107,8 +107,10 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float)
 
 
 def shard_bytes(folder) -> dict[str, bytes]:
-    """Every data file of an output folder (everything but the manifest), by name."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.json"}
+    """Every data file of an output folder, by name: everything but the manifest and its kept copy
+    (an npy folder's ``.fxstore-files.json``), which name the command that wrote them."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name not in ("manifest.json", ".fxstore-files.json")}
 
 
 LAYERS = ["conv1", "relu2", "fc"]

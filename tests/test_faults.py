@@ -316,9 +316,10 @@ def test_a_manifest_that_lies_about_its_files_is_caught_then_repaired_or_refused
     path.write_text(json.dumps(_tamper(json.loads(path.read_text()), how, tmp_path)))
     with pytest.raises(OutputError, match=f"does not match its manifest: {match}"):
         load_features(out, verify=True)
-    if how == "shape-and-identity-lie":  # the claim does not fit the file's header: refused, nothing touched
+    if how == "shape-and-identity-lie":  # the manifest claims another run than its kept copy: refused, nothing touched
         files = {p.name: p.read_bytes() for p in out.iterdir()}
-        with pytest.raises(OutputError, match=r"holds files fxstore did not write \(conv1.npy\)"):
+        with pytest.raises(OutputError, match=r"holds a different extraction \(layers, their shapes or dtypes: "
+                                              r"\{'conv1': \(\[9, 16, 16\]"):
             run_extraction(str(out), fmt)
         assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     else:  # the same command verifies, recomputes what does not match, and rewrites the manifest
@@ -379,7 +380,7 @@ def test_failed_npy_preallocation_is_never_reused_for_other_data(tmp_path, monke
         expected = toy_model()(torch.stack([Images(16)[i][0] for i in range(16)]))
     assert m["num_samples"] == 16 and feats["fc"].shape == (16, 10) and feats["target"].shape == (16,)
     torch.testing.assert_close(torch.from_numpy(np.array(feats["fc"])), expected, rtol=0, atol=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fc.npy", "manifest.json", "target.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fxstore-files.json", "fc.npy", "manifest.json", "target.npy"]
 
 
 # -- concurrent runs ------------------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def test_a_truly_full_disk_fails_cleanly_then_resumes_byte_identical(tmp_path, r
     assert result["after freeing space"] == "ok"
     data = reference[fmt][0]
     expected = {n: __import__("hashlib").sha256(b).hexdigest() for n, b in data.items()}
-    assert {n: h for n, h in result["files"].items() if n != "manifest.json"} == expected
+    assert {n: h for n, h in result["files"].items() if n not in ("manifest.json", ".fxstore-files.json")} == expected
 
 
 _FSIZE_SCRIPT = r"""

@@ -90,8 +90,9 @@ def test_a_user_file_with_an_fxstore_name_is_never_deleted(tmp_path, reference, 
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_copied_manifest_does_not_claim_the_users_npy_files(tmp_path, reference, overwrite):
-    shutil.copy(reference["npy"][0] / "manifest.json", tmp_path / "manifest.json")
+@pytest.mark.parametrize("name", ["manifest.json", ".fxstore-files.json"])
+def test_a_copied_manifest_does_not_claim_the_users_npy_files(tmp_path, reference, overwrite, name):
+    shutil.copy(reference["npy"][0] / "manifest.json", tmp_path / name)
     np.save(tmp_path / "target.npy", np.arange(5))
     np.save(tmp_path / "fc.npy", np.ones((3, 3), dtype=np.float32))
     before = snapshot(tmp_path)
@@ -311,12 +312,66 @@ def test_a_safetensors_folder_whose_manifest_was_deleted_resumes(tmp_path, refer
     assert_identical(out, "safetensors", reference)
 
 
-def test_an_npy_folder_whose_manifest_was_deleted_is_refused_a_documented_limit(tmp_path, reference):
+@pytest.fixture
+def npy_writes(monkeypatch):
+    """The rows an npy run writes (``NpySink.write`` calls), counted."""
+    from fxstore.dataset.formats import NpySink
+
+    rows, write = [], NpySink.write
+
+    def counted(self, shard, start, arrays):
+        rows.extend(range(start, start + len(next(iter(arrays.values())))))
+        return write(self, shard, start, arrays)
+
+    monkeypatch.setattr(NpySink, "write", counted)
+    return rows
+
+
+def test_an_npy_folder_whose_manifest_was_deleted_is_rebuilt_without_recomputing(tmp_path, reference, npy_writes,
+                                                                                  caplog):
     out = finished(tmp_path, "npy", reference)
     (out / "manifest.json").unlink()
+    with pytest.raises(OutputError, match=r"it was deleted, and the run's \.fxstore-files\.json can rebuild it.*\n"
+                                          r"Hint: run the extraction \(again: it resumes\)"):
+        load_features(out)
+    with caplog.at_level("WARNING", logger="fxstore"):
+        run(out, "npy")
+    assert "lost its manifest.json; rebuilding it from .fxstore-files.json" in caplog.text
+    assert npy_writes == []  # every row verified against the kept checksums, none computed again
+    assert_identical(out, "npy", reference)
+
+
+def test_an_npy_folder_without_manifest_recomputes_only_the_damaged_rows(tmp_path, reference, npy_writes):
+    out = finished(tmp_path, "npy", reference)
+    (out / "manifest.json").unlink()
+    data = bytearray((out / "fc.npy").read_bytes())
+    data[-8:] = b"\xff" * 8  # the last row of the last shard
+    (out / "fc.npy").write_bytes(bytes(data))
+    run(out, "npy")
+    assert npy_writes == list(range(16, N))  # only shard 2 (rows 16-23) computed again
+    assert_identical(out, "npy", reference)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_npy_folder_that_lost_its_manifest_and_its_copy_is_refused_a_documented_limit(tmp_path, reference,
+                                                                                         overwrite):
+    out = finished(tmp_path, "npy", reference)
+    (out / "manifest.json").unlink()
+    (out / ".fxstore-files.json").unlink()
     before = snapshot(out)
-    with pytest.raises(OutputError, match="did not write"):
-        run(out, "npy", overwrite=True)
+    with pytest.raises(OutputError, match=r"did not write \(fc.npy; conv1.npy|did not write \(conv1.npy"):
+        run(out, "npy", overwrite=overwrite)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_kept_copy_that_is_not_a_manifest_is_refused(tmp_path, reference, overwrite):
+    out = finished(tmp_path, "npy", reference)
+    (out / ".fxstore-files.json").write_text('{"fxstore_manifest": 2, "mine": true}\n')
+    before = snapshot(out)
+    with pytest.raises(OutputError, match=r"did not write \(\.fxstore-files\.json \(not a copy of an fxstore "
+                                          r"manifest: format None"):
+        run(out, "npy", overwrite=overwrite)
     assert snapshot(out) == before
 
 

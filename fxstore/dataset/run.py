@@ -30,7 +30,7 @@ from ._compute import changed_inputs, inputs_digest
 from .folder import manifest
 from .folder.files import check_free_space, check_writable, os_errors, plain_stat
 from .folder.lock import FolderLock
-from .folder.names import MANIFEST, PROGRESS, RUN_FILE, TEMP_SUFFIX
+from .folder.names import CLAIM, MANIFEST, PROGRESS, RUN_FILE, TEMP_SUFFIX
 from .folder.ownership import survey
 from .folder.record import write_run_record
 from .formats import Sink
@@ -187,6 +187,11 @@ def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any,
                 _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
                 write_run_record(out, identity, sink.files)
                 sink.restore(folder.manifest["shards"])
+            elif folder.record is None and folder.kept is not None:  # the manifest was lost; its copy was not
+                _log.warning("fxstore: '%s' lost its %s; rebuilding it from %s after checking every row",
+                             out, MANIFEST, CLAIM)
+                write_run_record(out, identity, sink.files)
+                sink.restore(folder.kept["shards"])
             elif folder.record is None:
                 if shards is not None:
                     check_free_space(out, sink.bytes_needed(set(), shards))

@@ -28,7 +28,7 @@ from ...errors import OutputError
 from ..formats import FORMATS, NAMES, arrays_of, get
 from .checksums import ALGORITHM, is_digest
 from .files import atomic_write_json, plain_stat, read_json
-from .names import MANIFEST, RUN_FILE
+from .names import CLAIM, MANIFEST, RUN_FILE
 
 __all__ = ["MANIFEST", "read_manifest", "validate", "model_fingerprint"]
 
@@ -70,7 +70,10 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
         raise OutputError(f"'{out}' {what}.\nHint: pass the output folder of an extraction (its out=...).")
     running = plain_stat(Path(out) / RUN_FILE) is not None
     if not os.path.lexists(path) or running:
-        why = "an interrupted run is in it" if running else "nothing fxstore wrote is in it"
+        kept = plain_stat(Path(out) / CLAIM) is not None
+        why = ("an interrupted run is in it" if running
+               else f"it was deleted, and the run's {CLAIM} can rebuild it" if kept
+               else "nothing fxstore wrote is in it")
         raise OutputError(
             f"'{out}' holds no finished extraction (no {MANIFEST}); {why}.\n"
             "Hint: run the extraction (again: it resumes) to completion, then load it."
@@ -216,7 +219,12 @@ def _short(value: Any) -> str:
 
 def write(out: Path, identity: dict[str, Any], files: dict[str, dict[str, Any]], shards: list[dict[str, Any]],
           command: str | None) -> dict[str, Any]:
-    """Write ``manifest.json`` (rank 0, last, atomically) and return it."""
+    """Write ``manifest.json`` (rank 0, last, atomically) and return it.
+
+    For a format whose files do not name their run, the same document is first written to
+    :data:`~.names.CLAIM`, which stays: if ``manifest.json`` is lost, it still proves the files
+    fxstore's, and the same run rebuilds the manifest from it after checking every row.
+    """
     manifest: dict[str, Any] = {
         "fxstore_manifest": VERSION,
         "format": identity["format"],
@@ -233,6 +241,8 @@ def write(out: Path, identity: dict[str, Any], files: dict[str, dict[str, Any]],
                      "safetensors": safetensors.__version__, "python": sys.version.split()[0]},
         "identity": identity,
     }
+    if not get(identity["format"]).self_describing:
+        atomic_write_json(out / CLAIM, manifest)
     atomic_write_json(out / MANIFEST, manifest)
     return manifest
 

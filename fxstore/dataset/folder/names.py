@@ -1,6 +1,6 @@
 """Every name fxstore gives a file or folder inside an output folder, in one place.
 
-The protocol files (lock, run record, progress markers, probe, manifest, staging folder) and
+The protocol files (lock, run record, progress markers, probe, manifest and its kept copy, staging folder) and
 the data files of both formats (``shard-NNNNN.safetensors``, ``<key>.npy`` and its hidden
 ``.partial`` form) are named here and nowhere else.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "STAGING", "RUN_FILE", "PROGRESS", "PROBE", "STAGING_MARKER", "LOCK_FILE", "MANIFEST",
+__all__ = ["TEMP_SUFFIX", "STAGING", "RUN_FILE", "PROGRESS", "PROBE", "STAGING_MARKER", "LOCK_FILE", "MANIFEST", "CLAIM",
            "temp_path", "is_temp", "marker_name", "is_marker", "shard_file", "SHARD_PATTERN", "file_stem",
            "array_file", "ARRAY_SUFFIX", "is_array_file", "partial_name", "partial_base", "plain_name", "temp_base"]
 
@@ -30,6 +30,9 @@ LOCK_FILE = ".fxstore-lock"
 """The lock file rank 0 holds for the whole run."""
 MANIFEST = "manifest.json"
 """Written last: its presence means the folder is complete."""
+CLAIM = ".fxstore-files.json"
+"""Kept beside the manifest in folders whose data files cannot name their run (``.npy``): a copy of
+the manifest, written just before it, that keeps those files fxstore's if ``manifest.json`` is lost."""
 
 _MARKER = re.compile(r"\d{5,}")
 SHARD_PATTERN = re.compile(r"shard-(\d{5,})\.safetensors")

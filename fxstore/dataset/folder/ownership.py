@@ -5,8 +5,9 @@ fxstore's when a claim names it *and* the file is what the claim says:
 
 * the claims are the run record ``.fxstore-run.json`` (written before any data file; it
   holds the run's identity and names exactly the files that identity writes, nothing else),
-  ``manifest.json`` once the run finished (valid against its schema), and, for the run
-  being started, its own identity;
+  ``manifest.json`` once the run finished (valid against its schema), its kept copy
+  ``.fxstore-files.json`` in ``npy`` folders (the same document: it keeps the ``.npy`` files
+  claimed when the manifest is lost), and, for the run being started, its own identity;
 * a shard ``shard-NNNNN.safetensors`` is fxstore's when its header names shard ``NNNNN`` and
   the digest of a claimed identity (or the manifest lists it with exactly its size); an
   ``.npy`` file (final or ``.partial``) when a claim names it and its header says exactly
@@ -32,6 +33,7 @@ from .checksums import identity_digest
 from .files import create_exclusive, plain_stat, read_json, read_small
 from .lock import is_lock_file
 from .names import (
+    CLAIM,
     LOCK_FILE,
     MANIFEST,
     PROBE,
@@ -57,13 +59,16 @@ class Folder:
     ours: list[Path]
     foreign: list[str]
     expected: dict[str, Any] | None = None
+    kept: dict[str, Any] | None = None
+    """The manifest's kept copy (:data:`~.names.CLAIM`), valid against the manifest's schema."""
 
     @property
     def identity(self) -> dict[str, Any] | None:
         """The identity of the run the folder belongs to, if any."""
-        if self.record is not None:
-            return self.record["identity"]
-        return self.manifest["identity"] if self.manifest is not None else None
+        for claim in (self.record, self.manifest, self.kept):
+            if claim is not None:
+                return claim["identity"]
+        return None
 
     def refuse_foreign(self) -> None:
         """Raise if anything in the folder is not fxstore's.
@@ -84,7 +89,7 @@ class Folder:
         self.refuse_foreign()
         if (self.identity or self.expected) is not None:
             remove_markers(self.out)
-        last = {MANIFEST: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
+        last = {MANIFEST: 1, CLAIM: 1, RUN_FILE: 2}  # the claims go last: a crash midway leaves no unclaimed file
         for path in sorted(self.ours, key=lambda p: last.get(p.name, 0)):
             if path.name == STAGING:
                 remove_staging(path)
@@ -149,12 +154,17 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
             folder.manifest = manifest
         else:
             folder.foreign.append(f"{MANIFEST} (not an fxstore manifest: {why})")
-    claimed = [i for i in (folder.record and folder.record["identity"],
-                           folder.manifest and folder.manifest["identity"]) if i]
+    if CLAIM in entries:
+        kept, why = manifest_module.parse(entries[CLAIM])
+        if why is None:
+            folder.kept = kept
+        else:
+            folder.foreign.append(f"{CLAIM} (not a copy of an fxstore manifest: {why})")
+    claimed = [c["identity"] for c in (folder.record, folder.manifest, folder.kept) if c is not None]
     identities = [*claimed, *([expected] if expected is not None else [])]
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
     running = (folder.record is not None or staged) and PROGRESS in entries  # a run's markers name its shards
-    claims = formats.Claims(digests, formats.listed(folder.manifest, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
+    claims = formats.Claims(digests, formats.listed(folder.manifest or folder.kept, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
                             claimed)
 
     def data_file(name: str, path: Path) -> bool:
@@ -169,7 +179,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
             return info.st_size == 0 or _starts(path, b'{\n  "fxstore_run"')
         if folder.record is None:  # every other temporary file is written while a run record exists
             return False
-        if base == MANIFEST:
+        if base in (MANIFEST, CLAIM):
             return info.st_size == 0 or _starts(path, b'{\n  "fxstore_manifest"')
         return info.st_size == 0 or data_file(base, path)
 
@@ -181,6 +191,8 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
             return folder.record is not None
         if name == MANIFEST:
             return folder.manifest is not None
+        if name == CLAIM:
+            return folder.kept is not None
         if name == LOCK_FILE:
             return is_lock_file(path)
         if name == STAGING_MARKER:
@@ -190,7 +202,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
         return data_file(name, path)
 
     for name, path in sorted(entries.items()):
-        if name in (RUN_FILE, MANIFEST) and any(f.startswith(name + " (") for f in folder.foreign):
+        if name in (RUN_FILE, MANIFEST, CLAIM) and any(f.startswith(name + " (") for f in folder.foreign):
             continue
         real_dir = path.is_dir() and not path.is_symlink()
         if name == PROGRESS and real_dir and (identities or staged):

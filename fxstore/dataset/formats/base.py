@@ -69,6 +69,9 @@ class Sink:
     name = ""
     sharded = False
     """Whether every shard is a file of its own (what :class:`~fxstore.BatchLoader` reads)."""
+    self_describing = True
+    """Whether each data file names its run in its own header; if not, a finished folder keeps a
+    copy of its manifest (``folder.names.CLAIM``) so that losing ``manifest.json`` loses no file."""
 
     def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
         self.out = out

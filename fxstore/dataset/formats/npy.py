@@ -29,6 +29,7 @@ class NpySink(Sink):
 
     name = "npy"
     sharded = False
+    self_describing = False  # a .npy header holds shape, dtype and order, nothing else
 
     def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
         super().__init__(out, specs, num_samples, identity)
