@@ -269,7 +269,7 @@ class PartialRunner:
             tickets: list[torch.Tensor] = []
             if grad_key is not None:
                 for i in tensors:
-                    leaves[i], ticket = torch.ops.fxstore.grad_tap(leaves[i], _taps.anchor())
+                    leaves[i], ticket = _taps.tap(leaves[i], _taps.anchor())
                     tickets.append(ticket)
                 output = _pytree.tree_unflatten(leaves, spec)
             self._record(path, _expand(key, len(values)), values if key is not None else [],

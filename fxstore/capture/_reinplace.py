@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import _taps  # noqa: F401  (registers torch.ops.fxstore.grad_tap)
+from . import _taps
 from ._alias import AliasAnalysis
 
 __all__ = ["reinplace", "add_", "sub_"]
@@ -177,5 +177,5 @@ def _fresh(node: fx.Node, root: nn.Module) -> bool:
 def _is_tap_copy(node: fx.Node) -> bool:
     """``grad_tap(v, anchor)[0]``: a gradient tap's copy of ``v`` (its backward saves only the ticket)."""
     source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
-    return (isinstance(source, fx.Node) and source.target is torch.ops.fxstore.grad_tap.default
+    return (isinstance(source, fx.Node) and _taps.is_tap(source.target)
             and node.args[1] == 0)

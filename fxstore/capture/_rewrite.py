@@ -10,9 +10,9 @@ generated code reads (abridged)::
         conv1 = self.conv1(x)
         ...
         layer1_2_relu_2 = getattr(self.layer1, "2").relu(add_2)
-        grad_tap_default = torch.ops.fxstore.grad_tap.default(layer1_2_relu_2, anchor)
-        getitem = grad_tap_default[0]
-        getitem_1 = grad_tap_default[1];  grad_tap_default = None
+        tap = fxstore_capture__taps_tap(layer1_2_relu_2, anchor)
+        getitem = tap[0]
+        getitem_1 = tap[1];  tap = None
         return (None, (layer1_2_relu_2,), (getitem_1,))
 """
 
@@ -33,7 +33,7 @@ __all__ = ["add_grad_taps", "store_features", "set_outputs", "prune", "capture",
 
 
 def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Insert a gradient tap (:func:`~._taps.grad_tap`) after each node; consumers read its copy.
+    """Insert a gradient tap (:func:`~._taps.tap`) after each node; consumers read its copy.
 
     Returns:
         The ticket node of each tapped node (returned among the features).
@@ -48,7 +48,7 @@ def add_grad_taps(graph: fx.Graph, nodes: Sequence[fx.Node]) -> dict[fx.Node, fx
         if node in tickets:
             continue
         with graph.inserting_after(node):
-            tap = graph.call_function(torch.ops.fxstore.grad_tap.default, (node, anchor))
+            tap = graph.call_function(_taps.tap, (node, anchor))
         with graph.inserting_after(tap):
             tapped = graph.call_function(operator.getitem, (tap, 0))
         with graph.inserting_after(tapped):
