@@ -63,6 +63,31 @@ def test_dataset_throughput_figures_equal_their_recorded_run():
     assert (int(found[1]), int(found[2])) == (round(medians["off"]), round(medians["on"]))
 
 
+_GRADS_RERUN = [  # (words before the figure, case prefix, contender) of the gradient-tap rerun paragraph
+    (r"eager gradient taps on resnet18", "5 backward eager", "fxstore grads="),
+    (r"tensor hooks", "5 backward eager", "tensor hooks (out.register_hook)"),
+    (r"compiled taps \(aot_eager\)", "5 backward torch.compile", "fxstore grads="),
+    (r"on resnet50 with the re-inplacing pass", "16 re-inplacing · resnet50 b2 128² · eager", "fxstore grads=, pass on"),
+    (r"53 stored `Conv2d` outputs", "16 re-inplacing · resnet50 b2 128² · 53", "fxstore, pass on"),
+    (r"4 stages", "16 re-inplacing · resnet50 b2 128² · 4 stages", "fxstore, pass on"),
+    (r"ViT", "16 re-inplacing · vit", "fxstore, pass on"),
+]
+
+
+def test_gradient_tap_rerun_ratios_equal_their_recorded_run():
+    start = README.index("**Gradient taps and re-inplacing, measured again with 40 repetitions**")
+    paragraph = " ".join(README[start:README.index("\n\n", start)].split())
+    (named,) = re.findall(r"`(benchmarks/results/[^`]+\.json)`", paragraph)
+    payload = _recorded(named)
+    assert "--reps 40" in payload["machine"]["command"]
+    rows = payload["rows"]
+    for words, case, contender in _GRADS_RERUN:
+        found = re.search(words + r" (\d\.\d{3})×", paragraph)
+        assert found, f"the paragraph quotes no figure after {words!r}"
+        (recorded,) = [r["ratio"] for r in rows if r["case"].startswith(case) and r["contender"] == contender]
+        assert found[1] == f"{recorded:.3f}", f"{words}: README says {found[1]}, the run gave {recorded:.3f}"
+
+
 @pytest.mark.parametrize("typed", ["+0.66 ms", "1.018×", "1.066×", "93 vs 78", "20 graphs, 19 breaks"])
 def test_figures_no_script_produces_are_gone(typed):
     assert typed not in README
