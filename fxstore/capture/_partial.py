@@ -283,13 +283,12 @@ class PartialRunner:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any], edits: bool = True
                  ) -> tuple[Any, dict[str, torch.Tensor]]:
         features: dict[str, torch.Tensor] = {}
-        self._active = (features, {})
-        self.edits_on = edits
+        outer = (self._active, self.edits_on)  # a call made while another runs (nested) gets its state back
+        self._active, self.edits_on = (features, {}), edits
         try:
             output = self._root(*args, **kwargs)
         finally:
-            self._active = None
-            self.edits_on = True
+            self._active, self.edits_on = outer
         return output, features
 
     def _record(self, path: str, keys: list[str], values: Any, grad_keys: list[str], tickets: Any) -> None:
