@@ -62,6 +62,15 @@ def snapshot(folder: Path) -> dict[str, object]:
     return found
 
 
+def refused_untouched(folder: Path, fmt: str, match: str, **options) -> OutputError:
+    """Run into ``folder``, expect an ``OutputError`` matching ``match``, and check nothing in it changed."""
+    before = snapshot(folder)
+    with pytest.raises(OutputError, match=match) as error:
+        run(folder, fmt, **options)
+    assert snapshot(folder) == before
+    return error.value
+
+
 @pytest.fixture
 def alarm():
     """Fail instead of hanging: a blocked read (a FIFO) raises after 20 s."""
@@ -83,10 +92,7 @@ def alarm():
 def test_a_user_file_with_an_fxstore_name_is_never_deleted(tmp_path, reference, overwrite, format, name):
     out = finished(tmp_path, format, reference)
     (out / name).write_text("mine\n")
-    before = snapshot(out)
-    with pytest.raises(OutputError, match=rf"did not write \({re.escape(name)}\)"):
-        run(out, format, overwrite=overwrite)
-    assert snapshot(out) == before
+    refused_untouched(out, format, rf"did not write \({re.escape(name)}\)", overwrite=overwrite)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -95,10 +101,7 @@ def test_a_copied_manifest_does_not_claim_the_users_npy_files(tmp_path, referenc
     shutil.copy(reference["npy"][0] / "manifest.json", tmp_path / name)
     np.save(tmp_path / "target.npy", np.arange(5))
     np.save(tmp_path / "fc.npy", np.ones((3, 3), dtype=np.float32))
-    before = snapshot(tmp_path)
-    with pytest.raises(OutputError, match=r"did not write \(fc.npy; target.npy\)"):
-        run(tmp_path, "npy", overwrite=overwrite)
-    assert snapshot(tmp_path) == before
+    refused_untouched(tmp_path, "npy", r"did not write \(fc.npy; target.npy\)", overwrite=overwrite)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -108,21 +111,15 @@ def test_a_hand_written_run_record_naming_user_files_is_refused(tmp_path, refere
                                                             "files": ["notes.txt", "thesis.tex"]}))
     (tmp_path / "notes.txt").write_text("my notes")
     (tmp_path / "thesis.tex").write_text("\\documentclass{article}")
-    before = snapshot(tmp_path)
-    with pytest.raises(OutputError, match=r"\.fxstore-run\.json \(not an fxstore run record.*notes.txt; thesis.tex"
-                                          r"\).*\nHint: move those files away") as error:
-        run(tmp_path, "safetensors", overwrite=overwrite)
-    assert "overwrite=True" not in str(error.value)  # the refusal does not suggest deleting
-    assert snapshot(tmp_path) == before
+    error = refused_untouched(tmp_path, "safetensors", r"\.fxstore-run\.json \(not an fxstore run record.*notes.txt; "
+                              r"thesis.tex\).*\nHint: move those files away", overwrite=overwrite)
+    assert "overwrite=True" not in str(error)  # the refusal does not suggest deleting
 
 
 def test_a_shard_replaced_by_a_user_file_of_another_size_is_refused_not_repaired(tmp_path, reference):
     out = finished(tmp_path, "safetensors", reference)
     (out / "shard-00001.safetensors").write_text("my own file, not a shard")
-    before = snapshot(out)
-    with pytest.raises(OutputError, match=r"did not write \(shard-00001.safetensors\)"):
-        run(out, "safetensors")
-    assert snapshot(out) == before
+    refused_untouched(out, "safetensors", r"did not write \(shard-00001.safetensors\)")
 
 
 # -- 4: links, FIFOs and probe/lock names ------------------------------------------------------------
@@ -358,21 +355,15 @@ def test_an_npy_folder_that_lost_its_manifest_and_its_copy_is_refused_a_document
     out = finished(tmp_path, "npy", reference)
     (out / "manifest.json").unlink()
     (out / ".fxstore-files.json").unlink()
-    before = snapshot(out)
-    with pytest.raises(OutputError, match=r"did not write \(fc.npy; conv1.npy|did not write \(conv1.npy"):
-        run(out, "npy", overwrite=overwrite)
-    assert snapshot(out) == before
+    refused_untouched(out, "npy", r"did not write \(fc.npy; conv1.npy|did not write \(conv1.npy", overwrite=overwrite)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_kept_copy_that_is_not_a_manifest_is_refused(tmp_path, reference, overwrite):
     out = finished(tmp_path, "npy", reference)
     (out / ".fxstore-files.json").write_text('{"fxstore_manifest": 2, "mine": true}\n')
-    before = snapshot(out)
-    with pytest.raises(OutputError, match=r"did not write \(\.fxstore-files\.json \(not a copy of an fxstore "
-                                          r"manifest: format None"):
-        run(out, "npy", overwrite=overwrite)
-    assert snapshot(out) == before
+    refused_untouched(out, "npy", r"did not write \(\.fxstore-files\.json \(not a copy of an fxstore "
+                                       r"manifest: format None", overwrite=overwrite)
 
 
 @pytest.mark.parametrize("layers", [[], None, (), {}, ""])

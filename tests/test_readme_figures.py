@@ -75,17 +75,9 @@ _GRADS_RERUN = [  # (words before the figure, case prefix, contender) of the gra
 
 
 def test_gradient_tap_rerun_ratios_equal_their_recorded_run():
-    start = README.index("**Gradient taps and re-inplacing, measured again with 40 repetitions**")
-    paragraph = " ".join(README[start:README.index("\n\n", start)].split())
-    (named,) = re.findall(r"`(benchmarks/results/[^`]+\.json)`", paragraph)
-    payload = _recorded(named)
+    _, payload = _quoted_paragraph("**Gradient taps and re-inplacing, measured again with 40 repetitions**",
+                                   _GRADS_RERUN)
     assert "--reps 40" in payload["machine"]["command"]
-    rows = payload["rows"]
-    for words, case, contender in _GRADS_RERUN:
-        found = re.search(words + r" (\d\.\d{3})×", paragraph)
-        assert found, f"the paragraph quotes no figure after {words!r}"
-        (recorded,) = [r["ratio"] for r in rows if r["case"].startswith(case) and r["contender"] == contender]
-        assert found[1] == f"{recorded:.3f}", f"{words}: README says {found[1]}, the run gave {recorded:.3f}"
 
 
 @pytest.mark.parametrize("typed", ["+0.66 ms", "1.018×", "1.066×", "93 vs 78", "20 graphs, 19 breaks"])
@@ -126,17 +118,24 @@ _RERUN = [  # (words before the figure in the README, case prefix, contender) of
 ]
 
 
-def test_rerun_ratios_quoted_in_the_prose_equal_their_recorded_runs():
-    start = README.index("**Overhead, measured again with more repetitions.**")
+def _quoted_paragraph(heading: str, quotes: list[tuple[str, str, str]]) -> tuple[str, dict]:
+    """The README paragraph starting with ``heading`` and the one recorded run it names, after checking
+    that each ``(words, case prefix, contender)`` figure it quotes equals that run's ratio."""
+    start = README.index(heading)
     paragraph = " ".join(README[start:README.index("\n\n", start)].split())
     named = re.findall(r"`(benchmarks/results/[^`]+\.json)`", paragraph)
-    assert len(named) == 1, "the rerun paragraph names no recorded file"
-    rows = _recorded(named[0])["rows"]
-    for words, case, contender in _RERUN:
+    assert len(named) == 1, f"the paragraph {heading!r} names no recorded file"
+    payload = _recorded(named[0])
+    for words, case, contender in quotes:
         found = re.search(words + r" (\d\.\d{3})×", paragraph)
-        assert found, f"the rerun paragraph quotes no figure after {words!r}"
-        (recorded,) = [r["ratio"] for r in rows if r["case"].startswith(case) and r["contender"] == contender]
+        assert found, f"the paragraph quotes no figure after {words!r}"
+        (recorded,) = [r["ratio"] for r in payload["rows"] if r["case"].startswith(case) and r["contender"] == contender]
         assert found[1] == f"{recorded:.3f}", f"{words}: README says {found[1]}, the run gave {recorded:.3f}"
+    return paragraph, payload
+
+
+def test_rerun_ratios_quoted_in_the_prose_equal_their_recorded_runs():
+    paragraph, _ = _quoted_paragraph("**Overhead, measured again with more repetitions.**", _RERUN)
     table = {f"{r['ratio']:.3f}" for r in _recorded(str(readme_table.source_of(README).relative_to(ROOT)))["rows"]
              if r["ratio"] is not None}
     above = re.search(r"the table above \(([^)]*)\)", paragraph)

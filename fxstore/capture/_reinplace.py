@@ -175,7 +175,7 @@ def _fresh(node: fx.Node, root: nn.Module) -> bool:
 
 
 def _is_tap_copy(node: fx.Node) -> bool:
-    """``grad_tap(v, anchor)[0]``: a gradient tap's copy of ``v`` (its backward saves only the ticket)."""
+    """``tap(v, anchor)[0]``: a gradient tap's copy of ``v`` (its backward saves only the ticket)."""
     source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
-    return (isinstance(source, fx.Node) and _taps.is_tap(source.target)
+    return (isinstance(source, fx.Node) and source.target is _taps.tap
             and node.args[1] == 0)

@@ -1,6 +1,7 @@
 """Gradient taps as two custom operators: the tap in the forward, the deposit in the backward.
 
-A tapped value ``v`` becomes ``v', ticket = fxstore::grad_tap(v, anchor)``: ``v'`` is a copy
+A tapped value ``v`` becomes ``v', ticket = tap(v, anchor)``, which is ``fxstore::grad_tap`` whenever
+anything traces the graph and an ``autograd.Function`` doing the same in eager calls: ``v'`` is a copy
 of ``v`` that every consumer reads instead, and ``ticket`` is a 0-dim int64 tensor (its value
 names one slot of a registry) that is returned among the features under ``key + ":grad"``.
 The tap's backward hands the incoming gradient, ``d loss / d v``, to ``fxstore::deposit``,
@@ -8,9 +9,10 @@ which stores a copy in the ticket's slot; :func:`gradient_of` reads it back.
 
 Why operators and not zero probes: ``torch.compile`` cannot create a gradient-requiring leaf
 inside a graph for dynamic shapes, but it compiles an opaque operator, with its autograd
-formula, into the forward and backward graphs like any other op. So one mechanism serves
+formula, into the forward and backward graphs like any other op. So one graph serves
 eager calls, ``ex.compile(...)`` and ``torch.compile(ex, fullgraph=True)``, for any input
-shape, and nothing is made outside the graph. ``anchor`` is a 0-dim leaf that requires grad:
+shape, and nothing is made outside the graph (an eager call only skips the operators' Python
+dispatch, which costs more than the copy on small feature maps). ``anchor`` is a 0-dim leaf that requires grad:
 it makes ``v'`` require grad even when nothing upstream does (a frozen model, an input
 without ``requires_grad``), so the gradient of an activation is always defined. Its own
 gradient is never computed.
@@ -37,7 +39,7 @@ import torch
 from ..errors import ConfigError, GradientNotReadyError
 from ._keys import grad_source
 
-__all__ = ["anchor", "tap", "is_tap", "gradient_of", "is_ticket", "grad_tap", "deposit", "gradients", "attributions"]
+__all__ = ["anchor", "tap", "gradient_of", "is_ticket", "grad_tap", "deposit", "gradients", "attributions"]
 
 _slots: dict[int, torch.Tensor | None] = {}
 _numbers = itertools.count(1)
@@ -131,11 +133,6 @@ def tap(value: torch.Tensor, anchor: torch.Tensor) -> tuple[torch.Tensor, torch.
     if torch.compiler.is_compiling() or type(value) is not torch.Tensor:
         return torch.ops.fxstore.grad_tap(value, anchor)
     return _EagerTap.apply(value, anchor)
-
-
-def is_tap(target: object) -> bool:
-    """Whether a graph node's ``target`` is a gradient tap (``tap`` or the operator itself)."""
-    return target is tap or target is torch.ops.fxstore.grad_tap.default
 
 
 def is_ticket(value: object) -> bool:

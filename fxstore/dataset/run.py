@@ -178,20 +178,17 @@ def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any,
                         "Hint: use a new output folder, or overwrite=True to start over."
                     )
             shards = [plan.shards[k] for k in plan.all_shards() or []] if plan.num_samples is not None else None
-            if folder.record is None and folder.manifest is not None:
-                problems = verify_folder(out, folder.manifest)
+            finished = folder.manifest or folder.kept  # the kept copy: an npy folder whose manifest was lost
+            if folder.record is None and finished is not None:
+                problems = (verify_folder(out, finished) if folder.manifest is not None  # else: rows checked below
+                            else [f"it lost its {MANIFEST}; rebuilding it from {CLAIM} after checking every row"])
                 if not problems:
-                    markers = dict(enumerate(folder.manifest["shards"]))
+                    markers = dict(enumerate(finished["shards"]))
                     _check_inputs(out, plan, o, identity, markers, set(markers))
-                    return {"complete": folder.manifest}
+                    return {"complete": finished}
                 _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
                 write_run_record(out, identity, sink.files)
-                sink.restore(folder.manifest["shards"])
-            elif folder.record is None and folder.kept is not None:  # the manifest was lost; its copy was not
-                _log.warning("fxstore: '%s' lost its %s; rebuilding it from %s after checking every row",
-                             out, MANIFEST, CLAIM)
-                write_run_record(out, identity, sink.files)
-                sink.restore(folder.kept["shards"])
+                sink.restore(finished["shards"])
             elif folder.record is None:
                 if shards is not None:
                     check_free_space(out, sink.bytes_needed(set(), shards))

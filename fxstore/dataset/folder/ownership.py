@@ -148,18 +148,17 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
         folder.record, why = read_record(entries[RUN_FILE])
         if why is not None:
             folder.foreign.append(f"{RUN_FILE} ({why})")
-    if MANIFEST in entries:
-        manifest, why = manifest_module.parse(entries[MANIFEST])
-        if why is None:
-            folder.manifest = manifest
-        else:
-            folder.foreign.append(f"{MANIFEST} (not an fxstore manifest: {why})")
-    if CLAIM in entries:
-        kept, why = manifest_module.parse(entries[CLAIM])
-        if why is None:
-            folder.kept = kept
-        else:
-            folder.foreign.append(f"{CLAIM} (not a copy of an fxstore manifest: {why})")
+
+    def manifest_at(name: str, what: str) -> dict[str, Any] | None:
+        if name not in entries:
+            return None
+        manifest, why = manifest_module.parse(entries[name])
+        if why is not None:
+            folder.foreign.append(f"{name} (not {what}: {why})")
+        return manifest if why is None else None
+
+    folder.manifest = manifest_at(MANIFEST, "an fxstore manifest")
+    folder.kept = manifest_at(CLAIM, "a copy of an fxstore manifest")
     claimed = [c["identity"] for c in (folder.record, folder.manifest, folder.kept) if c is not None]
     identities = [*claimed, *([expected] if expected is not None else [])]
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
