@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .._workflows import WorkflowMethods
 from ..errors import ConfigError
 from ._calls import call_defaults, fresh, with_defaults
 from ._deploy import export_extractor
@@ -31,7 +32,7 @@ from ._tracing import TraceOptions
 __all__ = ["FeatureExtractor", "TraceReport"]
 
 
-class FeatureExtractor(Readout, nn.Module):
+class FeatureExtractor(WorkflowMethods, Readout, nn.Module):
     """A model whose call returns ``(output, features)``, captured as real graph outputs.
 
     The model is traced with torch.fx (node names identical to torchvision's
