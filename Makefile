@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch/torchvision are pinned here (not in pyproject.toml) so the library keeps ranges.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Extras install under this constraints file so no package replaces the pinned torch.
+PIN := -c tools/constraints.txt
 
 .PHONY: test test-fast demo lint bench bench-readme coverage clean
 
@@ -11,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q $(PIN) -e '.[test,dev]'
 	touch $@
 
 # The full suite (CI runs it): library doctests, tests/ (slow model zoos included), the README's
@@ -28,13 +30,13 @@ demo: $(VENV)/.installed
 	$(PY) -m tools.demo
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q $(PIN) -e '.[bench]'
 	$(PY) -m benchmarks $(BENCH_ARGS)
 	$(PY) benchmarks/bench_text.py
 
 # Record a run in benchmarks/results/ and regenerate the README's table from it.
 bench-readme: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q $(PIN) -e '.[bench]'
 	$(PY) -m benchmarks --threads 1 --save 2>&1 | tee .bench-readme.log
 	$(PY) -m benchmarks.readme_table $$(sed -n 's/^saved //p' .bench-readme.log | tail -1)
 	rm -f .bench-readme.log
