@@ -63,7 +63,7 @@ def kept_by_torchvision(model: torch.nn.Module, node: str) -> set[str]:
 
 def last_node_of(names: list[str], module: str) -> str:
     """torchvision's name of a module's output: the last node traced inside it."""
-    return [n for n in names if n.startswith(module + ".")][-1]
+    return [n for n in names if n == module or n.startswith(module + ".")][-1]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,28 @@ def test_resnet_marks_each_stored_tapped_edited_and_pruned_node_once_with_its_st
     assert {n for n, a in statements if has_style(a, "edited")} == set(edited)
     reference = hooked_outputs(model, ["layer2"], x)[1]["layer2"][0]
     assert "(" + ", ".join(map(str, reference.shape)) + ")" in attributes[last_node_of(names, "layer2")]["label"]
+
+
+def test_vit_marks_its_selected_nodes_and_prunes_every_block_past_the_cut():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=3, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64).eval()
+    names = get_graph_node_names(model)[1]
+    ex = FeatureExtractor(model, ["encoder.layers.encoder_layer_1"], grads=["conv_proj"], keep_output=False,
+                          edits={"encoder.layers.encoder_layer_0.mlp": fxstore.Scale(2.0)})
+    statements = dict(node_statements(ex.draw().source))
+    expected = {last_node_of(names, "encoder.layers.encoder_layer_1"): "stored", "conv_proj": "tapped",
+                last_node_of(names, "encoder.layers.encoder_layer_0.mlp"): "edited"}
+    for mark in ("stored", "tapped", "edited"):
+        assert {n for n, a in statements.items() if has_style(a, mark)} == {n for n, m in expected.items() if m == mark}
+    # each block first asserts its input is 3-D: the check of a kept value stays (fxstore keeps assertions on
+    # live values), everything the block computes goes
+    check = re.compile(r"\.(getattr|dim|eq|_assert)(_\d+)?$")
+    after = [n for n in names if n.startswith(("encoder.layers.encoder_layer_2.", "encoder.ln", "heads"))
+             and not check.search(n)]
+    kept = kept_by_torchvision(model, last_node_of(names, "encoder.layers.encoder_layer_1"))
+    before = [n for n in kept if n.startswith(("conv_proj", "encoder.layers.encoder_layer_0."))]
+    assert after and all(has_style(statements[n], "pruned") for n in after if n in statements)
+    assert before and not any(has_style(statements[n], "pruned") for n in before if n in statements)
 
 
 def test_depth_collapses_modules_into_boxes_and_keeps_the_selected_nodes(resnet):
