@@ -170,6 +170,15 @@ def test_export_frontend_draws_a_tiny_gpt2_with_its_marks_and_cut():
         assert has_style(statements[name], "stored") == bool(node.keys)
         assert has_style(statements[name], "tapped") == bool(node.grad_keys)
     assert has_style(statements["module transformer.h.1 pruned"], "pruned")
+    # depth 2: the ops of GPT2Model's own forward (the attention mask: arange, cumsum, index, ...) are drawn as
+    # a few boxes, each counting its run of connected ops; together they count every op not drawn alone
+    own = [n for n in description.nodes if n.module == "transformer" and n.op in ("call_function", "call_method")
+           and not n.target.startswith(("aten._assert", "aten.sym_"))]
+    statements = dict(node_statements(ex.draw(depth=2).source))
+    runs = [int(re.search(r": (\d+) ops", a["label"]).group(1)) for n, a in statements.items()
+            if n.startswith("ops ") and a["label"].startswith("transformer: ")]
+    alone = [n for n in own if n.name in statements]
+    assert runs and sum(runs) + len(alone) == len(own) and len(runs) + len(alone) < len(own) / 4
 
 
 def test_partial_frontend_draws_the_modules_kept_as_python_around_the_traced_parts():

@@ -4,8 +4,9 @@ The picture is built from :attr:`FeatureExtractor.graph_description` (plain data
 so it shows the traced model with fxstore's marks rather than the rewritten code: a stored node
 is filled blue, a gradient tap has a thick red border, an edited node is filled orange with a
 double border, and the part ``keep_output=False`` cuts away is grey and dashed. ``depth=d``
-collapses every module deeper than ``d`` levels into one box; a selected node is always shown
-(inside a box named after the module it was collapsed from).
+collapses every module deeper than ``d`` levels into one box, and each run of connected plain ops
+in a shallower module's own code into one box too; a selected node is always shown (inside a box
+named after the module it was collapsed from).
 """
 
 from __future__ import annotations
@@ -158,9 +159,15 @@ def build(description: GraphDescription, depth: int | None = None, shapes: Mappi
             with_selected.add(group)
         elif group is not None:
             counts[(group, node.pruned)] = counts.get((group, node.pruned), 0) + 1
+    runs = _runs(nodes, depth)
     for node in nodes:
         group = _group(node, depth)
         outer = _python_cluster(node.module, python)
+        if node.name in runs:
+            box_id, count = runs[node.name]
+            text = f"{node.module or 'the model'}: {count} ops" + (" (pruned)" if node.pruned else "")
+            boxes[node.name] = _Box(box_id, text, ("collapsed", "pruned") if node.pruned else ("collapsed",), outer)
+            continue
         if group is None:
             boxes[node.name] = _Box(_id(node.name), _label(node, shapes), _marks(node), outer)
             continue
@@ -254,6 +261,36 @@ def _group(node: CapturedNode, depth: int | None) -> str | None:
         return None
     parts = node.module.split(".") if node.module else []
     return ".".join(parts[:depth]) if len(parts) >= depth else None
+
+
+def _runs(nodes: list[CapturedNode], depth: int | None) -> dict[str, tuple[str, int]]:
+    """With a depth, the connected plain ops of one module's own code drawn as one box each.
+
+    A Hugging Face model builds its attention mask from dozens of ``arange``/``cumsum``/``index``
+    ops in its own ``forward``, above the modules a depth collapses. Returns node name -> (box id,
+    number of ops) for every run of two or more unselected ops (a run never mixes pruned and kept ops).
+    """
+    if depth is None:
+        return {}
+    plain = {n.name: n for n in nodes
+             if n.op in ("call_function", "call_method") and not n.selected and _group(n, depth) is None}
+    parent = {name: name for name in plain}
+
+    def find(name: str) -> str:
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for node in plain.values():
+        for source in node.inputs:
+            other = plain.get(source)
+            if other is not None and other.module == node.module and other.pruned == node.pruned:
+                parent[find(source)] = find(node.name)
+    members: dict[str, list[str]] = {}
+    for name in plain:
+        members.setdefault(find(name), []).append(name)
+    return {name: (f"ops {names[0]}", len(names)) for names in members.values() if len(names) > 1 for name in names}
 
 
 def _python_paths(description: GraphDescription) -> list[str]:
