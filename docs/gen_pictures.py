@@ -57,12 +57,17 @@ def patching(out: Path, model: torch.nn.Module, ids: torch.Tensor) -> None:
     layers = ["transformer.h.0", "transformer.h.1"]
     positions = list(range(ids.shape[1]))
     answer, other = int(ids[0, 1]), int(ids[0, 3])  # " Mary" against " John"
-    grid = fxstore.patch_sweep(model, ids, corrupted, layers,
-                               lambda output: output.logits[:, -1, answer] - output.logits[:, -1, other],
+
+    def logit_difference(output: object) -> torch.Tensor:
+        return output.logits[:, -1, answer] - output.logits[:, -1, other]
+
+    with torch.no_grad():
+        baseline = logit_difference(model(corrupted))  # each cell: the change a patch makes (0: none)
+    grid = fxstore.patch_sweep(model, ids, corrupted, layers, lambda output: logit_difference(output) - baseline,
                                positions=positions)
     tokens = [WORDS[i] for i in ids[0].tolist()]
     figure = fxstore.plot_patching(grid, layers, positions=positions, tokens=tokens)
-    figure.savefig(out / "patching.svg")
+    figure.savefig(out / "patching.svg")  # random weights: the picture shows the layout, not a finding
 
 
 def features(out: Path) -> None:
