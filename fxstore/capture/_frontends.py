@@ -167,7 +167,7 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
                          tuple(exported.traced.module_calls))
     return Program.from_selection(runner, first["selected"], first["tapped"], report,
                                   graph=exported.traced.graph, reference=first["reference"],
-                                  description=first["snapshot"].describe([exported.traced.graph]))
+                                  description=first.pop("snapshot").describe([exported.traced.graph]))
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:

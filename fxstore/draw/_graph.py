@@ -192,7 +192,7 @@ def build(description: GraphDescription, depth: int | None = None, shapes: Mappi
     members: dict[str | None, list[_Box]] = {}
     for box in {b.id: b for b in boxes.values()}.values():
         members.setdefault(box.cluster, []).append(box)
-    _emit(dot, graphviz, None, members, clusters)
+    _emit(dot, None, members, clusters)
     edges: set[tuple[str, str, bool]] = set()
     for node in nodes:
         for source in node.inputs:
@@ -200,11 +200,11 @@ def build(description: GraphDescription, depth: int | None = None, shapes: Mappi
                 edges.add((boxes[source].id, boxes[node.name].id, node.pruned))
     for tail, head, pruned in sorted(edges):
         dot.edge(tail, head, **({"style": "dashed", "color": "#aaaaaa"} if pruned else {}))
-    _legend(dot, graphviz, description, depth)
+    _legend(dot, description, depth)
     return dot
 
 
-def _emit(graph: Any, graphviz: Any, cluster: str | None, members: dict[str | None, list[_Box]],
+def _emit(graph: Any, cluster: str | None, members: dict[str | None, list[_Box]],
           clusters: dict[str, tuple[str, str | None, dict[str, str]]]) -> None:
     """Write ``cluster``'s boxes into ``graph``, then its child clusters as subgraphs."""
     for box in members.get(cluster, []):
@@ -213,7 +213,7 @@ def _emit(graph: Any, graphviz: Any, cluster: str | None, members: dict[str | No
         if parent == cluster:
             with graph.subgraph(name=child) as sub:
                 sub.attr(label=label, **attributes)
-                _emit(sub, graphviz, child, members, clusters)
+                _emit(sub, child, members, clusters)
 
 
 def _attributes(marks: tuple[str, ...]) -> dict[str, str]:
@@ -307,7 +307,7 @@ def _id(name: str) -> str:
     return name.replace(":", "_")  # ':' would read as a port in an edge
 
 
-def _legend(dot: Any, graphviz: Any, description: GraphDescription, depth: int | None) -> None:
+def _legend(dot: Any, description: GraphDescription, depth: int | None) -> None:
     shown = ["stored", "tapped", "edited", "pruned"]
     if depth is not None:
         shown.append("collapsed")
