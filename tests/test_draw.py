@@ -181,6 +181,14 @@ def test_export_frontend_draws_a_tiny_gpt2_with_its_marks_and_cut():
     assert runs and sum(runs) + len(alone) == len(own) and len(runs) + len(alone) < len(own) / 4
 
 
+def test_drawing_an_extractor_that_waits_for_its_first_call_says_how_to_build_it():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16)
+    ex = FeatureExtractor(transformers.GPT2LMHeadModel(config).eval(), ["transformer.h.0"])
+    with pytest.raises(ConfigError, match=r"Hint: pass example_inputs=\(x,\), call the extractor once"):
+        ex.draw()
+
+
 def test_partial_frontend_draws_the_modules_kept_as_python_around_the_traced_parts():
     model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
                                          weights_backbone=None, min_size=96, max_size=128).eval()

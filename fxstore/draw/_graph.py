@@ -145,12 +145,10 @@ def build(description: GraphDescription, depth: int | None = None, shapes: Mappi
     python = _python_paths(description)
     boxes: dict[str, _Box] = {}  # node name -> its box (several nodes share a collapsed one)
     clusters: dict[str, tuple[str, str | None, dict[str, str]]] = {}  # id -> (label, parent, attributes)
-    for path in sorted(python, key=lambda p: (p.count("."), p)):
-        kind = description.modules.get(path, "Module")
-        clusters[f"cluster_python {path}"] = (f"{path or 'the model'} ({kind}): kept as Python",
-                                              _python_cluster(path[:path.rfind(".")] if "." in path else "", python)
-                                              if path else None,
-                                              {"style": "dashed,filled", "fillcolor": "#fffbe6"})
+    for path in python:  # a frame per module kept as Python, inside the frame of the one that calls it
+        parent = _python_cluster(path.rpartition(".")[0], python) if path else None
+        clusters[f"cluster_python {path}"] = (f"{path or 'the model'} ({description.modules[path]}): kept as Python",
+                                              parent, {"style": "dashed,filled", "fillcolor": "#fffbe6"})
     counts: dict[tuple[str, bool], int] = {}
     with_selected: set[str] = set()
     for node in nodes:
