@@ -21,6 +21,7 @@ from .capture import (
     patch_sweep,
     trace_report,
 )
+from .draw import plot_features, plot_patching
 from .errors import (
     ConfigError,
     EditError,
@@ -66,6 +67,8 @@ __all__ = [
     "Scale",
     "Apply",
     "patch_sweep",
+    "plot_patching",
+    "plot_features",
     "OutputError",
 ]
 

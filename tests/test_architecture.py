@@ -3,8 +3,9 @@
 The rules (docs/architecture.md says why):
 
 * no import circle between modules (function-level imports count: they are circles too, only later);
-* no import that runs back up a layer: capture never imports dataset, deploy, cli or the package
-  root; storage never imports dataset or cli; dataset never imports cli;
+* no import that runs back up a layer: capture never imports dataset, deploy, cli, draw or the
+  package root; storage never imports dataset, cli or draw; dataset never imports cli or draw; draw
+  (a workflow on the extractor) never imports dataset, cli or the package root;
 * no module imports an underscore module of another subpackage (each subpackage's public surface is
   its ``__init__`` and its plainly named modules);
 * no ``x._private`` read (nor ``getattr(x, "_private")``) on an object other than ``self`` / ``cls``;
@@ -28,9 +29,10 @@ PACKAGE = ROOT / "fxstore"
 LIMIT = 400
 FORMAT_NAMES = {"npy", "safetensors"}
 LAYERS_BELOW = {  # subpackage: the subpackages (and root modules) it must never import
-    "capture": {"dataset", "deploy", "cli", ""},
-    "storage": {"dataset", "cli", ""},
-    "dataset": {"cli", ""},
+    "capture": {"dataset", "deploy", "cli", "draw", ""},
+    "storage": {"dataset", "cli", "draw", ""},
+    "dataset": {"cli", "draw", ""},
+    "draw": {"dataset", "cli", ""},
 }
 SHARED = {"fxstore.errors", "fxstore._version", "fxstore._workflows"}  # the root's modules every layer may use
 

@@ -8,6 +8,7 @@ identity and deployable artifacts. Nothing outside ``capture/`` imports its unde
 from ._artifact import read_metadata
 from ._deploy import FORMATS as EXPORT_FORMATS
 from ._deploy import DeployReport, export_extractor
+from ._describe import CapturedNode, GraphDescription
 from ._edit_pass import checked_edits
 from ._edits import Ablate, Add, Apply, Edit, Replace, Scale
 from ._fingerprint import model_fingerprint
@@ -22,7 +23,7 @@ from ._tracing import TraceOptions, modes_restored, trace
 from .extractor import FeatureExtractor
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "FeatureKey", "parse_key",
-           "gradient_of", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
+           "gradient_of", "GraphDescription", "CapturedNode", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
            # for fxstore's other subpackages
            "checked_edits", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
            "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "layer_pairs",

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from ._describe import GraphDescription
 from ._keys import GRAD_SUFFIX, call_key, grad_key, output_key
 from ._selection import Selected
 
@@ -95,6 +96,7 @@ class Program:
         reference: Runs the capture *before* the rewrite, returning the model's output, for the
             self-check when the program itself does not return it (``keep_output=False``).
         fullgraph: Whether the whole program is one graph (``torch.compile(fullgraph=True)``).
+        description: The traced graph and what the capture did to it (stored, tapped, edited, pruned).
     """
 
     run: Run
@@ -107,6 +109,7 @@ class Program:
     graph: fx.Graph | None = None
     reference: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
     fullgraph: bool = True
+    description: GraphDescription | None = None
 
     @classmethod
     def from_selection(cls, run: Run, selected: list[Selected], tapped: list[Selected], report: TraceReport,
