@@ -4,7 +4,7 @@ The rules (docs/architecture.md says why):
 
 * no import circle between modules (function-level imports count: they are circles too, only later);
 * no import that runs back up a layer: capture never imports dataset, deploy, cli or the package
-  root; storage never imports dataset or cli; dataset never imports cli;
+  root; storage never imports dataset or cli; dataset never imports stats or cli; stats never imports cli;
 * no module imports an underscore module of another subpackage (each subpackage's public surface is
   its ``__init__`` and its plainly named modules);
 * no ``x._private`` read (nor ``getattr(x, "_private")``) on an object other than ``self`` / ``cls``;
@@ -30,7 +30,8 @@ FORMAT_NAMES = {"npy", "safetensors"}
 LAYERS_BELOW = {  # subpackage: the subpackages (and root modules) it must never import
     "capture": {"dataset", "deploy", "cli", ""},
     "storage": {"dataset", "cli", ""},
-    "dataset": {"cli", ""},
+    "dataset": {"cli", "stats", ""},
+    "stats": {"cli", ""},
 }
 SHARED = {"fxstore.errors", "fxstore._version", "fxstore._workflows"}  # the root's modules every layer may use
 
