@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from ..dataset import FORMATS
 from ..errors import FxStoreError
-from . import _export_cmd
+from . import _export_cmd, _stats_cmd
 from ._node_table import format_table, node_rows
 from .hints import flag_hint
 
@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     extract.set_defaults(run=_extract)
 
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
+    _stats_cmd.add_parsers(commands, model_help, _POOLS, _DTYPES, _positive, _natural)
 
     info = commands.add_parser("info", help="show the manifest of an output folder and whether it verifies, "
                                             "or an exported artifact's metadata")
