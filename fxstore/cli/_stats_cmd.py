@@ -116,8 +116,11 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _fid(args: argparse.Namespace) -> int:
-    from ..stats import FeatureStatistics, frechet_distance
+    from ..stats import FeatureStatistics, frechet_distance, load_all
 
+    if args.layer is None and len(layers := load_all(args.a)) > 1:
+        raise ConfigError(f"'{args.a}' holds the statistics of {sorted(layers)}.\n"
+                          f"Hint: pass --layer, one of {sorted(layers)}.")
     a = FeatureStatistics.load(args.a, args.layer)
     if os.path.isfile(args.b):
         b = FeatureStatistics.load(args.b, args.layer or a.layer)

@@ -38,7 +38,7 @@ def feature_statistics(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     input_key: int | str | None = None,
     shard_size: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
     model_name: str | None = None,
@@ -76,7 +76,8 @@ def feature_statistics(
         input_key: Field of the batch passed to the model (as in ``extract_dataset``).
         shard_size: Samples (text: token rows) per shard: the unit of checkpointing and of sharing work
             between ranks (default 1024, text 16384).
-        compile: Run the extractor (and the token reduction) through ``torch.compile``.
+        compile: Run the extractor (and the token reduction) through ``torch.compile`` (``True``: inductor;
+            a string names the backend, e.g. ``"aot_eager"``).
         checkpoint: A file to save progress to after every shard; the same call again resumes from it
             (another model, data, layers or options are refused), and a finished run is read back.
         progress: Show a tqdm progress bar (rank 0 only).

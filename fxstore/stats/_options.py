@@ -32,7 +32,7 @@ class Options:
     collate_fn: Callable[[list[Any]], Any] | None
     input_key: int | str | None
     shard_size: int
-    compile: bool
+    compile: bool | str
     checkpoint: str | os.PathLike[str] | None
     progress: bool
     model_name: str | None

@@ -63,7 +63,7 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
     x0, _ = pick(first, o.input_key, False)
     transform = _partials_transform(REDUCTIONS[o.reduce], parse_dtype(o.dtype), o.top_k, o.moments)
     ex = FeatureExtractor(model, layers, keep_output=False, detach=True, transform=transform)
-    runner = torch.compile(ex) if o.compile else ex
+    runner = _compiled(ex, o)
     data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_samples,
                      "first_batch": _digest(x0)}
     identity = _identity(model, layers, data_identity, o)
@@ -100,8 +100,7 @@ def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks:
     plan, text_identity = token_plan(model, data, o.tokenizer, o.text, batch_size=o.batch_size,
                                      shard_size=o.shard_size)
     ex = FeatureExtractor(model, layers, keep_output=False, detach=True, dtype=o.dtype)
-    runner = torch.compile(ex) if o.compile else ex
-    reduce = torch.compile(batch_partials) if o.compile else batch_partials
+    runner, reduce = _compiled(ex, o), _compiled(batch_partials, o)
     data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_rows, "text": text_identity}
     identity = _identity(ex.wrapped_model, layers, data_identity, o)
     state = Checkpoint(o.checkpoint, identity, ranks, o.top_k, o.moments)
@@ -124,6 +123,13 @@ def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks:
                 bar.update(batch.count)
             state.save(shard, accumulators)
     return _result(accumulators, identity, ranks, device, o, positions=True)
+
+
+def _compiled(fn: Any, o: Options) -> Any:
+    """``fn`` through ``torch.compile`` when asked (``compile=True``: inductor; a string: that backend)."""
+    if not o.compile:
+        return fn
+    return torch.compile(fn, backend=o.compile if isinstance(o.compile, str) else "inductor")
 
 
 def _token_rows(key: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
