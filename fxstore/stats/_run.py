@@ -126,10 +126,23 @@ def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks:
 
 
 def _compiled(fn: Any, o: Options) -> Any:
-    """``fn`` through ``torch.compile`` when asked (``compile=True``: inductor; a string: that backend)."""
+    """``fn`` through ``torch.compile`` when asked (``compile=True``: inductor; a string: that backend).
+
+    The first call runs eagerly: an extractor captures its program then (a Hugging Face model is
+    exported from its first inputs), and that capture is not something to compile.
+    """
     if not o.compile:
         return fn
-    return torch.compile(fn, backend=o.compile if isinstance(o.compile, str) else "inductor")
+    backend = o.compile if isinstance(o.compile, str) else "inductor"
+    state: dict[str, Any] = {}
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if "compiled" not in state:
+            state["compiled"] = torch.compile(fn, backend=backend)
+            return fn(*args, **kwargs)
+        return state["compiled"](*args, **kwargs)
+
+    return run
 
 
 def _token_rows(key: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
