@@ -217,34 +217,46 @@ def test_compiled_equals_eager():
     assert torch.equal(compiled.top_indices, eager.top_indices)
 
 
-def _stats_args(out: Path) -> list[str]:
-    return ["stats", "dataset_helpers:toy_cnn", "--layers", "relu2", "fc", "--pool", "avg", "--data", "fake:40",
+def _stats_args(out: Path, samples: int = 40) -> list[str]:
+    return ["stats", "dataset_helpers:toy_cnn", "--layers", "relu2", "fc", "--pool", "avg", "--data", f"fake:{samples}",
             "--image-size", "16", "--batch-size", "4", "--shard-size", "8", "--top-k", "3", "--out", str(out)]
 
 
-def test_cli_torchrun_two_processes_equal_one_and_fid(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("samples", [40, 6])  # 6: one shard, so rank 1 computes nothing and adds nothing
+def test_cli_torchrun_two_processes_equal_one(tmp_path, monkeypatch, samples):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HELPERS), *sys.path]), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "fxstore", *_stats_args(tmp_path / "two.safetensors")],
+                          "-m", "fxstore", *_stats_args(tmp_path / "two.safetensors", samples)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("wrote the statistics of 40 rows") == 1
+    assert run.stdout.count(f"wrote the statistics of {samples} rows") == 1
     monkeypatch.syspath_prepend(str(HELPERS))
-    assert main([*_stats_args(tmp_path / "one.safetensors"), "--quiet"]) == 0
+    assert main([*_stats_args(tmp_path / "one.safetensors", samples), "--quiet"]) == 0
     for layer in ("relu2", "fc"):
         two = fxstore.FeatureStatistics.load(tmp_path / "two.safetensors", layer)
         one = fxstore.FeatureStatistics.load(tmp_path / "one.safetensors", layer)
-        assert two.count == one.count == 40
+        assert two.count == one.count == samples
         torch.testing.assert_close(two.cov, one.cov, rtol=1e-12, atol=1e-14)
-        assert torch.equal(two.top_indices, one.top_indices) and torch.equal(two.fired, one.fired)
-    capsys.readouterr()
-    assert main(["fid", str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors"), "--layer", "fc"]) == 0
-    assert float(capsys.readouterr().out) == pytest.approx(0, abs=1e-6)
-    assert main(["fid", str(tmp_path / "one.safetensors"), "fake:24", "--layer", "fc", "--image-size", "16",
-                 "-q"]) == 0
-    a = fxstore.FeatureStatistics.load(tmp_path / "one.safetensors", "fc")
+        torch.testing.assert_close(two.mean, one.mean, rtol=1e-12, atol=1e-14)
+        assert torch.equal(two.top_values, one.top_values) and torch.equal(two.top_indices, one.top_indices)
+        assert torch.equal(two.fired, one.fired)
+
+
+def test_cli_fid_of_two_files_and_of_a_file_and_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(HELPERS))
+    for name, samples in (("a", 40), ("b", 24)):
+        assert main([*_stats_args(tmp_path / f"{name}.safetensors", samples), "--quiet"]) == 0
+    a = fxstore.FeatureStatistics.load(tmp_path / "a.safetensors", "fc")
     b = fxstore.feature_statistics(load_model("dataset_helpers:toy_cnn"), ["fc"], open_source("fake:24", 16),
                                    progress=False)["fc"]
+    capsys.readouterr()
+    assert main(["fid", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--layer", "fc"]) == 0
     assert float(capsys.readouterr().out) == pytest.approx(fxstore.frechet_distance(a, b), abs=2e-6)
-    assert main(["fid", str(tmp_path / "one.safetensors"), str(tmp_path / "one.safetensors")]) == 1
+    assert main(["fid", str(tmp_path / "a.safetensors"), "fake:24", "--layer", "fc", "--image-size", "16",
+                 "-q"]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(fxstore.frechet_distance(a, b), abs=2e-6)
+    assert main(["fid", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 1
     assert "--layer" in capsys.readouterr().err
+    assert main(["fid", str(tmp_path / "a.safetensors"), "fake:24", "--layer", "fc", "--image-size", "16",
+                 "--seed", "1", "-q"]) == 1  # other weights than A's model: refused
+    assert "not the one" in capsys.readouterr().err

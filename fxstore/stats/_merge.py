@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 
 from ..dataset.batches import Ranks
 from ..errors import ConfigError
-from ._partials import Accumulator
+from ._partials import PAD_KEY, Accumulator
 from ._result import FeatureStatistics
 
 __all__ = ["merge_ranks", "finalize"]
@@ -25,14 +26,20 @@ def merge_ranks(accumulators: dict[str, Accumulator], ranks: Ranks, top_k: int,
     """
     if ranks.world == 1:
         return accumulators
-    keys = ranks.from_main(sorted(accumulators))
+    shapes = [None] * ranks.world  # {layer: (D, whether top-k lists carry positions)} of every rank
+    dist.all_gather_object(shapes, {k: (int(a.tensors["total"].shape[0]), "top_positions" in a.tensors)
+                                    for k, a in accumulators.items() if a.tensors})
+    known: dict[str, tuple[int, bool]] = {}
+    for rank_shapes in shapes:
+        known.update(rank_shapes or {})
+    if not known:
+        raise ConfigError("no rank computed any batch.\nHint: check that the data is not empty.")
+    device = next((a.tensors["total"].device for a in accumulators.values() if a.tensors), torch.device("cpu"))
     merged = {}
-    for key in keys:
+    for key in known:  # in the first rank's order
         acc = accumulators.get(key)
-        if acc is None or not acc.tensors:
-            raise ConfigError(f"rank {ranks.rank} computed no batch of layer '{key}'.\n"
-                              "Hint: use fewer processes than shards (shard_size= smaller, or more data).")
-        device = acc.tensors["total"].device
+        if acc is None or not acc.tensors:  # this rank had no shard: it adds nothing
+            acc = _empty(*known[key], top_k, moments, device)
         count = torch.tensor([acc.count], dtype=torch.int64)
         dist.all_reduce(count)
         out = Accumulator(top_k, moments)
@@ -47,6 +54,20 @@ def merge_ranks(accumulators: dict[str, Accumulator], ranks: Ranks, top_k: int,
                 out.merge_top({k: v.to(device) for k, v in rank_top.items()})
         merged[key] = out
     return merged
+
+
+def _empty(d: int, positions: bool, top_k: int, moments: bool, device: torch.device) -> Accumulator:
+    """An accumulator that adds nothing (a rank that had no shard to compute)."""
+    acc = Accumulator(top_k, moments)
+    zeros = functools.partial(torch.zeros, dtype=torch.float64, device=device)
+    acc.tensors = {"total": zeros(d), "fired": zeros(d), **({"outer": zeros(d, d)} if moments else {})}
+    if top_k:
+        empty = functools.partial(torch.full, (top_k, d), device=device)
+        acc.tensors.update(top_values=empty(float("-inf"), dtype=torch.float64),
+                           top_keys=empty(PAD_KEY, dtype=torch.int64), top_samples=empty(-1, dtype=torch.int64))
+        if positions:
+            acc.tensors["top_positions"] = empty(-1, dtype=torch.int64)
+    return acc
 
 
 def _gathered(top: dict[str, torch.Tensor], ranks: Ranks) -> list[dict[str, torch.Tensor]]:
