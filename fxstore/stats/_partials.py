@@ -56,11 +56,14 @@ def batch_partials(x: torch.Tensor, keep: torch.Tensor | None, top_k: int, momen
         kept, positive = torch.where(column, x, 0.0), (x > 0) & column
     outer = kept.T @ kept if moments else None
     k = min(top_k, x.shape[0])
-    ranked = x if keep is None else torch.where(keep[:, None], x, float("-inf"))
-    values, rows = torch.sort(ranked, dim=0, descending=True, stable=True)
-    values, rows = values[:k], rows[:k]
-    if keep is not None:
-        rows = torch.where(keep[rows], rows, -1)
+    if k:
+        ranked = x if keep is None else torch.where(keep[:, None], x, float("-inf"))
+        values, rows = torch.sort(ranked, dim=0, descending=True, stable=True)
+        values, rows = values[:k], rows[:k]
+        if keep is not None:
+            rows = torch.where(keep[rows], rows, -1)
+    else:  # no top-k asked: no sort
+        values, rows = x[:0], torch.zeros(0, x.shape[1], dtype=torch.int64, device=x.device)
     if k < top_k:  # fewer rows than k: empty slots
         pad = top_k - k
         values = torch.cat([values, values.new_full((pad, x.shape[1]), float("-inf"))])
