@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -180,6 +181,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["images", "tokens"])
     parser.add_argument("--save", action="store_true", help="record the result in benchmarks/results")
     args = parser.parse_args()
+    from benchmarks._report import RESULTS, machine
+
+    # the machine and commit now: the code this process imported, whatever HEAD is when it ends
+    info = machine(torch.device(args.device), torch.get_num_threads(),
+                   "python benchmarks/bench_stats.py " + " ".join(sys.argv[1:]))
     root = Path(tempfile.mkdtemp(prefix="fxstore-bench-stats-"))
     result: dict[str, Any] = {"options": vars(args)}
     try:
@@ -194,10 +200,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.save:
-        from benchmarks._report import RESULTS, machine
-
-        info = machine(torch.device(args.device), torch.get_num_threads(),
-                       "python benchmarks/bench_stats.py " + " ".join(sys.argv[1:]))
+        info["load_average_end"] = os.getloadavg()
         path = RESULTS / f"stats-{args.device}-{info['date'].split(' ')[0]}-{info['commit'][:12]}.json"
         path.write_text(json.dumps({"machine": info, "result": result}, indent=2) + "\n")
         print(f"saved {path}", file=sys.stderr)

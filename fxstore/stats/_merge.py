@@ -35,22 +35,23 @@ def merge_ranks(accumulators: dict[str, Accumulator], ranks: Ranks, top_k: int,
     if not known:
         raise ConfigError("no rank computed any batch.\nHint: check that the data is not empty.")
     device = next((a.tensors["total"].device for a in accumulators.values() if a.tensors), torch.device("cpu"))
+    wire = device if dist.get_backend() == "nccl" else torch.device("cpu")  # the group's tensors' device
     merged = {}
     for key in known:  # in the first rank's order
         acc = accumulators.get(key)
         if acc is None or not acc.tensors:  # this rank had no shard: it adds nothing
             acc = _empty(*known[key], top_k, moments, device)
-        count = torch.tensor([acc.count], dtype=torch.int64)
+        count = torch.tensor([acc.count], dtype=torch.int64, device=wire)
         dist.all_reduce(count)
         out = Accumulator(top_k, moments)
         out.count = int(count)
         for name in ("total", "fired", "outer"):
             if name in acc.tensors:
-                value = acc.tensors[name].to("cpu").clone()
+                value = acc.tensors[name].to(wire).clone()
                 dist.all_reduce(value)
                 out.tensors[name] = value.to(device)
         if top_k:
-            for rank_top in _gathered({k: v for k, v in acc.tensors.items() if k.startswith("top_")}, ranks):
+            for rank_top in _gathered({k: v for k, v in acc.tensors.items() if k.startswith("top_")}, ranks, wire):
                 out.merge_top({k: v.to(device) for k, v in rank_top.items()})
         merged[key] = out
     return merged
@@ -70,11 +71,11 @@ def _empty(d: int, positions: bool, top_k: int, moments: bool, device: torch.dev
     return acc
 
 
-def _gathered(top: dict[str, torch.Tensor], ranks: Ranks) -> list[dict[str, torch.Tensor]]:
+def _gathered(top: dict[str, torch.Tensor], ranks: Ranks, wire: torch.device) -> list[dict[str, torch.Tensor]]:
     names = sorted(top)
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(ranks.world)]
     for name in names:
-        value = top[name].to("cpu").contiguous()
+        value = top[name].to(wire).contiguous()
         parts = [torch.empty_like(value) for _ in range(ranks.world)]
         dist.all_gather(parts, value)
         for r, part in enumerate(parts):
