@@ -63,6 +63,20 @@ def test_image_moments_topk_and_firing_equal_numpy_on_extract_dataset_rows(tmp_p
         assert s.top_positions is None and s.identity["layers"] == [["relu2", None], ["fc", None]]
 
 
+def test_per_layer_reduce_and_dtype_equal_numpy_on_the_same_rows(tmp_path):
+    model, data = toy_cnn().eval(), Images(13)
+    layers, reduce = ["conv2", "relu2", "fc"], {"conv2": "max", "relu2": "avg"}  # fc: as it is
+    stats = fxstore.feature_statistics(model, layers, data, reduce=reduce, dtype="float16", batch_size=4,
+                                       progress=False)
+    dense = _dense(model, layers, data, tmp_path, reduce=reduce, dtype="float16", batch_size=4)
+    for key in layers:
+        assert dense[key].dtype == np.float16
+        _check_moments(stats[key], dense[key])
+    assert stats["fc"].identity["options"]["reduce"] == [["conv2", "max"], ["relu2", "avg"]]
+    with pytest.raises(ConfigError, match="reduce has an entry for 'layer9'"):
+        fxstore.feature_statistics(model, layers, data, reduce={"layer9": "avg"}, progress=False)
+
+
 def test_topk_ties_go_to_the_lower_sample_index():
     # relu of a constant-heavy input: many units are 0 for most samples, so k > positives ties at 0
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU()).eval()

@@ -8,7 +8,7 @@ only float64 accumulators.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ def feature_statistics(
     batch_size: int = 64,
     top_k: int = 0,
     moments: bool = True,
-    reduce: str | None = None,
+    reduce: str | Mapping[Any, str | None] | None = None,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     num_workers: int = 0,
@@ -68,7 +68,8 @@ def feature_statistics(
         top_k: Per unit, keep the ``top_k`` largest values and where they occurred (0: none).
         moments: Compute the covariance (``False``: only count, mean, firing and top-k; for large ``D``
             the covariance is ``D² `` float64 values).
-        reduce: ``"avg"``/``"max"`` (global pooling of ``(N, C, ...)`` maps), ``"flatten"`` or ``None``.
+        reduce: ``"avg"``/``"max"`` (global pooling of ``(N, C, ...)`` maps), ``"flatten"`` or ``None``,
+            for all layers or as ``{layer or alias: name}`` (layers not in the mapping: ``None``).
         dtype: Cast the features to this dtype before reducing (the sums stay float64).
         device: Device to run on (default: the model's).
         num_workers: Loader processes when ``data`` is a ``Dataset``.

@@ -25,7 +25,7 @@ from ..dataset.run import placed
 from ..errors import ConfigError
 from ._checkpoint import Checkpoint, to_device
 from ._merge import finalize, merge_ranks
-from ._options import Options, check, layer_labels
+from ._options import Options, check, layer_labels, reduction_groups
 from ._partials import Accumulator, batch_partials, pack, unpack
 from ._result import FeatureStatistics
 
@@ -61,9 +61,10 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
             o: Options) -> dict[str, FeatureStatistics]:
     plan, first = make_plan(data, o.shard_size, o.collate_fn)
     x0, _ = pick(first, o.input_key, False)
-    transform = _partials_transform(REDUCTIONS[o.reduce], parse_dtype(o.dtype), o.top_k, o.moments)
-    ex = FeatureExtractor(model, layers, keep_output=False, detach=True, transform=transform)
-    runner = _compiled(ex, o)
+    runners = [_compiled(FeatureExtractor(model, group, keep_output=False, detach=True,
+                                          transform=_partials_transform(REDUCTIONS[name], parse_dtype(o.dtype),
+                                                                        o.top_k, o.moments)), o)
+               for name, group in reduction_groups(layers, o.reduce)]
     data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_samples,
                      "first_batch": _digest(x0)}
     identity = _identity(model, layers, data_identity, o)
@@ -84,7 +85,7 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
         for batch in batches:
             x, _ = pick(batch.data, o.input_key, False)
             x = _to(x, device)
-            _, features = runner(**x) if isinstance(x, Mapping) else runner(x)
+            features = _features(runners, x)
             rows = torch.arange(batch.start, batch.start + batch_size_of(x), device=device)
             for key, flat in features.items():
                 accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
@@ -93,6 +94,20 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
                 state.save(batch.shard, accumulators)
             bar.update(len(rows))
     return _result(accumulators, identity, ranks, device, o, positions=False)
+
+
+def _features(runners: list[Any], x: Any) -> dict[str, torch.Tensor]:
+    """Every extractor's features of one batch (one extractor per reduction group)."""
+    features: dict[str, torch.Tensor] = {}
+    for runner in runners:
+        _, f = runner(**x) if isinstance(x, Mapping) else runner(x)
+        clash = set(f) & set(features)
+        if clash:
+            raise ConfigError(f"layer '{sorted(clash)[0]}' is selected with two reductions.\n"
+                              "Hint: select each layer once, or give the second one an alias with a dict "
+                              "{layer: alias}.")
+        features.update(f)
+    return features
 
 
 def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks: Ranks,
