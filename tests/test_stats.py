@@ -212,11 +212,20 @@ def test_an_interrupted_run_resumes_and_equals_one_run(tmp_path):
             return super().__getitem__(i)
 
     resumed = fxstore.feature_statistics(model, ["relu2"], Counted(30), **kw)["relu2"]
-    assert not set(read) & set(range(2, 16)) and 16 in read  # shards 0-1 came from the checkpoint (0-1: the probe)
+    # shards 0-1 came from the checkpoint: their samples are read once, to check their digest, and not computed
+    # (0-1 once more: the probe batch); shards 2-3 are read once, to compute them
+    assert [read.count(i) for i in range(30)] == [2, 2] + [1] * 28
     once = fxstore.feature_statistics(model, ["relu2"], Images(30), reduce="avg", batch_size=4, shard_size=8,
                                       top_k=3, progress=False)["relu2"]
     for field in ("mean", "cov", "fired", "top_values", "top_indices"):
         torch.testing.assert_close(getattr(resumed, field), getattr(once, field), rtol=1e-12, atol=1e-12)
+    class Changed(Images):  # sample 25 (the last kept shard) differs; the first batch and the length do not
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return (x + 1 if i == 25 else x), y
+
+    with pytest.raises(OutputError, match=r"inputs of shard 3 \(samples 24-29\) differ"):
+        fxstore.feature_statistics(model, ["relu2"], Changed(30), **kw)
     with pytest.raises(OutputError, match=r"another run \(.*num_samples: 30 then, 31 now"):
         fxstore.feature_statistics(model, ["relu2"], Images(31), **kw)
     with pytest.raises(OutputError, match="top_k: 3 then, 4 now"):

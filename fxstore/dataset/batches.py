@@ -14,12 +14,13 @@ from typing import Any
 from torch import nn
 
 from ._batches import Batch, Plan, batch_size_of, make_plan, pick, refuse_text
+from ._compute import _hash_inputs, inputs_digest
 from ._distributed import Ranks, join
 from ._text import TextOptions, _check, _identity, _max_length, _plan, model_inputs
 from ._text_batches import TextBatch, TextPlan
 
 __all__ = ["Batch", "Plan", "make_plan", "pick", "batch_size_of", "refuse_text", "Ranks", "join", "TextOptions",
-           "TextBatch", "TextPlan", "token_plan", "model_inputs"]
+           "TextBatch", "TextPlan", "token_plan", "model_inputs", "hash_inputs", "shard_digest"]
 
 
 def token_plan(model: nn.Module, data: Any, tokenizer: Any, text: TextOptions, *, batch_size: int,
@@ -47,3 +48,17 @@ def token_plan(model: nn.Module, data: Any, tokenizer: Any, text: TextOptions, *
                        text.skip_special, text.pad_to)
     plan = _plan(data, tokenizer, text.max_length, text, o)
     return plan, _identity(model, tokenizer, [], plan, text, o)["text"]
+
+
+def _input_options(input_key: int | str | None, batch_size: int = 1, collate_fn: Any = None) -> Any:
+    return types.SimpleNamespace(input_key=input_key, target_key=False, batch_size=batch_size, collate_fn=collate_fn)
+
+
+def hash_inputs(hasher: Any, raw: Any, input_key: int | str | None) -> None:
+    """Feed the model input of the raw batch ``raw`` to ``hasher``, as ``extract_dataset`` digests a shard's inputs."""
+    _hash_inputs(hasher, raw, _input_options(input_key), False)
+
+
+def shard_digest(plan: Plan, shard: int, *, input_key: int | str | None, batch_size: int, collate_fn: Any) -> str:
+    """The digest of one shard's model inputs, read again from a map-style dataset (``sha256:...``)."""
+    return inputs_digest(plan, shard, _input_options(input_key, batch_size, collate_fn), False)

@@ -33,6 +33,7 @@ class Checkpoint:
                  top_k: int, moments: bool) -> None:
         self.identity, self.top_k, self.moments = identity, top_k, moments
         self.done: set[int] = set()
+        self.inputs: dict[int, str] = {}  # shard -> digest of its model inputs (map-style data)
         self.accumulators: dict[str, Accumulator] = {}
         self.path = None if path is None else _rank_path(Path(path), ranks)
         if self.path is not None:
@@ -59,15 +60,19 @@ class Checkpoint:
                 "Hint: pass the same model, data, layers and options, or another checkpoint= path."
             )
         self.done = set(meta["done"])
+        self.inputs = {int(k): v for k, v in meta.get("inputs", {}).items()}
         for layer, count in meta["counts"].items():
             acc = Accumulator(self.top_k, self.moments)
             acc.count = int(count)
             acc.tensors = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == layer}
             self.accumulators[layer] = acc
 
-    def save(self, shard: int, accumulators: dict[str, Accumulator]) -> None:
-        """Record ``shard`` as done with the accumulators that now cover it (atomic: a kill keeps the last save)."""
+    def save(self, shard: int, accumulators: dict[str, Accumulator], inputs: str | None = None) -> None:
+        """Record ``shard`` as done with the accumulators that now cover it (atomic: a kill keeps the last save);
+        ``inputs``: the digest of its model inputs."""
         self.done.add(shard)
+        if inputs is not None:
+            self.inputs[shard] = inputs
         if self.path is None:
             return
         from safetensors.torch import save_file
@@ -75,6 +80,7 @@ class Checkpoint:
         tensors = {f"{layer}/{k}": v.detach().to("cpu").contiguous()
                    for layer, acc in accumulators.items() for k, v in acc.tensors.items()}
         meta = {"kind": _KIND, "identity": self.identity, "done": sorted(self.done),
+                "inputs": {str(k): v for k, v in sorted(self.inputs.items())},
                 "counts": {layer: acc.count for layer, acc in accumulators.items()}}
         temp = self.path.with_name(f".{self.path.name}.tmp")
         try:

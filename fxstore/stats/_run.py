@@ -20,9 +20,19 @@ from tqdm import tqdm
 
 from ..capture import FeatureExtractor, model_fingerprint, parse_dtype
 from ..dataset import REDUCTIONS
-from ..dataset.batches import Ranks, batch_size_of, join, make_plan, model_inputs, pick, token_plan
+from ..dataset.batches import (
+    Ranks,
+    batch_size_of,
+    hash_inputs,
+    join,
+    make_plan,
+    model_inputs,
+    pick,
+    shard_digest,
+    token_plan,
+)
 from ..dataset.run import placed
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ._checkpoint import Checkpoint, to_device
 from ._merge import finalize, merge_ranks
 from ._options import Options, check, layer_labels, reduction_groups
@@ -78,11 +88,14 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
     def wanted(k: int) -> bool:
         return k % ranks.world == ranks.rank and k not in state.done
 
+    _check_kept_inputs(plan, state, o)
+    hashers: dict[int, Any] = {}
     size_of = functools.partial(_size_of, o.input_key)
     batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn, pin_memory=device.type == "cuda",
                            size_of=size_of)
     with _bar(total, "sample", o, ranks) as bar, torch.inference_mode():
         for batch in batches:
+            hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
             x, _ = pick(batch.data, o.input_key, False)
             x = _to(x, device)
             features = _features(runners, x)
@@ -91,9 +104,27 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
                 accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
                     unpack(flat, o.top_k, o.moments), rows, rows, None)
             if batch.last:
-                state.save(batch.shard, accumulators)
+                state.save(batch.shard, accumulators, f"sha256:{hashers.pop(batch.shard).hexdigest()}")
             bar.update(len(rows))
     return _result(accumulators, identity, ranks, device, o, positions=False)
+
+
+def _check_kept_inputs(plan: Any, state: Checkpoint, o: Options) -> None:
+    """Read the inputs of the first and last kept shard again: a resume never mixes in other data (map-style data).
+
+    Raises:
+        OutputError: the inputs differ from those the checkpoint's shard was computed from.
+    """
+    if not plan.indexed or not state.inputs:
+        return
+    for k in sorted({min(state.inputs), max(state.inputs)}):
+        if shard_digest(plan, k, input_key=o.input_key, batch_size=o.batch_size,
+                        collate_fn=o.collate_fn) != state.inputs[k]:
+            start, count = plan.shards[k]
+            raise OutputError(
+                f"the data is not the data the checkpoint '{state.path}' was computed from: the inputs of shard {k} "
+                f"(samples {start}-{start + count - 1}) differ.\n"
+                "Hint: pass the same data to resume, or another checkpoint= path to start over.")
 
 
 def _features(runners: list[Any], x: Any) -> dict[str, torch.Tensor]:
