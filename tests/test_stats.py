@@ -283,3 +283,43 @@ def test_cli_fid_of_two_files_and_of_a_file_and_data(tmp_path, monkeypatch, caps
     assert main(["fid", str(tmp_path / "a.safetensors"), "fake:24", "--layer", "fc", "--image-size", "16",
                  "--seed", "1", "-q"]) == 1  # other weights than A's model: refused
     assert "not the one" in capsys.readouterr().err
+
+
+def test_skip_special_rows_equal_extract_dataset_rows(tmp_path):
+    import transformers
+
+    folder = save("bert", tmp_path / "bert")  # [CLS] ... [SEP] around every document, a pad token
+    model, tok = transformers.BertModel.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
+    docs, layer = corpus(7), BLOCKS["bert"].format(1)
+    s = fxstore.feature_statistics(model, [layer], docs, tokenizer=tok, batch_size=3, skip_special=True, top_k=2,
+                                   progress=False)[layer]
+    fxstore.extract_dataset(model, [layer], docs, tmp_path / "rows", tokenizer=tok, batch_size=3, skip_special=True,
+                            progress=False)
+    dense = fxstore.load_features(tmp_path / "rows")
+    rows = np.asarray(dense[layer])
+    assert s.count == len(rows) == sum(len(d.split()) for d in docs)  # no [CLS]/[SEP] row
+    _check_moments(s, rows)
+    _, order = _brute_top(rows.astype(np.float64), 2)
+    np.testing.assert_array_equal(s.top_indices.numpy(), np.asarray(dense["sequence"])[order])
+    np.testing.assert_array_equal(s.top_positions.numpy(), np.asarray(dense["position"])[order])
+
+
+def test_cli_stats_of_a_language_model_equals_the_library(tmp_path, capsys):
+    import transformers
+
+    folder = save("gpt2", tmp_path / "gpt2")
+    docs = corpus(6)
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n")
+    layer = BLOCKS["gpt2"].format(1)
+    assert main(["stats", f"hf:{folder}", "--layers", layer, "--data", str(tmp_path / "docs.txt"), "--top-k", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "s.safetensors"), "-q"]) == 0
+    cli = fxstore.FeatureStatistics.load(tmp_path / "s.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    lib = fxstore.feature_statistics(model, [layer], docs, tokenizer=tok, batch_size=4, top_k=2, progress=False)[layer]
+    assert cli.count == lib.count and cli.identity["data"]["text"]["tokens"] == lib.identity["data"]["text"]["tokens"]
+    torch.testing.assert_close(cli.cov, lib.cov, rtol=1e-12, atol=1e-14)
+    assert torch.equal(cli.top_positions, lib.top_positions)
+    assert main(["stats", f"hf:{folder}", "--layers", layer, "--data", str(tmp_path / "docs.txt"), "--pool", "avg",
+                 "--out", str(tmp_path / "x.safetensors"), "-q"]) == 1
+    assert "--pool" in capsys.readouterr().err
