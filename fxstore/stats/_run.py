@@ -95,7 +95,8 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
                            size_of=size_of)
     with _bar(total, "sample", o, ranks) as bar, torch.inference_mode():
         for batch in batches:
-            hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
+            if o.checkpoint is not None:  # the digest a resume checks the kept shards against
+                hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
             x, _ = pick(batch.data, o.input_key, False)
             x = _to(x, device)
             features = _features(runners, x)
@@ -104,7 +105,8 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
                 accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
                     unpack(flat, o.top_k, o.moments), rows, rows, None)
             if batch.last:
-                state.save(batch.shard, accumulators, f"sha256:{hashers.pop(batch.shard).hexdigest()}")
+                hasher = hashers.pop(batch.shard, None)
+                state.save(batch.shard, accumulators, None if hasher is None else f"sha256:{hasher.hexdigest()}")
             bar.update(len(rows))
     return _result(accumulators, identity, ranks, device, o, positions=False)
 
