@@ -36,6 +36,7 @@ from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardMo
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
                                         "read_manifest")}
+_LAZY.update({name: ".stats" for name in ("feature_statistics", "FeatureStatistics", "frechet_distance")})
 
 __all__ = [
     "FeatureExtractor",
@@ -53,6 +54,9 @@ __all__ = [
     "read_manifest",
     "ShardedArray",
     "BatchLoader",
+    "feature_statistics",
+    "FeatureStatistics",
+    "frechet_distance",
     "FxStoreError",
     "LayerNotFoundError",
     "InvalidLayerError",
@@ -72,4 +76,4 @@ __all__ = [
     "OutputError",
 ]
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "cli"))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "stats", "cli"))

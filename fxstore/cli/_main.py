@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 from ..dataset import FORMATS
 from ..errors import FxStoreError
-from . import _draw_cmd, _export_cmd
+from . import _draw_cmd, _export_cmd, _stats_cmd
 from ._node_table import format_table, node_rows
 from .hints import flag_hint
 
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
     _draw_cmd.add_parser(commands, model_help, _positive, _natural)
+    _stats_cmd.add_parsers(commands, model_help, _POOLS, _DTYPES, _positive, _natural)
 
     info = commands.add_parser("info", help="show the manifest of an output folder and whether it verifies, "
                                             "or an exported artifact's metadata")
