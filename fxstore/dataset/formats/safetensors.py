@@ -11,16 +11,17 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..folder.checksums import ALGORITHM, digest_bytes, identity_digest, is_digest
-from ..folder.files import atomic_write, plain_stat
+from ..folder.files import atomic_write, cut, plain_stat
 from ..folder.names import SHARD_PATTERN, shard_file
 from .base import ArraySpec, Claims, Sink, arrays_of, check_file
 
@@ -78,10 +79,38 @@ class SafetensorsSink(Sink):
             if problem is None:
                 problem = _check_header(path, name, arrays, shard["count"])
             if problem is None:
-                problem = _check_record(path, name, k, shard, digest)
+                problem = _check_record(header_record(path), name, k, shard, digest)
             if problem is not None:
                 problems.append(problem)
         return problems
+
+    @classmethod
+    def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
+        """Why the open shard ``k`` is not the one the manifest lists: its header's index, rows, run and
+        inputs, and its arrays' shapes and dtypes (no data read)."""
+        shard = manifest["shards"][k]
+        try:
+            header = _header(f)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+            return f"{name}: not a readable safetensors file"
+        problem = _check_record(_record_of(header), name, k, shard, identity_digest(manifest["identity"]))
+        for key, entry in arrays_of(manifest).items():
+            info = header.get(key)
+            if problem is None and not (isinstance(info, dict) and info.get("shape") == [shard["count"], *entry["shape"]]
+                                        and _ST_DTYPES.get(info.get("dtype")) == entry["dtype"]):
+                problem = f"{name}: {key!r} is not {[shard['count'], *entry['shape']]} {entry['dtype']}"
+        return problem
+
+    @staticmethod
+    def map_open(f: BinaryIO, key: str) -> np.ndarray:
+        """The rows of ``key`` in an open shard file, memory-mapped (bfloat16 as its uint16 bits)."""
+        return mapped(f)[key][0]
+
+    @staticmethod
+    def read_open(f: BinaryIO) -> dict[str, torch.Tensor]:
+        """Every array of an open shard file, read into memory."""
+        f.seek(0)
+        return safetensors_load(f.read())
 
     @staticmethod
     def sources(root: Path, manifest: dict[str, Any], key: str) -> list[tuple[Path, int]]:
@@ -99,6 +128,10 @@ class SafetensorsSink(Sink):
     @staticmethod
     def data_files(manifest: dict[str, Any]) -> int:
         return len(manifest["shards"])
+
+    @staticmethod
+    def file_names(manifest: dict[str, Any]) -> list[str]:
+        return [s["file"] for s in manifest["shards"]]
 
     def check_shard(self, marker: dict[str, Any]) -> str | None:
         name = self.shard_file(marker["shard"])
@@ -147,19 +180,38 @@ class SafetensorsSink(Sink):
 
 
 def header_record(path: Path) -> dict[str, Any] | None:
-    """The fxstore record in a safetensors file's header (``{"shard", "start", "count", "identity"}``), read
-    without following links or reading the data; ``None`` if the file has none."""
+    """The fxstore record in a safetensors file's header (``{"shard", "start", "count", "identity", "inputs"}``),
+    read without following links or reading the data; ``None`` if the file has none."""
     if plain_stat(path) is None:  # a link, FIFO or device is never opened
         return None
     try:
         with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            head = f.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            if not 0 < size <= _HEADER_LIMIT:
-                return None
-            header = json.loads(f.read(size))
-        record = json.loads(header["__metadata__"]["fxstore"])
+            return _record_of(_header(f))
     except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+        return None
+
+
+def _header(f: BinaryIO) -> dict[str, Any]:
+    """The JSON header of an open safetensors file (at most safetensors' own limit).
+
+    Raises:
+        ValueError: not a safetensors header.
+    """
+    f.seek(0)
+    head = f.read(8)
+    size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    if not 0 < size <= _HEADER_LIMIT:
+        raise ValueError("not a safetensors header")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header")
+    return header
+
+
+def _record_of(header: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        record = json.loads(header["__metadata__"]["fxstore"])
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
@@ -167,17 +219,19 @@ def header_record(path: Path) -> dict[str, Any] | None:
 _HEADER_LIMIT = 100 << 20  # safetensors' own limit on a header
 
 
-def _check_record(path: Path, name: str, k: int, shard: dict[str, Any], digest: str) -> str | None:
-    """Whether the shard's own header names its place: shard index, first row, count and run (no data read)."""
-    record = header_record(path)
+def _check_record(record: dict[str, Any] | None, name: str, k: int, shard: dict[str, Any],
+                  digest: str) -> str | None:
+    """Whether a shard's own header record names its place: shard index, first row, count, run and inputs."""
     if record is None:
         return f"{name}: its header names no fxstore shard"
     said = (record.get("shard"), record.get("start"), record.get("count"))
     if said != (k, shard["start"], shard["count"]):
-        return f"{name}: its header says shard {said[0]} (rows from {said[1]}, {said[2]} of them), " \
+        return f"{name}: its header says shard {cut(said[0])} (rows from {cut(said[1])}, {cut(said[2])} of them), " \
                f"the manifest shard {k} (rows from {shard['start']}, {shard['count']})"
     if record.get("identity") not in (None, digest):  # None: written before shards named their run
         return f"{name}: its header names another run"
+    if "inputs" in record and record["inputs"] != shard.get("inputs"):  # no key: written before inputs were
+        return f"{name}: its header records other inputs than the manifest (a shard of another run over other data)"
     return None
 
 
@@ -207,11 +261,14 @@ _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.flo
           "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "C64": np.complex64}
 
 
-def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """Every tensor of a safetensors file as a read-only memory map (bfloat16 as uint16 bits)."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
+def mapped(source: Path | BinaryIO) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file (a path or an open file) as a read-only memory map (bfloat16 as
+    uint16 bits)."""
+    if not hasattr(source, "read"):
+        with open(source, "rb") as f:
+            return mapped(f)
+    header = _header(source)
+    size = source.tell() - 8
     arrays = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -219,7 +276,7 @@ def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
         begin, end = info["data_offsets"]
         dtype = np.dtype(_NUMPY[info["dtype"]])
         count = (end - begin) // dtype.itemsize
-        data = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)) if count else \
+        data = np.memmap(source, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)) if count else \
             np.zeros(0, dtype=dtype)
         arrays[key] = (data.reshape(info["shape"]), info["dtype"])
     return arrays
