@@ -232,6 +232,37 @@ def test_a_loader_whose_folder_was_overwritten_refuses(tmp_path, reference, shuf
         list(DataLoader(loader, batch_size=None, num_workers=workers))
 
 
+def test_a_folder_changed_while_a_load_checks_it_is_refused(tmp_path, reference, sibling, monkeypatch):
+    from fxstore.dataset import _snapshot
+
+    out = finished(tmp_path, "safetensors", reference)
+    check = _snapshot.check_folder
+
+    def racing(*args, **kwargs):  # another process copies a shard in while the load checks the folder
+        problems = check(*args, **kwargs)
+        _copy_sibling_shard(out, sibling)
+        return problems
+
+    monkeypatch.setattr(_snapshot, "check_folder", racing)
+    with pytest.raises(OutputError, match="changed while it was being checked"):
+        load_features(out)
+
+
+def test_an_npy_file_of_a_sibling_run_is_read_by_plain_loads_a_documented_limit(tmp_path, reference):
+    out, other = finished(tmp_path / "a", "npy", reference), tmp_path / "b"
+    run(other, "npy", data=shifted())
+    shutil.copy(other / "fc.npy", out / "fc.npy")  # same identity, shape and size; other inputs
+    with torch.no_grad():
+        theirs = toy_model()(torch.stack([shifted()[i][0] for i in range(N)])).numpy()
+    np.testing.assert_array_equal(load_features(out)["fc"][:], theirs)  # measured: not caught without hashing
+    with pytest.raises(OutputError, match="fc.npy: rows 0-7 fail their checksum"):
+        load_features(out, verify=True)
+    with pytest.raises(OutputError, match="every row fails the checksums"):
+        run(out, "npy")  # not this run's file: never overwritten unasked
+    run(out, "npy", overwrite=True)
+    assert_identical(out, "npy", reference)
+
+
 # -- 3: raw errors and hangs become fxstore errors -------------------------------------------------------------
 
 

@@ -68,22 +68,23 @@ class Snapshot:
 
     def __init__(self, out: str | Path, verify: bool = False) -> None:
         self.out = Path(out)
+        before = self._pins([MANIFEST])  # a run that rewrites the folder replaces the manifest file too
         self.manifest = read_manifest(out)
         self.format = formats.get(self.manifest["format"])
         self.names = self.format.file_names(self.manifest)
-        pins = self._pins()
+        pins = self._pins([MANIFEST, *self.names])
         problems = check_folder(self.out, self.manifest, checksums=verify)
         if problems:
             raise OutputError(f"'{cut(out)}' does not match its manifest: {cut_list(problems)}.\n{_REPAIR}")
-        if self._pins() != pins:
+        if self._pins([MANIFEST, *self.names]) != pins or pins[MANIFEST] != before[MANIFEST]:
             raise OutputError(f"'{cut(out)}' changed while it was being checked (a run or repair is writing it?).\n"
                               "Hint: wait for that run to finish, then open the folder again.")
         self.pins = pins
         self._arrays = list(formats.arrays_of(self.manifest))
 
-    def _pins(self) -> dict[str, tuple[int, int, int, int] | None]:
+    def _pins(self, names: list[str]) -> dict[str, tuple[int, int, int, int] | None]:
         found = {}
-        for name in self.names:
+        for name in names:
             info = plain_stat(self.out / name)
             found[name] = None if info is None else file_key(info)
         return found
