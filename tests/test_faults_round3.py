@@ -485,3 +485,34 @@ def test_many_bad_files_are_listed_with_a_count(tmp_path):
     with pytest.raises(OutputError, match=r"shard-00007.safetensors: missing; \.\.\. and 4 more\.\n") as error:
         load_features(tmp_path)
     assert str(error.value).count("missing") == 8
+
+
+# -- remaining limits, measured ------------------------------------------------------------------------------
+
+
+def test_a_one_shard_npy_file_damaged_in_every_row_is_refused_as_someones_a_documented_limit(tmp_path):
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    run(out, "npy", data=Images(8))  # one shard
+    run(clean, "npy", data=Images(8))
+    path = out / "fc.npy"
+    _flip(path, path.stat().st_size - 1)  # its one shard fails its one checksum: every checksum
+    with pytest.raises(OutputError, match="every row fails the checksums"):
+        run(out, "npy", data=Images(8))
+    run(out, "npy", data=Images(8), overwrite=True)
+    assert shard_bytes(out) == shard_bytes(clean)
+
+
+def test_a_file_rewritten_in_place_keeping_its_size_and_time_is_not_seen_by_a_handle_a_documented_limit(tmp_path,
+                                                                                                          reference):
+    out = finished(tmp_path, "npy", reference)
+    feats = load_features(out)
+    path = out / "fc.npy"
+    info = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-4:] = np.float32(123.0).tobytes()  # the last value of the last row
+    with open(path, "r+b") as f:  # in place: the same inode and size
+        f.write(bytes(data))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))  # and the time it had
+    assert feats["fc"][N - 1, 9] == 123.0  # read: the pin sees the same file
+    with pytest.raises(OutputError, match="fc.npy: rows 16-23 fail their checksum"):
+        load_features(out, verify=True)
