@@ -382,6 +382,19 @@ def test_an_npy_file_whose_header_was_damaged_is_recomputed_by_the_same_command(
     assert_identical(out, "npy", reference)
 
 
+def test_a_safetensors_header_with_wrong_data_offsets_is_refused_then_repaired(tmp_path, reference):
+    out = finished(tmp_path, "safetensors", reference)
+    path = out / "shard-00001.safetensors"
+    data = path.read_bytes()
+    assert data.count(b'"data_offsets":[0,') == 1
+    path.write_bytes(data.replace(b'"data_offsets":[0,', b'"data_offsets":[4,'))  # same length, rows shifted
+    for read in (load_features, lambda o: BatchLoader(o, batch_size=5)):
+        with pytest.raises(OutputError, match="shard-00001.safetensors: '.*' has data offsets .* that do not hold it"):
+            read(out)
+    run(out, "safetensors")  # its header still names the run: recognised, recomputed
+    assert_identical(out, "safetensors", reference)
+
+
 @pytest.mark.parametrize("how", ["deleted", "forged"])
 def test_the_kept_copy_of_an_npy_manifest_is_checked_and_restored(tmp_path, reference, how):
     out = finished(tmp_path, "npy", reference)

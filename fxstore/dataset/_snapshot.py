@@ -14,6 +14,7 @@ already open keep giving the run they belong to. A reader never mixes two runs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -51,7 +52,8 @@ def _kept_copy(root: Path, manifest: dict[str, Any]) -> list[str]:
         return [f"{CLAIM}: missing (the copy of {MANIFEST} that keeps the .npy files claimed if it is lost)"]
     except (OSError, ValueError):
         return [f"{CLAIM}: not readable JSON (the copy of {MANIFEST} that keeps the .npy files claimed)"]
-    return [] if kept == manifest else [f"{CLAIM}: differs from {MANIFEST} (it must be its copy)"]
+    same = kept == json.loads(json.dumps(manifest))  # as JSON: a manifest in memory may hold tuples
+    return [] if same else [f"{CLAIM}: differs from {MANIFEST} (it must be its copy)"]
 
 
 class Snapshot:

@@ -15,13 +15,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..folder.checksums import ALGORITHM, digest_bytes, identity_digest, is_digest
-from ..folder.files import atomic_write, cut, plain_stat
+from ..folder.files import atomic_write, cut, open_plain, plain_stat
 from ..folder.names import SHARD_PATTERN, shard_file
 from .base import ArraySpec, Claims, Sink, arrays_of, check_file
 
@@ -71,15 +69,18 @@ class SafetensorsSink(Sink):
 
     @classmethod
     def verify(cls, root: Path, manifest: dict[str, Any], checksums: bool) -> list[str]:
-        arrays, problems = arrays_of(manifest), []
-        digest = identity_digest(manifest["identity"])
+        problems = []
         for k, shard in enumerate(manifest["shards"]):
             name, path = shard["file"], root / shard["file"]
             problem = check_file(path, name, shard["bytes"], shard[ALGORITHM] if checksums else None)
             if problem is None:
-                problem = _check_header(path, name, arrays, shard["count"])
-            if problem is None:
-                problem = _check_record(header_record(path), name, k, shard, digest)
+                try:
+                    fd, _ = open_plain(path)  # lstat first, O_NONBLOCK: a FIFO swapped in is never waited on
+                except OSError as e:
+                    problem = f"{name}: cannot be opened ({e.strerror or type(e).__name__})"
+                else:
+                    with open(fd, "rb") as f:
+                        problem = cls.check_open(f, name, manifest, k)
             if problem is not None:
                 problems.append(problem)
         return problems
@@ -87,19 +88,21 @@ class SafetensorsSink(Sink):
     @classmethod
     def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
         """Why the open shard ``k`` is not the one the manifest lists: its header's index, rows, run and
-        inputs, and its arrays' shapes and dtypes (no data read)."""
+        inputs, and its arrays' shapes, dtypes and places in the file (no data read)."""
         shard = manifest["shards"][k]
         try:
             header = _header(f)
+            data = os.fstat(f.fileno()).st_size - f.tell()  # the bytes after the header
         except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
             return f"{name}: not a readable safetensors file"
-        problem = _check_record(_record_of(header), name, k, shard, identity_digest(manifest["identity"]))
         for key, entry in arrays_of(manifest).items():
-            info = header.get(key)
-            if problem is None and not (isinstance(info, dict) and info.get("shape") == [shard["count"], *entry["shape"]]
-                                        and _ST_DTYPES.get(info.get("dtype")) == entry["dtype"]):
-                problem = f"{name}: {key!r} is not {[shard['count'], *entry['shape']]} {entry['dtype']}"
-        return problem
+            expected = [shard["count"], *entry["shape"]]
+            if key not in header:
+                return f"{name}: holds no array {cut(key)!r}"
+            problem = _check_array(header[key], expected, entry["dtype"], data)
+            if problem is not None:
+                return f"{name}: {cut(key)!r} {problem}, the manifest says {expected} {entry['dtype']}"
+        return _check_record(_record_of(header), name, k, shard, identity_digest(manifest["identity"]))
 
     @staticmethod
     def map_open(f: BinaryIO, key: str) -> np.ndarray:
@@ -108,9 +111,13 @@ class SafetensorsSink(Sink):
 
     @staticmethod
     def read_open(f: BinaryIO) -> dict[str, torch.Tensor]:
-        """Every array of an open shard file, read into memory."""
-        f.seek(0)
-        return safetensors_load(f.read())
+        """Every array of an open shard file, as tensors over a private (copy-on-write) memory map of it, as
+        ``safetensors.torch.load_file`` gives them: pages are read when used, from the file that was opened."""
+        tensors = {}
+        for key, (array, kind) in mapped(f, mode="c").items():
+            tensor = torch.from_numpy(array)
+            tensors[key] = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
+        return tensors
 
     @staticmethod
     def sources(root: Path, manifest: dict[str, Any], key: str) -> list[tuple[Path, int]]:
@@ -235,19 +242,18 @@ def _check_record(record: dict[str, Any] | None, name: str, k: int, shard: dict[
     return None
 
 
-def _check_header(path: Path, name: str, arrays: dict[str, dict[str, Any]], count: int) -> str | None:
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key, entry in arrays.items():
-                if key not in f.keys():
-                    return f"{name}: holds no array {key!r}"
-                shape = f.get_slice(key).get_shape()
-                dtype = str(f.get_slice(key).get_dtype())
-                if list(shape) != [count, *entry["shape"]] or _ST_DTYPES.get(dtype) != entry["dtype"]:
-                    return f"{name}: {key!r} is {shape} {dtype}, the manifest says {[count, *entry['shape']]} " \
-                           f"{entry['dtype']}"
-    except Exception as e:  # noqa: BLE001 - safetensors' own error on a damaged header
-        return f"{name}: not a readable safetensors file ({type(e).__name__})"
+def _check_array(info: Any, shape: list[int], dtype: str, data: int) -> str | None:
+    """Why a header's entry of one array is not ``shape`` ``dtype`` stored within the ``data`` bytes of the file."""
+    if not isinstance(info, dict) or _ST_DTYPES.get(info.get("dtype")) is None:
+        return "is not a tensor entry"
+    said = (info.get("shape"), _ST_DTYPES[info["dtype"]])
+    if said != (shape, dtype):
+        return f"is {cut(said[0])} {said[1]}"
+    offsets = info.get("data_offsets")
+    size = np.dtype(_NUMPY[info["dtype"]]).itemsize * int(np.prod(shape, dtype=np.int64))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data and offsets[1] - offsets[0] == size):
+        return f"has data offsets {cut(offsets)} that do not hold it"
     return None
 
 
@@ -261,12 +267,12 @@ _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.flo
           "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "C64": np.complex64}
 
 
-def mapped(source: Path | BinaryIO) -> dict[str, tuple[np.ndarray, str]]:
-    """Every tensor of a safetensors file (a path or an open file) as a read-only memory map (bfloat16 as
-    uint16 bits)."""
+def mapped(source: Path | BinaryIO, mode: str = "r") -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file (a path or an open file) as a memory map (bfloat16 as uint16 bits),
+    read-only (``mode="r"``) or private copy-on-write (``"c"``)."""
     if not hasattr(source, "read"):
         with open(source, "rb") as f:
-            return mapped(f)
+            return mapped(f, mode)
     header = _header(source)
     size = source.tell() - 8
     arrays = {}
@@ -276,7 +282,7 @@ def mapped(source: Path | BinaryIO) -> dict[str, tuple[np.ndarray, str]]:
         begin, end = info["data_offsets"]
         dtype = np.dtype(_NUMPY[info["dtype"]])
         count = (end - begin) // dtype.itemsize
-        data = np.memmap(source, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)) if count else \
+        data = np.memmap(source, dtype=dtype, mode=mode, offset=8 + size + begin, shape=(count,)) if count else \
             np.zeros(0, dtype=dtype)
         arrays[key] = (data.reshape(info["shape"]), info["dtype"])
     return arrays
