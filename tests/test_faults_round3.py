@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -435,6 +437,42 @@ def test_a_stale_lock_left_by_a_kill_is_removed_by_the_next_run(tmp_path, refere
     (out / ".fxstore-lock").write_bytes(content)  # what a SIGKILL right after creating (or writing) it leaves
     run(out, "safetensors")
     assert not (out / ".fxstore-lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*reference["safetensors"][1], "manifest.json"])
+    assert_identical(out, "safetensors", reference)
+
+
+_KILLED = """
+import os, signal, sys
+from fxstore.dataset.folder import files, lock
+
+def killed_after(original, name):
+    def call(*args):
+        result = original(*args)
+        if name in str(args[-1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return call
+
+if sys.argv[2] == "lock":
+    lock._open_lock = killed_after(lock._open_lock, ".fxstore-lock")
+else:
+    files.create_exclusive = killed_after(files.create_exclusive, ".fxstore-probe")
+import dataset_helpers
+dataset_helpers.run_extraction(sys.argv[1], "safetensors", 0.0, 24)
+"""
+
+
+@pytest.mark.parametrize("point", ["lock", "probe"])
+def test_a_sigkill_right_after_the_lock_or_probe_is_created_leaves_a_folder_the_next_run_cleans(tmp_path, reference,
+                                                                                                 point):
+    out = finished(tmp_path, "safetensors", reference)
+    helpers = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(helpers), *sys.path]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _KILLED, str(out), point], env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert (out / f".fxstore-{point}").exists()  # what the kill left
+    run(out, "safetensors")
+    assert not (out / ".fxstore-lock").exists() and not (out / ".fxstore-probe").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([*reference["safetensors"][1], "manifest.json"])
     assert_identical(out, "safetensors", reference)
 
