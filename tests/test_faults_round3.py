@@ -250,6 +250,21 @@ def test_a_folder_changed_while_a_load_checks_it_is_refused(tmp_path, reference,
         load_features(out)
 
 
+def test_a_file_removed_while_verify_reads_it_is_an_fxstore_error(tmp_path, reference, monkeypatch):
+    from fxstore.dataset.formats import base
+
+    out = finished(tmp_path, "safetensors", reference)
+    digest = base.digest_file
+
+    def removed_first(path, *args):  # another process deletes the shard between its lstat and its read
+        Path(path).unlink(missing_ok=True)
+        return digest(path, *args)
+
+    monkeypatch.setattr(base, "digest_file", removed_first)
+    with pytest.raises(OutputError, match="changed while it was being checked"):
+        load_features(out, verify=True)
+
+
 def test_an_npy_file_of_a_sibling_run_is_read_by_plain_loads_a_documented_limit(tmp_path, reference):
     out, other = finished(tmp_path / "a", "npy", reference), tmp_path / "b"
     run(other, "npy", data=shifted())

@@ -75,12 +75,14 @@ class Snapshot:
         self.format = formats.get(self.manifest["format"])
         self.names = self.format.file_names(self.manifest)
         pins = self._pins([MANIFEST, *self.names])
-        problems = check_folder(self.out, self.manifest, checksums=verify)
+        try:
+            problems = check_folder(self.out, self.manifest, checksums=verify)
+        except OSError as e:  # a file removed or cut short while it was read
+            raise self._racing() from e
         if problems:
             raise OutputError(f"'{cut(out)}' does not match its manifest: {cut_list(problems)}.\n{_REPAIR}")
         if self._pins([MANIFEST, *self.names]) != pins or pins[MANIFEST] != before[MANIFEST]:
-            raise OutputError(f"'{cut(out)}' changed while it was being checked (a run or repair is writing it?).\n"
-                              "Hint: wait for that run to finish, then open the folder again.")
+            raise self._racing()
         self.pins = pins
         self._arrays = list(formats.arrays_of(self.manifest))
 
@@ -90,6 +92,10 @@ class Snapshot:
             info = plain_stat(self.out / name)
             found[name] = None if info is None else file_key(info)
         return found
+
+    def _racing(self) -> OutputError:
+        return OutputError(f"'{cut(self.out)}' changed while it was being checked (a run or repair is writing it?).\n"
+                           "Hint: wait for that run to finish, then open the folder again.")
 
     def _changed(self, name: str, now: str) -> OutputError:
         return OutputError(
