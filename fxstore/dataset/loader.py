@@ -44,7 +44,8 @@ class BatchLoader(IterableDataset):
     Every shard is checked as ``load_features`` checks it when the loader is made (sizes, headers,
     the manifest against its run identity), and again each time it is read (the very file that was
     checked, its header naming its place, run and inputs): a folder rewritten or damaged meanwhile
-    is refused with an ``OutputError`` naming the shard, never read in part.
+    is refused with an ``OutputError`` naming the shard when it is reached; every row yielded before
+    is the run's own (never a mix of two runs).
 
     Raises:
         OutputError: the folder holds no finished extraction, or a shard does not match its manifest
