@@ -248,7 +248,7 @@ def _check_array(info: Any, shape: list[int], dtype: str, data: int) -> str | No
         return "is not a tensor entry"
     said = (info.get("shape"), _ST_DTYPES[info["dtype"]])
     if said != (shape, dtype):
-        return f"is {cut(said[0])} {said[1]}"
+        return f"is {cut(said[0])} {info['dtype']}"
     offsets = info.get("data_offsets")
     size = np.dtype(_NUMPY[info["dtype"]]).itemsize * int(np.prod(shape, dtype=np.int64))
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
