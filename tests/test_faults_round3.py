@@ -582,3 +582,25 @@ def test_a_file_rewritten_in_place_keeping_its_size_and_time_is_not_seen_by_a_ha
     assert feats["fc"][N - 1, 9] == 123.0  # read: the pin sees the same file
     with pytest.raises(OutputError, match="fc.npy: rows 16-23 fail their checksum"):
         load_features(out, verify=True)
+
+
+def test_verify_counts_problems_not_more_damaged_files_than_the_folder_holds(tmp_path, capsys):
+    """Round three, item 9: every damaged file plus the manifest's own problems never reads "6 of 4 data files"."""
+    from fxstore.cli import main
+    from fxstore.dataset import data_files, read_manifest, verify_folder
+
+    out = tmp_path / "run"
+    run(out, "safetensors")
+    manifest = read_manifest(out)
+    files = data_files(manifest)
+    for shard in sorted(out.glob("*.safetensors")):
+        raw = bytearray(shard.read_bytes())
+        raw[-1] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    (out / ".fxstore-files.json").write_text("{}")
+    problems = verify_folder(out, manifest)
+    assert len(problems) > 0
+    assert main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{len(problems)} problem" in err and f"({files} data files)" in err
+    assert f"of {files} data files" not in err

@@ -204,7 +204,8 @@ def _verify(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(f"BAD {problem}")
-        print(f"fxstore verify: error: {len(problems)} of {files} data files of {args.out} are damaged. "
+        found = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        print(f"fxstore verify: error: {found} in {args.out} ({files} data files). "
               "Hint: run the same extraction again: it recomputes what is damaged.", file=sys.stderr)
         return 1
     print(f"OK {args.out}: {files} data files, {manifest['num_samples']} samples, every {manifest['checksum']} "
