@@ -31,6 +31,7 @@ from .errors import (
     OutputError,
     TraceError,
 )
+from .generation import steering_vectors
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
@@ -66,6 +67,7 @@ __all__ = [
     "Scale",
     "Apply",
     "patch_sweep",
+    "steering_vectors",
     "OutputError",
 ]
 
