@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..capture import FeatureExtractor, Layers, canonical_specs, spec_label
+from ..capture import FeatureExtractor, Layers, build_cache, canonical_specs, spec_label
 from ..errors import ConfigError
 
 __all__ = ["steering_vectors"]
@@ -119,10 +119,11 @@ def steering_vectors(
             "steering_vectors: method='pca' needs at least two pairs (the differences are centred, so one pair "
             "has no variance).\nHint: add pairs, or use method='mean_diff'."
         )
-    labels = [alias or spec_label(spec) for spec, alias in canonical_specs(layers, model)]
+    specs = canonical_specs(layers, model)
+    labels = [alias or spec_label(spec) for spec, alias in specs]
     if not labels:
         raise ConfigError("steering_vectors: no layers given.\nHint: pass e.g. ['model.layers.6'].")
-    values = _read(model, pos + neg, layers, labels, position, batch_size)
+    values = _read(model, pos + neg, layers, (tuple(specs), labels), position, batch_size)
     n = len(pos)
     return {label: _reduce(values[label][:n] - values[label][n:], method, label).to(values[label].dtype)
             for label in labels}
@@ -163,9 +164,14 @@ def _sequences(examples: Any, name: str, tokenizer: Any) -> list[torch.Tensor]:
     return out
 
 
-def _read(model: nn.Module, sequences: list[torch.Tensor], layers: Layers, labels: list[str], position: int | str,
-          batch_size: int) -> dict[str, torch.Tensor]:
-    """Each layer's value of every sequence at ``position``: ``{label: [len(sequences), ...]}``."""
+def _read(model: nn.Module, sequences: list[torch.Tensor], layers: Layers, selection: tuple[Any, list[str]],
+          position: int | str, batch_size: int) -> dict[str, torch.Tensor]:
+    """Each layer's value of every sequence at ``position``: ``{label: [len(sequences), ...]}``.
+
+    ``selection`` is ``(canonical specs, labels)``; the extractor comes from ``build_cache``, under the key
+    ``patch_sweep`` reads its clean values with (the two share it).
+    """
+    specs, labels = selection
     for i, ids in enumerate(sequences):
         if position != "mean" and not -len(ids) <= position < len(ids):  # type: ignore[operator]
             raise ConfigError(
@@ -195,7 +201,8 @@ def _read(model: nn.Module, sequences: list[torch.Tensor], layers: Layers, label
             mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
             inputs = ((), {"input_ids": ids, "attention_mask": mask, **extra}) if masked else ((ids,), extra)
             if extractor is None:
-                extractor = FeatureExtractor(model, layers, keep_output=False, example_inputs=inputs)
+                extractor = build_cache.get(model, ("features", specs, "auto"), lambda m, inputs=inputs: FeatureExtractor(
+                    m, layers, keep_output=False, example_inputs=inputs))
             _, features = extractor(*inputs[0], **inputs[1])
             for label in labels:
                 value = _one(extractor, features, label, ids.shape)
