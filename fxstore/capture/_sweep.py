@@ -150,20 +150,13 @@ def patch_sweep(
     patched, run = build_cache.get(model, ("patch_sweep: patch", specs, frontend, batch_size, compile_key), build)
     for i, (value, mask) in enumerate(zip(values, masks)):
         _write(patched.edits[_label(patched, i)], t0=value, t1=mask)
-    cells = [(i, j) for i in range(len(layers)) for j in range(cells_per_layer)]
+    cells = len(layers) * cells_per_layer
+    every = _all_masks(masks, positions, cells_per_layer, -(-cells // batch_size) * batch_size)
     results = []
     with torch.no_grad():
-        for start in range(0, len(cells), batch_size):
-            chunk = cells[start:start + batch_size]
-            for i, mask in enumerate(masks):
-                new = torch.zeros_like(mask)
-                for row, (cell_layer, j) in enumerate(chunk):
-                    if cell_layer == i:
-                        if positions is None:
-                            new[row] = True
-                        else:
-                            new[row, positions[j]] = True
-                patched.edits[_label(patched, i)].update(t1=new)
+        for start in range(0, cells, batch_size):
+            for i, rows in enumerate(every):
+                patched.edits[_label(patched, i)].update(t1=rows[start:start + batch_size])
             scores = metric(run(*rows_in[0], **rows_in[1])[0])
             if not isinstance(scores, torch.Tensor) or scores.shape[:1] != (batch_size,) or scores.dim() != 1:
                 got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -171,9 +164,28 @@ def patch_sweep(
                     f"patch_sweep: metric returned {got} for a batch of {batch_size} rows; it must return one "
                     "value per row.\nHint: e.g. lambda logits: logits[:, -1, a] - logits[:, -1, b]."
                 )
-            results.append(scores[: len(chunk)].detach())
+            results.append(scores[: min(batch_size, cells - start)].detach())
     grid = torch.cat(results)
     return grid if positions is None else grid.reshape(len(layers), cells_per_layer)
+
+
+def _all_masks(masks: list[torch.Tensor], positions: list[int] | None, per_layer: int,
+               rows: int) -> list[torch.Tensor]:
+    """Per layer, the patch masks of every cell, one row each (``rows`` of them, the last batch padded):
+    cell ``i * per_layer + j`` patches layer ``i`` at ``positions[j]`` (the whole value without positions)."""
+    device = masks[0].device
+    cell_layer = torch.arange(len(masks), device=device).repeat_interleave(per_layer)
+    out = []
+    for i, mask in enumerate(masks):
+        full = torch.zeros((rows, *mask.shape[1:]), dtype=torch.bool, device=device)
+        mine = torch.nonzero(cell_layer == i).flatten()
+        if positions is None:
+            full[mine] = True
+        else:
+            where = torch.tensor(positions, device=device).remainder(mask.shape[1])
+            full[mine, where] = True
+        out.append(full)
+    return out
 
 
 def _write(edit: Edit, **tensors: torch.Tensor) -> None:
