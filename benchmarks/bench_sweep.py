@@ -153,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--floor-only", action="store_true",
                         help="time patch_sweep against the floor only (no nnsight, no hook loop)")
+    parser.add_argument("--sizes", default="6x256,12x512", help="model sizes, layers x width (of 6x256, 12x512)")
     parser.add_argument("--tag", default="", help="a word added to the result's file name (e.g. 'before')")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sizes = [(6, 256, 4, [0, 1, 2, 3, 4, 5]), (12, 512, 8, [0, 2, 4, 6, 8, 10])]
+    known = {"6x256": (6, 256, 4, [0, 1, 2, 3, 4, 5]), "12x512": (12, 512, 8, [0, 2, 4, 6, 8, 10])}
+    sizes = [known[size] for size in args.sizes.split(",")]
     tokens, batch, reps = 16, 16, args.reps
     if args.quick:
         sizes, tokens, batch, reps = [(2, 32, 2, [0, 1])], 4, 4, 2
@@ -164,25 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(torch.device("cpu"), torch.get_num_threads(), command)
     print(f"# bench_sweep: torch {torch.__version__}, {info['cpu']}, {torch.get_num_threads()} threads, "
           f"load {info['load_average'][0]:.1f} (a shared machine: other processes ran during the run)", flush=True)
-    results = []
+    results: list[dict[str, Any]] = []
+    tag = f"-{args.tag}" if args.tag else ""
+    path = RESULTS / f"sweep-cpu-{info['date'].split(' ')[0]}-{info['commit'][:12]}{tag}.json"
     for layers, width, heads, blocks in sizes:
         print(f"\n## GPT-2 {layers}x{width}, {len(blocks)} blocks x {tokens} positions, batch {batch}, {reps} reps",
               flush=True)
         result = case(layers, width, heads, blocks, tokens, batch, reps, others=not args.floor_only)
+        result["load_average_after"] = os.getloadavg()
         results.append(result)
         floor = result["median_s"]["batched-forward floor"]
         print(f"  first patch_sweep call (builds):  {result['first_call_s']:8.3f} s", flush=True)
         for name, median in result["median_s"].items():
             print(f"  {name:32s} {median:8.3f} s  {median / floor:6.2f}x floor", flush=True)
         print(f"  max |diff| to the hook loop: {result['max_abs_diff_to_hook_loop']}", flush=True)
-    load_end = os.getloadavg()
-    print(f"\nload at the end: {load_end[0]:.1f}", flush=True)
-    if args.save:
-        tag = f"-{args.tag}" if args.tag else ""
-        path = RESULTS / f"sweep-cpu-{info['date'].split(' ')[0]}-{info['commit'][:12]}{tag}.json"
-        path.write_text(json.dumps({"machine": info, "tag": args.tag, "load_average_at_end": load_end,
-                                    "result": results}, indent=2) + "\n")
-        print(f"saved {path}", file=sys.stderr)
+        if args.save:  # after every size: a long run interrupted keeps what it measured
+            path.write_text(json.dumps({"machine": info, "tag": args.tag, "result": results}, indent=2) + "\n")
+            print(f"saved {path}", file=sys.stderr)
+    print(f"\nload at the end: {os.getloadavg()[0]:.1f}", flush=True)
     return 0
 
 

@@ -126,14 +126,17 @@ class BuildCache:
         self.max_entries = int(max_entries)
         self._entries: collections.OrderedDict[tuple[int, Hashable], _Entry] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._dead: list[weakref.ref[nn.Module]] = []  # models gone, their entries not yet dropped
         self.builds = 0
         self.hits = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            self._purge()
+            return len(self._entries)
 
     def clear(self) -> None:
-        """Drop every value."""
+        """Drop every value (after changing what :func:`model_state` does not watch, such as ``model.config``)."""
         with self._lock:
             self._entries.clear()
 
@@ -155,6 +158,7 @@ class BuildCache:
         state = model_state(model)
         slot = (id(model), key)
         with self._lock:
+            self._purge()
             entry = self._entries.get(slot)
             if entry is not None and entry.model() is model and entry.state == state:
                 self._entries.move_to_end(slot)
@@ -171,11 +175,26 @@ class BuildCache:
             self._entries.move_to_end(slot)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
+            self._purge()
         return value
 
     def _forget(self, ref: weakref.ref[nn.Module]) -> None:
-        """The model behind ``ref`` is gone: drop its entries."""
-        with self._lock:
+        """The model behind ``ref`` is gone: drop its entries (now, unless the cache is busy).
+
+        A weakref callback runs wherever the collector runs, possibly inside :meth:`get` in this
+        very thread: it never waits for the lock, and leaves the entries to the next purge then.
+        """
+        self._dead.append(ref)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._purge()
+            finally:
+                self._lock.release()
+
+    def _purge(self) -> None:
+        """Drop the entries of models that are gone (the lock is held)."""
+        while self._dead:
+            ref = self._dead.pop()
             for slot in [s for s, e in self._entries.items() if e.model is ref]:
                 del self._entries[slot]
 
