@@ -46,52 +46,6 @@ def _sweep_checked(model: nn.Module, layers: list[str], length: int = T, seed: i
                                rtol=1e-5, atol=1e-5, check_dtype=False)
 
 
-def test_a_repeated_sweep_builds_nothing_new_whatever_the_length():
-    model = _gpt2()
-    _sweep_checked(model, LAYERS)
-    builds = build_cache.builds
-    for length, seed in ((T, 2), (T + 3, 3), (T, 5)):  # new pairs, other lengths: same extractors
-        _sweep_checked(model, LAYERS, length, seed)
-    assert build_cache.builds == builds
-
-
-def test_replacing_a_parameter_rebuilds_and_gives_the_new_models_grid():
-    model = _gpt2()
-    _sweep_checked(model, LAYERS)
-    builds = build_cache.builds
-    model.transformer.h[1].mlp.c_fc.weight = nn.Parameter(torch.randn_like(model.transformer.h[1].mlp.c_fc.weight))
-    _sweep_checked(model, LAYERS)
-    assert build_cache.builds == builds + 2  # the reader and the patcher
-
-
-def test_replacing_a_top_level_module_rebuilds():
-    model = _gpt2()
-    _sweep_checked(model, LAYERS)
-    builds = build_cache.builds
-    model.lm_head = nn.Linear(32, VOCAB, bias=True)  # the extractor mirrors top-level children: a stale one would differ
-    _sweep_checked(model, LAYERS)
-    assert build_cache.builds == builds + 2
-
-
-def test_in_place_changes_and_load_state_dict_need_no_rebuild_and_read_the_new_values():
-    model = _gpt2()
-    _sweep_checked(model, LAYERS)
-    builds = build_cache.builds
-    with torch.no_grad():
-        model.transformer.h[0].attn.c_attn.weight.mul_(3.0)
-    _sweep_checked(model, LAYERS)
-    other = _gpt2()
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(torch.randn_like(p))
-    model.load_state_dict(other.state_dict())
-    _sweep_checked(model, LAYERS)
-    assert build_cache.builds == builds
-    model.load_state_dict(_gpt2().state_dict(), assign=True)  # new parameter objects: rebuilt
-    _sweep_checked(model, LAYERS)
-    assert build_cache.builds == builds + 2
-
-
 class ModeScale(nn.Module):
     """Doubles its input in train mode: fx bakes ``self.training`` into the graph, so a stale program shows."""
 
@@ -112,25 +66,79 @@ class Tiny(nn.Module):
         return self.head(self.mode(h).cumsum(1))
 
 
-def test_a_mode_change_rebuilds_and_each_mode_gives_its_own_grid():
+def _tiny() -> nn.Module:
     torch.manual_seed(0)
-    model = Tiny().eval()
+    return Tiny().eval()
+
+
+TINY_LAYERS = ["block", "mode"]
+
+
+def test_a_repeated_sweep_builds_nothing_new_whatever_the_length():
+    model = _gpt2()
+    _sweep_checked(model, LAYERS)
+    builds = build_cache.builds
+    for length, seed in ((T, 2), (T + 3, 3), (T, 5)):  # new pairs, other lengths: same extractors
+        _sweep_checked(model, LAYERS, length, seed)
+    assert build_cache.builds == builds
+
+
+def test_replacing_a_parameter_rebuilds_and_gives_the_new_models_grid():
+    model = _gpt2()
+    _sweep_checked(model, LAYERS)
+    builds = build_cache.builds
+    model.transformer.h[1].mlp.c_fc.weight = nn.Parameter(torch.randn_like(model.transformer.h[1].mlp.c_fc.weight))
+    _sweep_checked(model, LAYERS)
+    assert build_cache.builds == builds + 2  # the reader and the patcher
+
+
+def test_replacing_a_top_level_module_rebuilds():
+    model = _tiny()
+    _sweep_checked(model, TINY_LAYERS)
+    builds = build_cache.builds
+    model.head = nn.Linear(16, VOCAB)  # the extractor mirrors top-level children: a stale one would differ
+    _sweep_checked(model, TINY_LAYERS)
+    assert build_cache.builds == builds + 2
+
+
+def test_in_place_changes_and_load_state_dict_need_no_rebuild_and_read_the_new_values():
+    model = _tiny()
+    _sweep_checked(model, TINY_LAYERS)
+    builds = build_cache.builds
+    with torch.no_grad():
+        model.block[0].weight.mul_(3.0)
+        model.head.bias.add_(1.0)
+    _sweep_checked(model, TINY_LAYERS)
+    other = _tiny()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    model.load_state_dict(other.state_dict())
+    _sweep_checked(model, TINY_LAYERS)
+    assert build_cache.builds == builds
+    model.load_state_dict(_tiny().state_dict(), assign=True)  # new parameter objects: rebuilt
+    _sweep_checked(model, TINY_LAYERS)
+    assert build_cache.builds == builds + 2
+
+
+def test_a_mode_change_rebuilds_and_each_mode_gives_its_own_grid():
+    model = _tiny()
     eval_builds = build_cache.builds
-    _sweep_checked(model, ["block", "mode"])
+    _sweep_checked(model, TINY_LAYERS)
     assert build_cache.builds == eval_builds + 2
     model.train()
-    _sweep_checked(model, ["block", "mode"])  # a stale eval program would halve every patched value
+    _sweep_checked(model, TINY_LAYERS)  # a stale eval program would halve every patched value
     model.mode.eval()  # one submodule's mode counts too
-    _sweep_checked(model, ["block", "mode"])
+    _sweep_checked(model, TINY_LAYERS)
     assert build_cache.builds == eval_builds + 6
 
 
 def test_a_dtype_change_rebuilds():
-    model = _gpt2()
-    _sweep_checked(model, LAYERS)
+    model = _tiny()
+    _sweep_checked(model, TINY_LAYERS)
     builds = build_cache.builds
     model.double()  # same parameter objects, new dtype
-    _sweep_checked(model, LAYERS)
+    _sweep_checked(model, TINY_LAYERS)
     assert build_cache.builds == builds + 2
 
 
