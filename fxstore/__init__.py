@@ -32,6 +32,7 @@ from .errors import (
     OutputError,
     TraceError,
 )
+from .generation import steering_vectors
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
@@ -73,6 +74,7 @@ __all__ = [
     "patch_sweep",
     "plot_patching",
     "plot_features",
+    "steering_vectors",
     "OutputError",
 ]
 
