@@ -24,6 +24,7 @@ from ._keys import grad_key
 from ._policy import StoragePolicy
 from ._program import GraphRun, Program, TraceReport
 from ._selection import resolve
+from ._selfcheck import module_sites
 from ._tracing import TraceOptions, trace
 
 __all__ = ["FRONTENDS", "Request", "build", "build_fx", "build_export", "build_partial", "first_line"]
@@ -131,7 +132,8 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
     grad_keys = tuple(grad_key(s.key) for s in tapped)
     run = GraphRun(_rewrite.code_module(graph), keys, grad_keys, request.policy.keep_output)
     report = TraceReport("fx", tuple(traced.names.values()), {}, {}, tuple(traced.module_calls))
-    return Program.from_selection(run, selected, tapped, report, graph=graph, reference=reference)
+    return Program.from_selection(run, selected, tapped, report, graph=graph, reference=reference,
+                                  sites=module_sites(traced, selected))
 
 
 def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
@@ -150,7 +152,7 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         if not first:  # the self-check's reference is the graph before the rewrite, as in build_fx
             reference = None if request.policy.keep_output and not sites else _ExportReference(
                 _rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec)
-            first.update(selected=selected, tapped=tapped, reference=reference)
+            first.update(selected=selected, tapped=tapped, reference=reference, sites=module_sites(traced, selected))
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
                          request.policy, sites)
         code = type(_rewrite.code_module(traced.graph)).forward
@@ -161,7 +163,7 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
     report = TraceReport("export", tuple(exported.traced.names.values()), dict(failures), {},
                          tuple(exported.traced.module_calls))
     return Program.from_selection(runner, first["selected"], first["tapped"], report,
-                                  graph=exported.traced.graph, reference=first["reference"])
+                                  graph=exported.traced.graph, reference=first["reference"], sites=first["sites"])
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
@@ -176,7 +178,8 @@ def build_partial(request: Request, training: bool, strict: bool, failures: dict
                          tuple(plan.traced.module_calls))
     run = _PartialRun(runner, request.policy.keep_output)
     reference = None if request.policy.keep_output and not sites else _PartialRun(runner, True).output
-    return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference)
+    return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference,
+                                  sites=module_sites(plan.traced, selected))
 
 
 class _ReferenceRun:

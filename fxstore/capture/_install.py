@@ -21,8 +21,8 @@ from . import _frontends
 from ._calls import with_defaults
 from ._frontends import FRONTENDS, Request
 from ._program import Program, TraceReport
-from ._selection import Layers, canonical_specs
-from ._selfcheck import Snapshot, compare
+from ._selection import Layers, canonical_specs, spec_label
+from ._selfcheck import HookReference, Snapshot, check_features, compare, edit_calls, hooked_modules
 
 __all__ = ["Capture", "Inputs", "example_inputs", "checked_specs"]
 
@@ -76,6 +76,10 @@ def checked_specs(model: Any, layers: Layers | None, grads: Layers | None, keep_
             "Hint: keep the output (keep_output=True), or also store the layers the loss is computed from."
         )
     return specs, grad_specs
+
+
+class _PlainModelFailed(Exception):
+    """The plain model raised on the self-check's inputs (the cause): nothing to compare with."""
 
 
 class Capture:
@@ -179,39 +183,82 @@ class Capture:
                 real: bool) -> tuple[Program, Any]:
         """Check ``program`` against the plain model on ``inputs``; on a mismatch, move on.
 
-        With ``real=True`` the program's own run is the call's result (returned, so the
-        first call costs one extra forward of the plain model); otherwise every trial
-        run is undone. Returns the program that passed and the call's result, if run.
+        The plain model runs with forward hooks on the same model object: the program's output,
+        every stored feature that is a module's output and (with edits) the edited output must
+        match, and every edit must run (:mod:`._selfcheck`). With ``real=True`` the program's own
+        run is the call's result (returned); otherwise every trial run is undone. Returns the
+        program that passed and the call's result, if run.
         """
         if not self.verify:
             return program, None
-        args, kwargs = inputs
         while True:
-            state = Snapshot(self.model, inputs)
             try:
-                expected = self._plain_output(inputs, training)
-            except Exception as e:  # the plain model fails on these inputs: nothing to compare with
+                ok, verdict, checked, result = self._trial(owner, program, inputs, training, real)
+            except _PlainModelFailed as e:
                 program.report = dataclasses.replace(
-                    program.report, verified=f"skipped: the plain model raised {type(e).__name__}")
+                    program.report, verified=f"skipped: the plain model raised {type(e.__cause__).__name__}")
                 return program, None
-            finally:
-                state.restore()
-            kept = real and program.reference is None  # the trial run is the call itself
-            result = program.run(owner, args, kwargs) if kept else None
-            if kept:
-                actual = result[0]
-            else:
-                with torch.no_grad():
-                    actual = (program.reference(owner, args, kwargs) if program.reference is not None
-                              else program.run(owner, args, kwargs)[0])
-            ok, verdict = compare(expected, actual)
-            if not (kept and ok):
-                state.restore()
             if ok:
-                program.report = dataclasses.replace(program.report, verified=verdict)
+                program.report = dataclasses.replace(program.report, verified=verdict, checked=checked)
                 program.reference = None
                 return program, result
             program = self._next_frontend(program, inputs, training, verdict)
+
+    def _trial(self, owner: nn.Module, program: Program, inputs: Inputs, training: bool,
+               real: bool) -> tuple[bool, str, str, Any]:
+        """One self-check of ``program``: ``(ok, verdict, what was checked, the call's result or None)``."""
+        args, kwargs = inputs
+        request = self.request
+        edits = {target: request.edit_modules[target] for _, target in request.edits}
+        hooked = {target: hooked_modules(self.model, spec, program.report.modules) for spec, target in request.edits}
+        by_path = {path: edits[target] for target, paths in hooked.items() for path in paths or ()}
+        sites = [site.module for site in program.sites.values()]
+        state = Snapshot(self.model, inputs)
+        plain = HookReference(self.model, sites, {})
+        try:
+            with plain.active():
+                expected = self._plain_output(inputs, training)
+            edited = None
+            if edits and all(paths is not None for paths in hooked.values()):
+                edited = HookReference(self.model, sites, by_path)
+                state.restore()
+                with edited.active():
+                    expected_edited = self._plain_output(inputs, training)
+        except Exception as e:  # the plain model fails on these inputs: nothing to compare with
+            raise _PlainModelFailed() from e
+        finally:
+            state.restore()
+        verdicts = []
+        if program.reference is not None:
+            with torch.no_grad():
+                verdicts.append(compare(expected, program.reference(owner, args, kwargs)))
+        with edit_calls(edits) as counts:
+            if real:
+                result = program.run(owner, args, kwargs)
+            else:
+                with torch.no_grad():
+                    result = program.run(owner, args, kwargs)
+        verdicts += [(False, f"the edit on '{spec_label(spec)}' was not applied (it never ran)")
+                     for spec, target in request.edits if counts[target] == 0]
+        reference = edited if edits else plain  # None: an edit on a node no hook sees, values not comparable
+        ok, verdict, compared = check_features(program.keys, result[1], program.sites, reference, request.policy)
+        verdicts.append((ok, verdict))
+        if program.reference is None:
+            verdicts.append(compare(expected, result[0]))
+        elif edited is not None and request.policy.keep_output:
+            verdicts.append(compare(expected_edited, result[0], "edited output",
+                                    "the model with the edits applied by forward hooks"))
+        failed = [v for ok, v in verdicts if not ok]
+        if failed or not real:
+            state.restore()
+        if failed:
+            return False, failed[0], "", None
+        close = [v for _, v in verdicts if v != "exact"]
+        checked = ["output", f"{compared} of {len(program.keys)} features against forward hooks on the model"]
+        if edits:
+            checked.append(f"{len(edits)} edit(s) ran" + (", their effect against forward hooks" if edited else
+                                                          " (an edit on a node no hook sees: effect not compared)"))
+        return True, close[0] if close else "exact", "; ".join(checked), result if real else None
 
     def _plain_output(self, inputs: Inputs, training: bool) -> Any:
         """The plain model's output, its top-level flag in ``training`` (the children are shared and set)."""

@@ -1,0 +1,219 @@
+"""Models as users load them: dispatched and offloaded by accelerate, wrapped by nnsight, carrying
+other libraries' instance ``forward`` wrappers or hooks, and the self-check that makes a capture
+that misses a layer or an edit fail loudly instead of returning fewer features.
+
+Every value is compared with a forward hook (or ``torch.autograd.grad``) on the same model object.
+"""
+
+import functools
+import tempfile
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import fxstore
+from fxstore import FeatureExtractor, LayerNotFoundError, TraceError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+VOCAB, HIDDEN = 64, 32
+
+
+def _llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _gpt2() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def offloaded():
+    """A Llama saved and loaded back with layer 0 offloaded to "cpu" and layer 1 to "disk"."""
+    folder, offload = tempfile.mkdtemp(), tempfile.mkdtemp()
+    _llama().save_pretrained(folder)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload)
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def nnsight_gpt2():
+    """A GPT-2 after ``nnsight.NNsight(model)`` ran a trace (nnsight leaves its forward on every module)."""
+    nnsight = pytest.importorskip("nnsight")
+    model = _gpt2()
+    wrapped = nnsight.NNsight(model)
+    with wrapped.trace(torch.randint(0, VOCAB, (1, 5))):
+        wrapped.transformer.h[1].output.save()
+    assert "forward" in vars(model.transformer.h[1])
+    return model
+
+
+def _hooked(model: nn.Module, ids: torch.Tensor, record: list[str], edits: dict) -> tuple[torch.Tensor, dict]:
+    """The model's logits and module outputs with ``edits`` ({path: fn}) applied by forward hooks."""
+    seen, handles = {}, []
+    for path in sorted(set(record) | set(edits)):
+        def hook(module, args, output, path=path):
+            if path in edits:
+                output = edits[path](output)
+            seen[path] = output.detach().clone()
+            return output
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, seen
+
+
+def test_offloaded_model_reads_and_edits_like_forward_hooks(offloaded):
+    ids = torch.randint(0, VOCAB, (2, 7))
+    vector = torch.randn(HIDDEN)
+    layers = ["model.layers.0", "model.layers.1"]
+    ex = FeatureExtractor(offloaded, layers, edits={"model.layers.1": fxstore.Add(vector)})
+    with torch.no_grad():
+        out, feats = ex(ids)
+    logits, seen = _hooked(offloaded, ids, layers, {"model.layers.1": lambda o: o + vector})
+    assert torch.equal(out.logits, logits)
+    assert set(feats) == set(layers)
+    for layer in layers:
+        assert torch.equal(feats[layer], seen[layer])
+    report = ex.trace_report
+    assert report.verified == "exact"
+    assert "2 of 2 features against forward hooks" in report.checked and "their effect" in report.checked
+    assert "wrapped by accelerate's AlignDevicesHook" in report.python_modules["model.layers.1"]
+    assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # the model is as it was
+
+
+def test_offloaded_model_gradients_equal_autograd(offloaded):
+    ids = torch.randint(0, VOCAB, (1, 6))
+    ex = FeatureExtractor(offloaded, grads=["model.layers.1"], frontend="partial")
+    out, feats = ex(ids)
+    out.logits.square().mean().backward()
+    seen = {}
+    handle = offloaded.model.layers[1].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+    try:
+        loss = offloaded(ids).logits.square().mean()
+    finally:
+        handle.remove()
+    (expected,) = torch.autograd.grad(loss, seen["h"])
+    torch.testing.assert_close(ex.gradients(feats)["model.layers.1"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_nnsight_wrapped_model_reads_and_edits_like_forward_hooks(nnsight_gpt2):
+    model = nnsight_gpt2
+    ids = torch.randint(0, VOCAB, (2, 5))
+    layers = ["transformer.h.0", "transformer.h.1"]
+    ex = FeatureExtractor(model, layers, edits={"transformer.h.0": fxstore.Replace(torch.zeros(HIDDEN))})
+    with torch.no_grad():
+        out, feats = ex(ids)
+    logits, seen = _hooked(model, ids, layers, {"transformer.h.0": torch.zeros_like})
+    assert torch.equal(out.logits, logits)
+    assert set(feats) == set(layers) and torch.equal(feats["transformer.h.1"], seen["transformer.h.1"])
+    assert not feats["transformer.h.0"].any()
+    assert ex.trace_report.verified == "exact"
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = _Block(), _Block(), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)))
+
+
+def _scaled_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Another library's instance-level wrapper: runs the module, then rescales its output."""
+    return type(module).forward(module, x) * 3.0
+
+
+def test_unknown_instance_wrapper_runs_as_a_leaf_with_its_output_stored_and_edited():
+    net = _Net().eval()
+    net.a.forward = functools.partial(_scaled_forward, net.a)
+    x = torch.rand(3, 4)
+    ex = FeatureExtractor(net, ["a", "b"], edits={"a": fxstore.Scale(0.5)})
+    out, feats = ex(x)
+    with torch.no_grad():
+        a = net.a(x) * 0.5
+        assert torch.equal(feats["a"], a) and torch.equal(out, net.head(net.b(a)))
+    assert ex.trace_report.verified == "exact" and "forward" in vars(net.a)
+    with pytest.raises(LayerNotFoundError):  # inside the wrapper: fxstore cannot see it
+        FeatureExtractor(net, ["a.fc"])
+
+
+def test_another_librarys_forward_hook_runs_on_real_values():
+    net = _Net().eval()
+    calls = []
+    handle = net.b.register_forward_hook(lambda m, args, out: calls.append(out.shape) or out + 1.0)
+    try:
+        x = torch.rand(5, 4)
+        out, feats = FeatureExtractor(net, ["b", "head"])(x)
+        calls.clear()
+        with torch.no_grad():
+            expected = net(x)
+        assert calls == [torch.Size([5, 4])]
+        assert torch.equal(out, expected) and torch.equal(feats["head"], expected)
+        assert torch.equal(feats["b"], net.b(net.a(x)))  # the hook's result is the module's output
+    finally:
+        handle.remove()
+
+
+class _Detour(nn.Module):
+    """Calls its child through a bound method kept from ``__init__`` (a partial capture's blind spot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = _Block()
+        self.run = self.inner.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 4:  # shape-dependent: torch.fx cannot trace the top level, torch.export can
+            x = x + 1
+        return self.run(x)
+
+
+def test_self_check_refuses_a_capture_that_misses_a_stored_layer():
+    with pytest.raises(TraceError, match="feature 'inner.fc' was not produced"):
+        FeatureExtractor(_Detour(), ["inner.fc"], frontend="partial")(torch.rand(2, 4))
+
+
+def test_self_check_refuses_an_edit_that_never_ran():
+    with pytest.raises(TraceError, match="the edit on 'inner.act' was not applied"):
+        FeatureExtractor(_Detour(), edits={"inner.act": fxstore.Scale(2.0)}, frontend="partial")(torch.rand(2, 4))
+
+
+def test_auto_falls_back_past_a_capture_that_misses_a_layer():
+    model = _Detour()
+    x = torch.rand(2, 4)
+    ex = FeatureExtractor(model, ["inner.fc"])
+    out, feats = ex(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+        assert torch.equal(feats["inner.fc"], model.inner.fc(x + 1))
+    assert ex.trace_report.frontend == "export" and "1 of 1 features" in ex.trace_report.checked
