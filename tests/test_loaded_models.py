@@ -217,3 +217,63 @@ def test_auto_falls_back_past_a_capture_that_misses_a_layer():
         assert torch.equal(out, model(x))
         assert torch.equal(feats["inner.fc"], model.inner.fc(x + 1))
     assert ex.trace_report.frontend == "export" and "1 of 1 features" in ex.trace_report.checked
+
+
+@pytest.fixture(scope="module")
+def lora_gpt2():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    return peft.get_peft_model(_gpt2(), config)
+
+
+def test_peft_lora_reads_edits_and_trains_its_adapters(lora_gpt2):
+    model = lora_gpt2.train()
+    model.base_model.model.transformer.drop.p = 0.0  # deterministic in train mode
+    for block in model.base_model.model.transformer.h:
+        block.attn.attn_dropout.p = block.attn.resid_dropout.p = block.mlp.dropout.p = 0.0
+    layer = "base_model.model.transformer.h.1"
+    ids = torch.randint(0, VOCAB, (2, 5))
+    vector = torch.randn(HIDDEN)
+    ex = FeatureExtractor(model, [layer], edits={layer: fxstore.Add(vector)})
+    out, feats = ex(ids)
+    loss = out.logits.square().mean()
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    got = torch.autograd.grad(loss, lora)
+    seen = {}
+
+    def hook(module, args, output):
+        seen["h"] = output + vector
+        return seen["h"]
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        reference = model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out.logits, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(feats[layer], seen["h"], rtol=0, atol=1e-6)
+    for g, want in zip(got, torch.autograd.grad(reference.square().mean(), lora)):
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+    assert any(float(g.abs().max()) > 0 for g in got)  # the adapters get gradients
+    model.eval()
+
+
+def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
+    model = lora_gpt2.eval()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    layer = "base_model.model.transformer.h.0"
+    ex = FeatureExtractor(model, [layer])
+    with torch.no_grad():
+        on, feats_on = ex(ids)
+        with model.disable_adapter():
+            off, feats_off = ex(ids)
+            plain = model(ids, use_cache=False).logits
+        again, _ = ex(ids)
+        adapted = model(ids, use_cache=False).logits
+    assert torch.equal(off.logits, plain) and torch.equal(on.logits, adapted) and torch.equal(again.logits, adapted)
+    assert not torch.equal(feats_on[layer], feats_off[layer])
+
+
+def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_gpt2):
+    with pytest.raises(LayerNotFoundError, match="Did you mean 'base_model.model.transformer.h.1'"):
+        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"])(torch.randint(0, VOCAB, (1, 4)))

@@ -21,6 +21,7 @@ from . import _frontends
 from ._calls import with_defaults
 from ._frontends import FRONTENDS, Request
 from ._program import Program, TraceReport
+from ._registry import adapter_layers, adapter_state
 from ._selection import Layers, canonical_specs, spec_label
 from ._selfcheck import HookReference, Snapshot, check_features, compare, edit_calls, hooked_modules
 
@@ -92,7 +93,7 @@ class Capture:
         call_defaults: Keyword defaults of the model's calls, applied to the example's keywords.
 
     Attributes:
-        programs: Training mode -> the program that runs in it.
+        programs: Training mode -> the program that runs in it (per adapter state, see :meth:`_sync`).
         failures: Training mode -> frontend -> why it failed (a failed self-check included).
     """
 
@@ -101,8 +102,35 @@ class Capture:
         inputs = example_inputs(example)
         self.example = None if inputs is None else (inputs[0], with_defaults(call_defaults, inputs[1]))
         self.verify = bool(verify)
-        self.programs: dict[bool, Program] = {}
-        self.failures: dict[bool, dict[str, str]] = {}
+        self._adapters = adapter_layers(request.model)
+        self._state = adapter_state(self._adapters)
+        self._programs: dict[bool, Program] = {}
+        self._failures: dict[bool, dict[str, str]] = {}
+        self._by_state = {self._state: (self._programs, self._failures)}
+
+    @property
+    def programs(self) -> dict[bool, Program]:
+        """Training mode -> program, for the model's current adapter state (PEFT's enabled adapters)."""
+        self._sync()
+        return self._programs
+
+    @property
+    def failures(self) -> dict[bool, dict[str, str]]:
+        self._sync()
+        return self._failures
+
+    def _sync(self) -> None:
+        """Switch to the programs of the adapter state the model is in now (built on its first call).
+
+        A graph captures the adapters as they were (``with model.disable_adapter():`` flips a Python
+        flag that no graph sees), so each state has programs of its own.
+        """
+        if not self._adapters:
+            return
+        state = adapter_state(self._adapters)
+        if state != self._state:
+            self._state = state
+            self._programs, self._failures = self._by_state.setdefault(state, ({}, {}))
 
     @property
     def model(self) -> nn.Module:

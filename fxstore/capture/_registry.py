@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["notrace_modules", "notrace_functions", "instance_wrapper", "rebind"]
+__all__ = ["notrace_modules", "notrace_functions", "instance_wrapper", "rebind", "adapter_layers", "adapter_state"]
 
 
 def _timm_layers() -> Any | None:
@@ -145,3 +145,19 @@ def rebind(shadow: nn.Module, module: nn.Module) -> None:
         return hook.post_forward(shadow, output)
 
     vars(shadow)["forward"] = forward
+
+
+def adapter_layers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """PEFT's adapter layers (``BaseTunerLayer``: LoRA and friends): their state is Python a graph bakes in.
+
+    Example:
+        >>> adapter_layers(nn.Sequential(nn.Linear(2, 2)))
+        ()
+    """
+    return tuple(m for m in model.modules()
+                 if all(hasattr(type(m), name) for name in ("active_adapters", "disable_adapters", "merged")))
+
+
+def adapter_state(layers: tuple[nn.Module, ...]) -> tuple[Any, ...]:
+    """What the adapter layers do now: which adapters are active, disabled, merged."""
+    return tuple((tuple(m.active_adapters), bool(m.disable_adapters), bool(m.merged)) for m in layers)
