@@ -277,3 +277,73 @@ def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
 def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_gpt2):
     with pytest.raises(LayerNotFoundError, match="Did you mean 'base_model.model.transformer.h.1'"):
         FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"])(torch.randint(0, VOCAB, (1, 4)))
+
+
+def _hook_output(model: nn.Module, path: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    seen = {}
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+    try:
+        with torch.no_grad():
+            logits = model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    return logits, seen["h"]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("kind", ["llama", "lora"])
+def test_hugging_face_models_compile_on_their_first_call(kind, lora_gpt2):
+    torch._dynamo.reset()
+    model = _llama() if kind == "llama" else lora_gpt2.eval()
+    layer = "model.layers.1" if kind == "llama" else "base_model.model.transformer.h.1"
+    ex = FeatureExtractor(model, [layer])  # no example_inputs, no eager call: built from model.dummy_inputs
+    assert "dummy_inputs" in str(ex.trace_report) and ex.trace_report.verified == "exact"
+    compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")
+    for shape in ((2, 7), (4, 9)):
+        ids = torch.randint(0, VOCAB, shape)
+        with torch.no_grad():
+            out, feats = compiled(ids)
+        logits, hidden = _hook_output(model, layer, ids)
+        torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats[layer], hidden, rtol=1e-5, atol=1e-6)
+    assert ex.exports == 1
+
+
+def _quantization(kind: str):
+    if kind.startswith("torchao"):
+        torchao = pytest.importorskip("torchao")
+        config = (torchao.quantization.Int8WeightOnlyConfig() if kind == "torchao-int8-weight"
+                  else torchao.quantization.Int8DynamicActivationInt8WeightConfig())
+        return transformers.TorchAoConfig(config)
+    pytest.importorskip("bitsandbytes")
+    if kind == "bnb-8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+@pytest.fixture(scope="module")
+def llama_folder():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tempfile.mkdtemp()
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["torchao-int8-weight", "torchao-int8-dynamic", "bnb-8bit", "bnb-nf4"])
+def test_quantized_models_read_and_edit_like_forward_hooks(kind, llama_folder):
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_folder, quantization_config=_quantization(kind),
+                                                          device_map="cpu").eval()
+    layer, vector = "model.layers.1", torch.randn(64)
+    ex = FeatureExtractor(model, ["model.layers.0", layer], edits={layer: fxstore.Add(vector)})
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        out, feats = ex(ids)
+    logits, seen = _hooked(model, ids, ["model.layers.0", layer], {layer: lambda o: o + vector})
+    assert torch.equal(out.logits, logits)
+    assert torch.equal(feats["model.layers.0"], seen["model.layers.0"]) and torch.equal(feats[layer], seen[layer])
+    report = ex.trace_report
+    assert report.verified == "exact" and "their effect against forward hooks" in report.checked
+    if report.frontend == "partial":  # not one graph: the report says why torch.export could not take it
+        assert "export" in report.reasons

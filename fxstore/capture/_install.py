@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InvalidLayerError, TraceError
+from ..errors import ConfigError, FxStoreError, InvalidLayerError, TraceError
 from . import _frontends
-from ._calls import with_defaults
+from ._calls import dummy_call, with_defaults
 from ._frontends import FRONTENDS, Request
 from ._program import Program, TraceReport
 from ._registry import adapter_layers, adapter_state
@@ -101,6 +101,7 @@ class Capture:
         self.request = request
         inputs = example_inputs(example)
         self.example = None if inputs is None else (inputs[0], with_defaults(call_defaults, inputs[1]))
+        self.call_defaults = call_defaults
         self.verify = bool(verify)
         self._adapters = adapter_layers(request.model)
         self._state = adapter_state(self._adapters)
@@ -159,13 +160,17 @@ class Capture:
         program = self.programs.get(training)
         if program is None:
             return None
-        return dataclasses.replace(program.report, notes=notes) if notes else program.report
+        return dataclasses.replace(program.report, notes=tuple(notes) + program.report.notes) if notes \
+            else program.report
 
     def install(self, owner: nn.Module, training: bool, strict: bool, inputs: Inputs | None = None) -> Program | None:
         """Build the program for ``training`` (``None`` while it waits for example inputs) and check it."""
         inputs = inputs if inputs is not None else self.example
         failures = self.failures.setdefault(training, {})
         program = _frontends.build(self.request, training, strict, inputs, failures)
+        dummy = None
+        if program is None and inputs is None:
+            program, dummy = self._from_dummy(training, strict, failures)
         if program is None:
             return None
         if not strict:
@@ -175,7 +180,30 @@ class Capture:
             program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
         elif self.example is not None and inputs is self.example:
             program, _ = self.checked(owner, program, inputs, training, real=False)
+        elif dummy is not None:
+            program, _ = self.checked(owner, program, dummy, training, real=False)
+            if program.report.verified.startswith("skipped"):  # the plain model refused them: the first call checks
+                program.report = dataclasses.replace(program.report, verified="not yet")
         return program
+
+    def _from_dummy(self, training: bool, strict: bool, failures: dict[str, str]) -> tuple[Program | None, Any]:
+        """The program built from a Hugging Face model's own ``dummy_inputs`` (:func:`._calls.dummy_call`),
+        so that the first call, compiled included, finds it built; ``(None, None)`` when that is not possible."""
+        dummy = dummy_call(self.model, self.call_defaults)
+        if dummy is None:
+            return None, None
+        saved = dict(failures)
+        try:
+            program = _frontends.build(self.request, training, strict, dummy, failures)
+        except FxStoreError:  # these inputs do not suit the model: wait for the first call, as without them
+            failures.clear()
+            failures.update(saved)
+            return None, None
+        if program is None:
+            return None, None
+        note = f"built from {type(self.model).__name__}.dummy_inputs (ids of shape {tuple(dummy[0][0].shape)})"
+        program.report = dataclasses.replace(program.report, notes=program.report.notes + (note,))
+        return program, dummy
 
     def _warn_missing(self, training: bool, program: Program) -> None:
         reference = self.programs.get(not training)
