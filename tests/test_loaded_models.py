@@ -347,3 +347,19 @@ def test_quantized_models_read_and_edit_like_forward_hooks(kind, llama_folder):
     assert report.verified == "exact" and "their effect against forward hooks" in report.checked
     if report.frontend == "partial":  # not one graph: the report says why torch.export could not take it
         assert "export" in report.reasons
+
+
+@pytest.mark.compile
+def test_a_model_without_dummy_inputs_is_built_from_the_first_compiled_call_outside_the_trace():
+    torch._dynamo.reset()
+    model = _Detour().eval()
+    x = torch.rand(3, 4)
+    ex = FeatureExtractor(model, ["inner.fc"])
+    assert ex.trace_report is None  # waits for inputs
+    out, feats = torch.compile(ex, fullgraph=True, backend="eager")(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x)) and torch.equal(feats["inner.fc"], model.inner.fc(x + 1))
+    assert ex.trace_report.frontend == "export" and ex.trace_report.verified == "exact"
+    wrong = FeatureExtractor(model, ["inner.nope"])
+    with pytest.raises(LayerNotFoundError, match="'inner.nope'"):  # fxstore's error, not dynamo's
+        torch.compile(wrong, fullgraph=True, backend="eager")(x)

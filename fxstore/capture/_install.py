@@ -172,6 +172,8 @@ class Capture:
         if program is None and inputs is None:
             program, dummy = self._from_dummy(training, strict, failures)
         if program is None:
+            vars(owner)["_initialize_hook"] = True  # torch.compile(owner) builds it before tracing: see _build_first
+            vars(owner)["_infer_parameters"] = self._build_first
             return None
         if not strict:
             self._warn_missing(training, program)
@@ -185,6 +187,19 @@ class Capture:
             if program.report.verified.startswith("skipped"):  # the plain model refused them: the first call checks
                 program.report = dataclasses.replace(program.report, verified="not yet")
         return program
+
+    def _build_first(self, owner: nn.Module, args: Any, kwargs: Any) -> None:
+        """Build (and check) the program that waits for inputs from a compiled call's real inputs, eagerly.
+
+        ``torch.compile(owner)`` calls this before tracing while ``owner`` has ``_initialize_hook``
+        (the protocol of torch's lazy modules, which infer their shapes from the first inputs the
+        same way), so the first compiled call finds the program built, and an fxstore error is
+        raised as itself rather than inside dynamo's trace.
+        """
+        vars(owner).pop("_initialize_hook", None)
+        vars(owner).pop("_infer_parameters", None)
+        if self.programs.get(owner.training) is None:
+            self.first_call(owner, None, tuple(args), with_defaults(self.call_defaults, dict(kwargs)), real=False)
 
     def _from_dummy(self, training: bool, strict: bool, failures: dict[str, str]) -> tuple[Program | None, Any]:
         """The program built from a Hugging Face model's own ``dummy_inputs`` (:func:`._calls.dummy_call`),
