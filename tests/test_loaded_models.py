@@ -276,7 +276,7 @@ def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
 
 def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_gpt2):
     with pytest.raises(LayerNotFoundError, match="Did you mean 'base_model.model.transformer.h.1'"):
-        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"])(torch.randint(0, VOCAB, (1, 4)))
+        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"])  # built from its dummy inputs: raises at once
 
 
 def _hook_output(model: nn.Module, path: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +298,7 @@ def test_hugging_face_models_compile_on_their_first_call(kind, lora_gpt2):
     layer = "model.layers.1" if kind == "llama" else "base_model.model.transformer.h.1"
     ex = FeatureExtractor(model, [layer])  # no example_inputs, no eager call: built from model.dummy_inputs
     assert "dummy_inputs" in str(ex.trace_report) and ex.trace_report.verified == "exact"
-    compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ex, fullgraph=True, backend="eager")  # one graph, no eager call: what is checked
     for shape in ((2, 7), (4, 9)):
         ids = torch.randint(0, VOCAB, shape)
         with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, FxStoreError, InvalidLayerError, TraceError
+from ..errors import ConfigError, InvalidLayerError, TraceError
 from . import _frontends
 from ._calls import dummy_call, with_defaults
 from ._frontends import FRONTENDS, Request
@@ -210,7 +210,7 @@ class Capture:
         saved = dict(failures)
         try:
             program = _frontends.build(self.request, training, strict, dummy, failures)
-        except FxStoreError:  # these inputs do not suit the model: wait for the first call, as without them
+        except TraceError:  # these inputs do not suit the model: wait for the first call, as without them
             failures.clear()
             failures.update(saved)
             return None, None
