@@ -98,19 +98,40 @@ def test_offloaded_model_reads_and_edits_like_forward_hooks(offloaded):
     assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # the model is as it was
 
 
-def test_offloaded_model_gradients_equal_autograd(offloaded):
+@pytest.fixture(scope="module")
+def dispatched():
+    """The same Llama as users write it with accelerate: empty weights, then the checkpoint dispatched."""
+    accelerate = pytest.importorskip("accelerate")
+    folder, offload = tempfile.mkdtemp(), tempfile.mkdtemp()
+    reference = _llama()
+    reference.save_pretrained(folder)
+    with accelerate.init_empty_weights():
+        model = transformers.LlamaForCausalLM(reference.config)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+                  "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    model = accelerate.load_checkpoint_and_dispatch(model, folder, device_map=device_map, offload_folder=offload)
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    return model.eval()
+
+
+def test_dispatched_model_gradients_and_storage_equal_autograd_and_hooks(dispatched):
     ids = torch.randint(0, VOCAB, (1, 6))
-    ex = FeatureExtractor(offloaded, grads=["model.layers.1"], frontend="partial")
+    ex = FeatureExtractor(dispatched, ["model.layers.0"], grads=["model.layers.0"], frontend="partial")
     out, feats = ex(ids)
     out.logits.square().mean().backward()
     seen = {}
-    handle = offloaded.model.layers[1].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
+    handle = dispatched.model.layers[0].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
     try:
-        loss = offloaded(ids).logits.square().mean()
+        loss = dispatched(ids).logits.square().mean()
     finally:
         handle.remove()
     (expected,) = torch.autograd.grad(loss, seen["h"])
-    torch.testing.assert_close(ex.gradients(feats)["model.layers.1"], expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ex.gradients(feats)["model.layers.0"], expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(feats["model.layers.0"], seen["h"])
+    storage = fxstore.ForwardModuleStorage(dispatched, ["model.layers.0"], frontend="partial", detach=True)
+    storage([ids, ids[:, :3]])
+    assert [tuple(v.shape) for v in storage["model.layers.0"]] == [(1, 6, HIDDEN), (1, 3, HIDDEN)]
+    assert torch.equal(storage["model.layers.0"][0], seen["h"].detach())
 
 
 def test_nnsight_wrapped_model_reads_and_edits_like_forward_hooks(nnsight_gpt2):
