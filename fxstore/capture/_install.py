@@ -168,9 +168,10 @@ class Capture:
         inputs = inputs if inputs is not None else self.example
         failures = self.failures.setdefault(training, {})
         program = _frontends.build(self.request, training, strict, inputs, failures)
-        dummy = None
         if program is None and inputs is None:
-            program, dummy = self._from_dummy(training, strict, failures)
+            program = self._from_dummy(owner, training, strict, failures)
+            if program is not None:
+                return program
         if program is None:
             vars(owner)["_initialize_hook"] = True  # torch.compile(owner) builds it before tracing: see _build_first
             vars(owner)["_infer_parameters"] = self._build_first
@@ -182,10 +183,6 @@ class Capture:
             program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
         elif self.example is not None and inputs is self.example:
             program, _ = self.checked(owner, program, inputs, training, real=False)
-        elif dummy is not None:
-            program, _ = self.checked(owner, program, dummy, training, real=False)
-            if program.report.verified.startswith("skipped"):  # the plain model refused them: the first call checks
-                program.report = dataclasses.replace(program.report, verified="not yet")
         return program
 
     def _build_first(self, owner: nn.Module, args: Any, kwargs: Any) -> None:
@@ -201,24 +198,38 @@ class Capture:
         if self.programs.get(owner.training) is None:
             self.first_call(owner, None, tuple(args), with_defaults(self.call_defaults, dict(kwargs)), real=False)
 
-    def _from_dummy(self, training: bool, strict: bool, failures: dict[str, str]) -> tuple[Program | None, Any]:
-        """The program built from a Hugging Face model's own ``dummy_inputs`` (:func:`._calls.dummy_call`),
-        so that the first call, compiled included, finds it built; ``(None, None)`` when that is not possible."""
+    def _from_dummy(self, owner: nn.Module, training: bool, strict: bool, failures: dict[str, str]) -> Program | None:
+        """The program built and checked on a Hugging Face model's own ``dummy_inputs`` (:func:`._calls.dummy_call`),
+        so that the first call, compiled included, finds it built.
+
+        ``None`` (everything as it was: the first call builds) when the model has none, or when the
+        model or every frontend fails on them (an encoder-decoder needs more than ids).
+        """
         dummy = dummy_call(self.model, self.call_defaults)
         if dummy is None:
-            return None, None
+            return None
         saved = dict(failures)
         try:
             program = _frontends.build(self.request, training, strict, dummy, failures)
-        except TraceError:  # these inputs do not suit the model: wait for the first call, as without them
+            if program is None:
+                return None
+            note = f"built from {type(self.model).__name__}.dummy_inputs (ids of shape {tuple(dummy[0][0].shape)})"
+            program.report = dataclasses.replace(program.report, notes=program.report.notes + (note,))
+            if not strict:
+                self._warn_missing(training, program)
+            self.programs[training] = program
+            if not self.verify:
+                program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
+                return program
+            program, _ = self.checked(owner, program, dummy, training, real=False)
+        except TraceError:
+            program = None
+        if program is None or program.report.verified.startswith("skipped"):  # not these inputs: wait
+            self.programs.pop(training, None)
             failures.clear()
             failures.update(saved)
-            return None, None
-        if program is None:
-            return None, None
-        note = f"built from {type(self.model).__name__}.dummy_inputs (ids of shape {tuple(dummy[0][0].shape)})"
-        program.report = dataclasses.replace(program.report, notes=program.report.notes + (note,))
-        return program, dummy
+            return None
+        return program
 
     def _warn_missing(self, training: bool, program: Program) -> None:
         reference = self.programs.get(not training)
