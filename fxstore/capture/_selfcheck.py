@@ -161,12 +161,19 @@ def module_sites(traced: Traced, selected: Sequence[Selected]) -> dict[str, Site
     return sites
 
 
+def _module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def hooked_modules(model: nn.Module, spec: Any, modules: Sequence[str]) -> list[str] | None:
     """The module paths a (canonical) layer spec names, or ``None`` when it names a node a hook cannot see."""
     if isinstance(spec, ModuleRef):
         return [spec.name]
     if isinstance(spec, str):
-        return [spec] if spec in modules else None
+        return [spec] if spec in modules and _module(model, spec) is not None else None
     if isinstance(spec, type):
         return [name for name, module in model.named_modules() if isinstance(module, spec) and name in modules]
     return None
@@ -204,7 +211,9 @@ class HookReference:
         handles = []
         try:
             for path in self.modules:
-                handles.append(self.model.get_submodule(path).register_forward_hook(self._hook(path)))
+                module = _module(self.model, path)
+                if module is not None:  # a path no module of the model has (an exported name): nothing to hook
+                    handles.append(module.register_forward_hook(self._hook(path)))
             yield
         finally:
             for handle in handles:
