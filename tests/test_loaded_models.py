@@ -390,3 +390,36 @@ def test_a_model_without_dummy_inputs_is_built_from_the_first_compiled_call_outs
     wrong = FeatureExtractor(model, ["inner.nope"])
     with pytest.raises(LayerNotFoundError, match="'inner.nope'"):  # fxstore's error, not dynamo's
         torch.compile(wrong, fullgraph=True, backend="eager")(x)
+
+
+def test_patch_sweep_on_an_nnsight_wrapped_model_equals_patching_with_forward_hooks(nnsight_gpt2):
+    model = nnsight_gpt2.eval()
+    layers, positions = ["transformer.h.0", "transformer.h.1"], [0, 3]
+    clean, corrupted = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5))
+
+    def metric(out):
+        return out.logits[:, -1, 3] - out.logits[:, -1, 7]
+
+    grid = fxstore.patch_sweep(model, ((clean,), {"use_cache": False}), ((corrupted,), {"use_cache": False}),
+                               layers, metric, positions=positions)
+    _, seen = _hooked(model, clean, layers, {})
+    for i, layer in enumerate(layers):
+        for j, p in enumerate(positions):
+            def patch(output, p=p, layer=layer):
+                output = output.clone()
+                output[:, p] = seen[layer][:, p]
+                return output
+            logits, _ = _hooked(model, corrupted, [], {layer: patch})
+            torch.testing.assert_close(grid[i, j], (logits[:, -1, 3] - logits[:, -1, 7])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_extract_dataset_from_a_lora_model_equals_forward_hooks(lora_gpt2, tmp_path):
+    np = pytest.importorskip("numpy")
+    model = lora_gpt2.eval()
+    layer = "base_model.model.transformer.h.1"
+    ids = torch.randint(0, VOCAB, (3, 6))
+    fxstore.extract_dataset(model, [layer], torch.utils.data.TensorDataset(ids), tmp_path / "out", progress=False,
+                            batch_size=2)
+    stored = torch.from_numpy(np.asarray(fxstore.load_features(tmp_path / "out")[layer][:]))
+    _, seen = _hooked(model, ids, [layer], {})
+    torch.testing.assert_close(stored, seen[layer], rtol=0, atol=1e-6)
