@@ -183,7 +183,8 @@ def test_unknown_instance_wrapper_runs_as_a_leaf_with_its_output_stored_and_edit
         a = net.a(x) * 0.5
         assert torch.equal(feats["a"], a) and torch.equal(out, net.head(net.b(a)))
     assert ex.trace_report.verified == "exact" and "forward" in vars(net.a)
-    with pytest.raises(LayerNotFoundError):  # inside the wrapper: fxstore cannot see it
+    with pytest.raises(LayerNotFoundError, match=r"(?s)'a.fc' is inside 'a', which is wrapped by an instance-level "
+                                                 r"forward \(partial\).*Hint: select 'a' itself"):
         FeatureExtractor(net, ["a.fc"])
 
 
