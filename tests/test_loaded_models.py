@@ -424,3 +424,28 @@ def test_extract_dataset_from_a_lora_model_equals_forward_hooks(lora_gpt2, tmp_p
     stored = torch.from_numpy(np.asarray(fxstore.load_features(tmp_path / "out")[layer][:]))
     _, seen = _hooked(model, ids, [layer], {})
     torch.testing.assert_close(stored, seen[layer], rtol=0, atol=1e-6)
+
+
+def test_first_call_with_edits_in_train_mode_is_one_run_of_the_edited_model():
+    """The self-check's trial runs leave no trace: dropout draws and batch-norm statistics are those of
+    one run of the model edited by a forward hook."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2)).train()
+    twin = copy.deepcopy(model)
+    x = torch.rand(6, 4)
+    ex = FeatureExtractor(model, ["2"], edits={"0": fxstore.Scale(2.0)})
+    torch.manual_seed(1)
+    out, feats = ex(x)
+    handle = twin[0].register_forward_hook(lambda m, a, o: o * 2.0)
+    seen = {}
+    twin[2].register_forward_hook(lambda m, a, o: seen.__setitem__("2", o))
+    torch.manual_seed(1)
+    try:
+        expected = twin(x)
+    finally:
+        handle.remove()
+    assert torch.equal(out, expected) and torch.equal(feats["2"], seen["2"])
+    assert torch.equal(model[1].running_mean, twin[1].running_mean)
+    assert int(model[1].num_batches_tracked) == 1

@@ -314,6 +314,7 @@ class Capture:
         if program.reference is not None:
             with torch.no_grad():
                 verdicts.append(compare(expected, program.reference(owner, args, kwargs)))
+            state.restore()  # the program's own run below starts where the plain model's did
         with edit_calls(edits) as counts:
             if real:
                 result = program.run(owner, args, kwargs)
