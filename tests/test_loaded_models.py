@@ -298,7 +298,7 @@ def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
 
 def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_gpt2):
     with pytest.raises(LayerNotFoundError, match="Did you mean 'base_model.model.transformer.h.1'"):
-        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"])  # built from its dummy inputs: raises at once
+        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"], example_inputs=torch.randint(0, VOCAB, (1, 4)))
 
 
 def _hook_output(model: nn.Module, path: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +318,8 @@ def test_hugging_face_models_compile_on_their_first_call(kind, lora_gpt2):
     torch._dynamo.reset()
     model = _llama() if kind == "llama" else lora_gpt2.eval()
     layer = "model.layers.1" if kind == "llama" else "base_model.model.transformer.h.1"
-    ex = FeatureExtractor(model, [layer])  # no example_inputs, no eager call: built from model.dummy_inputs
-    assert "dummy_inputs" in str(ex.trace_report) and ex.trace_report.verified == "exact"
+    ex = FeatureExtractor(model, [layer])  # no example_inputs, no eager call
+    assert ex.trace_report is None  # torch.export waits for inputs
     compiled = torch.compile(ex, fullgraph=True, backend="eager")  # one graph, no eager call: what is checked
     for shape in ((2, 7), (4, 9)):
         ids = torch.randint(0, VOCAB, shape)
@@ -328,7 +328,7 @@ def test_hugging_face_models_compile_on_their_first_call(kind, lora_gpt2):
         logits, hidden = _hook_output(model, layer, ids)
         torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(feats[layer], hidden, rtol=1e-5, atol=1e-6)
-    assert ex.exports == 1
+    assert ex.exports == 1 and ex.trace_report.verified == "exact"
 
 
 def _quantization(kind: str):
@@ -378,7 +378,7 @@ def test_quantized_models_read_and_edit_like_forward_hooks(kind, llama_folder):
 
 
 @pytest.mark.compile
-def test_a_model_without_dummy_inputs_is_built_from_the_first_compiled_call_outside_the_trace():
+def test_a_plain_model_is_built_from_the_first_compiled_call_outside_the_trace():
     torch._dynamo.reset()
     model = _Detour().eval()
     x = torch.rand(3, 4)

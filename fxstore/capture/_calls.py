@@ -13,10 +13,9 @@ import inspect
 import types
 from typing import Any
 
-import torch
 from torch import nn
 
-__all__ = ["call_defaults", "with_defaults", "dummy_call", "fresh"]
+__all__ = ["call_defaults", "with_defaults", "fresh"]
 
 
 def call_defaults(model: nn.Module) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -51,39 +50,6 @@ def _takes_use_cache(model: nn.Module) -> bool:
         return False
     return any(module is not model and getattr(getattr(module, "config", None), "use_cache", False)
                and _takes_use_cache(module) for module in model.modules())
-
-
-def dummy_call(model: nn.Module, defaults: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """``(args, kwargs)`` of a call ``model(input_ids)`` built from a Hugging Face model's own ``dummy_inputs``.
-
-    Token ids are the model's (3 sequences of 5 tokens), the call as users write it
-    (``input_ids`` positional, fxstore's keyword defaults added); ``None`` for other models, or
-    when the ids do not fit the vocabulary.
-
-    Example:
-        >>> import transformers
-        >>> config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)
-        >>> args, kwargs = dummy_call(transformers.GPT2Model(config), {"use_cache": False})
-        >>> tuple(args[0].shape), kwargs
-        ((3, 5), {'use_cache': False})
-    """
-    try:
-        dummy = getattr(model, "dummy_inputs", None)
-    except Exception:  # a property of the model's own that fails: no dummy inputs
-        return None
-    ids = dummy.get("input_ids") if isinstance(dummy, dict) else None
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
-        return None
-    try:
-        first = next(iter(inspect.signature(model.forward).parameters.values()))
-    except (TypeError, ValueError, StopIteration):
-        return None
-    positional = first.name == "input_ids" or first.kind is inspect.Parameter.VAR_POSITIONAL  # PEFT: (*args, **kwargs)
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not positional or not isinstance(vocab, int) or int(ids.max()) >= vocab:
-        return None
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    return (ids.to(device),), dict(defaults)
 
 
 def with_defaults(defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:

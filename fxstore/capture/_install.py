@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, InvalidLayerError, TraceError
 from . import _frontends
-from ._calls import dummy_call, with_defaults
+from ._calls import with_defaults
 from ._frontends import FRONTENDS, Request
 from ._program import Program, TraceReport
 from ._registry import adapter_layers, adapter_state
@@ -168,10 +168,6 @@ class Capture:
         inputs = inputs if inputs is not None else self.example
         failures = self.failures.setdefault(training, {})
         program = _frontends.build(self.request, training, strict, inputs, failures)
-        if program is None and inputs is None:
-            program = self._from_dummy(owner, training, strict, failures)
-            if program is not None:
-                return program
         if program is None:
             vars(owner)["_initialize_hook"] = True  # torch.compile(owner) builds it before tracing: see _build_first
             vars(owner)["_infer_parameters"] = self._build_first
@@ -197,39 +193,6 @@ class Capture:
         vars(owner).pop("_infer_parameters", None)
         if self.programs.get(owner.training) is None:
             self.first_call(owner, None, tuple(args), with_defaults(self.call_defaults, dict(kwargs)), real=False)
-
-    def _from_dummy(self, owner: nn.Module, training: bool, strict: bool, failures: dict[str, str]) -> Program | None:
-        """The program built and checked on a Hugging Face model's own ``dummy_inputs`` (:func:`._calls.dummy_call`),
-        so that the first call, compiled included, finds it built.
-
-        ``None`` (everything as it was: the first call builds) when the model has none, or when the
-        model or every frontend fails on them (an encoder-decoder needs more than ids).
-        """
-        dummy = dummy_call(self.model, self.call_defaults)
-        if dummy is None:
-            return None
-        saved = dict(failures)
-        try:
-            program = _frontends.build(self.request, training, strict, dummy, failures)
-            if program is None:
-                return None
-            note = f"built from {type(self.model).__name__}.dummy_inputs (ids of shape {tuple(dummy[0][0].shape)})"
-            program.report = dataclasses.replace(program.report, notes=program.report.notes + (note,))
-            if not strict:
-                self._warn_missing(training, program)
-            self.programs[training] = program
-            if not self.verify:
-                program.report = dataclasses.replace(program.report, verified="skipped: verify=False")
-                return program
-            program, _ = self.checked(owner, program, dummy, training, real=False)
-        except TraceError:
-            program = None
-        if program is None or program.report.verified.startswith("skipped"):  # not these inputs: wait
-            self.programs.pop(training, None)
-            failures.clear()
-            failures.update(saved)
-            return None
-        return program
 
     def _warn_missing(self, training: bool, program: Program) -> None:
         reference = self.programs.get(not training)
