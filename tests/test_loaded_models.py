@@ -449,3 +449,25 @@ def test_first_call_with_edits_in_train_mode_is_one_run_of_the_edited_model():
     assert torch.equal(out, expected) and torch.equal(feats["2"], seen["2"])
     assert torch.equal(model[1].running_mean, twin[1].running_mean)
     assert int(model[1].num_batches_tracked) == 1
+
+
+def test_nnsight_over_an_offloaded_model_reads_and_edits_like_forward_hooks(tmp_path):
+    """nnsight's controller sits over accelerate's hook (nnsight runs the hook itself): both are rebound."""
+    nnsight = pytest.importorskip("nnsight")
+    _llama().save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                          offload_folder=tmp_path / "offload").eval()
+    ids = torch.randint(0, VOCAB, (2, 7))
+    wrapped = nnsight.NNsight(model)
+    with wrapped.trace(ids):
+        wrapped.model.layers[1].output.save()
+    vector = torch.randn(HIDDEN)
+    ex = FeatureExtractor(model, ["model.layers.0"], edits={"model.layers.1": fxstore.Add(vector)},
+                          frontend="partial")
+    with torch.no_grad():
+        out, feats = ex(ids)
+    logits, seen = _hooked(model, ids, ["model.layers.0"], {"model.layers.1": lambda o: o + vector})
+    assert torch.equal(out.logits, logits) and torch.equal(feats["model.layers.0"], seen["model.layers.0"])
+    assert ex.trace_report.python_modules["model.layers.1"] == "wrapped by nnsight's Controller with accelerate's hook"
