@@ -471,3 +471,27 @@ def test_nnsight_over_an_offloaded_model_reads_and_edits_like_forward_hooks(tmp_
     logits, seen = _hooked(model, ids, ["model.layers.0"], {"model.layers.1": lambda o: o + vector})
     assert torch.equal(out.logits, logits) and torch.equal(feats["model.layers.0"], seen["model.layers.0"])
     assert ex.trace_report.python_modules["model.layers.1"] == "wrapped by nnsight's Controller with accelerate's hook"
+
+
+def test_bfloat16_llama_reads_edits_and_taps_gradients_like_hooks_and_autograd():
+    model = _llama().to(torch.bfloat16)
+    layer, vector = "model.layers.0", torch.randn(HIDDEN, dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    ex = FeatureExtractor(model, [layer], grads=[layer], edits={layer: fxstore.Add(vector)})
+    out, feats = ex(ids)
+    out.logits.float().square().mean().backward()
+    seen = {}
+
+    def hook(module, args, output):
+        seen["h"] = output + vector
+        return seen["h"]
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        logits = model(ids, use_cache=False).logits
+    finally:
+        handle.remove()
+    (expected,) = torch.autograd.grad(logits.float().square().mean(), seen["h"])
+    assert torch.equal(out.logits, logits) and torch.equal(feats[layer], seen["h"])
+    torch.testing.assert_close(ex.gradients(feats)[layer], expected)  # bfloat16 tolerances: one ulp apart here
+    assert feats[layer].dtype == torch.bfloat16 and ex.trace_report.verified == "exact"
