@@ -495,3 +495,18 @@ def test_bfloat16_llama_reads_edits_and_taps_gradients_like_hooks_and_autograd()
     assert torch.equal(out.logits, logits) and torch.equal(feats[layer], seen["h"])
     torch.testing.assert_close(ex.gradients(feats)[layer], expected)  # bfloat16 tolerances: one ulp apart here
     assert feats[layer].dtype == torch.bfloat16 and ex.trace_report.verified == "exact"
+
+
+def test_accelerate_hook_on_a_block_is_a_leaf_for_fx_and_captured_through_by_partial():
+    hooks = pytest.importorskip("accelerate.hooks")
+    net = _Net().eval()
+    hooks.add_hook_to_module(net.a, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    with pytest.raises(LayerNotFoundError, match=r"(?s)'a.fc' is inside 'a', which is wrapped by accelerate's "
+                                                 r"AlignDevicesHook.*Hint: use frontend='partial'"):
+        FeatureExtractor(net, ["a.fc"], frontend="fx")
+    x = torch.rand(3, 4)
+    ex = FeatureExtractor(net, ["a.fc"], edits={"a.act": fxstore.Scale(-1.0)}, frontend="partial")
+    out, feats = ex(x)
+    with torch.no_grad():
+        assert torch.equal(feats["a.fc"], net.a.fc(x)) and torch.equal(out, net.head(net.b(-net.a(x))))
+    assert ex.trace_report.verified == "exact" and "forward" in vars(net.a)

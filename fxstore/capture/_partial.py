@@ -100,6 +100,10 @@ def trace_partial(model: nn.Module, options: TraceOptions, training: bool, reaso
     reasons: dict[str, str] = {}
     concrete: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
+    wrapped = next((f"'{path}' is wrapped by {found[1]}" for path, module in model.named_modules()
+                    if path and (found := instance_wrapper(module)) is not None and found[0] == "rebind"), None)
+    if reason is None and wrapped is not None:  # traced whole, it would be a leaf: capture through it instead
+        reason = wrapped
     if reason is None:
         try:
             parts[""] = trace(model, options, training)

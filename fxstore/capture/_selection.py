@@ -209,8 +209,9 @@ def _required_args(fn: Callable[..., Any]) -> int:
     return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def _wrapped_ancestor(root: nn.Module, name: str) -> tuple[str, str] | None:
-    """The outermost module above ``name`` that another library's wrapper makes a leaf, and the wrapper."""
+def _wrapped_ancestor(root: nn.Module, name: str) -> tuple[str, tuple[str, str]] | None:
+    """The outermost module above ``name`` that another library's wrapper makes a leaf (for torch.fx,
+    or for every frontend), and ``(kind, what)`` of the wrapper (see ``_registry.instance_wrapper``)."""
     parts = name.split(".")
     for i in range(1, len(parts)):
         path = ".".join(parts[:i])
@@ -219,8 +220,8 @@ def _wrapped_ancestor(root: nn.Module, name: str) -> tuple[str, str] | None:
         except AttributeError:
             return None
         found = instance_wrapper(module)
-        if found is not None and found[0] == "leaf":
-            return path, found[1]
+        if found is not None and found[0] != "transparent":
+            return path, found
     return None
 
 
@@ -237,11 +238,15 @@ def _not_found(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> L
             )
         wrapped = _wrapped_ancestor(traced.root, name)
         if wrapped is not None:
-            outer, why = wrapped
+            outer, (kind, why) = wrapped
+            hint = (f"select '{outer}' itself, or capture inside it with the hook backend "
+                    "(fxstore.HookForwardModuleStorage)" if kind == "leaf" else
+                    "use frontend='partial', which runs the wrapper around what it captures inside")
             return LayerNotFoundError(
-                f"layer '{name}' is inside '{outer}', which is wrapped by {why}: fxstore runs '{outer}' as a leaf "
-                "(its wrapper runs as in the plain model), so nothing inside it can be captured.\nHint: select "
-                f"'{outer}' itself, or capture inside it with the hook backend (fxstore.HookForwardModuleStorage)."
+                f"layer '{name}' is inside '{outer}', which is wrapped by {why}: "
+                + (f"fxstore runs '{outer}' as a leaf (its wrapper runs as in the plain model), so nothing inside "
+                   "it can be captured" if kind == "leaf" else f"torch.fx keeps '{outer}' a leaf")
+                + f".\nHint: {hint}."
             )
         if name in dict(traced.root.named_modules()):
             return LayerNotFoundError(
