@@ -510,3 +510,27 @@ def test_accelerate_hook_on_a_block_is_a_leaf_for_fx_and_captured_through_by_par
     with torch.no_grad():
         assert torch.equal(feats["a.fc"], net.a.fc(x)) and torch.equal(out, net.head(net.b(-net.a(x))))
     assert ex.trace_report.verified == "exact" and "forward" in vars(net.a)
+
+
+class _Pair(nn.Module):
+    """Kept as Python by the partial frontend (it branches on a shape) and returns two tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.fc(x) if x.shape[-1] == 4 else x
+        return y, y.tanh()
+
+
+def test_self_check_accepts_a_python_module_whose_output_holds_several_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Pair()).eval()
+    x = torch.rand(2, 4)
+    ex = FeatureExtractor(model, ["0"], frontend="partial")
+    _, feats = ex(x)
+    with torch.no_grad():
+        first, second = model[0](x)
+    assert torch.equal(feats["0:0"], first) and torch.equal(feats["0:1"], second)
+    assert ex.trace_report.verified == "exact"

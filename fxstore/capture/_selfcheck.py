@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree
 
-from ._keys import parse_key, repeat_key
+from ._keys import output_key, parse_key, repeat_key
 from ._selection import ModuleRef, Selected
 from ._tracing import Traced
 
@@ -258,7 +258,7 @@ def check_features(keys: Sequence[str], features: Mapping[str, Any], sites: Mapp
     with the hook's matching call. Returns ``(ok, verdict, how many values were compared)``.
     """
     produced = {str(dataclasses.replace(parse_key(k), run=0)) for k in features}
-    missing = [k for k in keys if k not in produced]
+    missing = [k for k in keys if k not in produced and output_key(k, 0) not in produced]  # or its tensors k:0, ...
     if missing:
         return False, (f"feature '{missing[0]}' was not produced (the captured program never ran that layer; "
                        f"{len(features)} of {len(keys)} features came back)"), 0
