@@ -55,6 +55,8 @@ ALLOWED_PRIVATE_READS = {  # (module, attribute)
     ("fxstore.capture._frontends", "_codegen"),
     ("fxstore.capture._frontends", "_tracer_cls"),
     ("fxstore.capture._partial", "_modules"),
+    ("fxstore.capture._registry", "_forward_hooks"),  # other libraries' hooks make a module a leaf
+    ("fxstore.capture._registry", "_forward_pre_hooks"),
     ("fxstore.capture._rewrite", "_opname"),
     ("fxstore.capture.extractor", "_buffers"),
     ("fxstore.capture.extractor", "_modules"),

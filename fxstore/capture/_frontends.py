@@ -25,6 +25,7 @@ from ._keys import grad_key
 from ._policy import StoragePolicy
 from ._program import GraphRun, Program, TraceReport
 from ._selection import resolve
+from ._selfcheck import module_sites
 from ._tracing import TraceOptions, trace
 
 __all__ = ["FRONTENDS", "Request", "build", "build_fx", "build_export", "build_partial", "first_line"]
@@ -135,7 +136,7 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
     run = GraphRun(_rewrite.code_module(graph), keys, grad_keys, request.policy.keep_output)
     report = TraceReport("fx", tuple(traced.names.values()), {}, {}, tuple(traced.module_calls))
     return Program.from_selection(run, selected, tapped, report, graph=graph, reference=reference,
-                                  description=description)
+                                   description=description, sites=module_sites(traced, selected))
 
 
 def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
@@ -154,8 +155,9 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         if not first:  # the self-check's reference is the graph before the rewrite, as in build_fx
             reference = None if request.policy.keep_output and not sites else _ExportReference(
                 _rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec)
-            first.update(selected=selected, tapped=tapped, reference=reference, snapshot=Snapshot(
-                "export", request.model, [(traced, "")], selected, tapped, _edit_types(request, sites)))
+            first.update(selected=selected, tapped=tapped, reference=reference, sites=module_sites(traced, selected),
+                         snapshot=Snapshot("export", request.model, [(traced, "")], selected, tapped,
+                                           _edit_types(request, sites)))
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
                          request.policy, sites)
         code = type(_rewrite.code_module(traced.graph)).forward
@@ -166,8 +168,8 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
     report = TraceReport("export", tuple(exported.traced.names.values()), dict(failures), {},
                          tuple(exported.traced.module_calls))
     return Program.from_selection(runner, first["selected"], first["tapped"], report,
-                                  graph=exported.traced.graph, reference=first["reference"],
-                                  description=first.pop("snapshot").describe([exported.traced.graph]))
+                                   graph=exported.traced.graph, reference=first["reference"], sites=first["sites"],
+                                   description=first.pop("snapshot").describe([exported.traced.graph]))
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
@@ -185,7 +187,8 @@ def build_partial(request: Request, training: bool, strict: bool, failures: dict
     run = _PartialRun(runner, request.policy.keep_output)
     reference = None if request.policy.keep_output and not sites else _PartialRun(runner, True).output
     return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference,
-                                  description=snapshot.describe(python_modules=plan.reasons))
+                                   sites=module_sites(plan.traced, selected),
+                                   description=snapshot.describe(python_modules=plan.reasons))
 
 
 def _edit_types(request: Request, sites: dict[fx.Node, tuple[str, str]]) -> dict[fx.Node, str]:
