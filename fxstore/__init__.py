@@ -31,6 +31,7 @@ from .errors import (
     OutputError,
     TraceError,
 )
+from .generation import Generation
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
@@ -67,6 +68,7 @@ __all__ = [
     "Apply",
     "patch_sweep",
     "OutputError",
+    "Generation",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "cli"))

@@ -28,8 +28,9 @@ PACKAGE = ROOT / "fxstore"
 LIMIT = 400
 FORMAT_NAMES = {"npy", "safetensors"}
 LAYERS_BELOW = {  # subpackage: the subpackages (and root modules) it must never import
-    "capture": {"dataset", "deploy", "cli", ""},
-    "storage": {"dataset", "cli", ""},
+    "capture": {"dataset", "deploy", "cli", "generation", ""},
+    "storage": {"dataset", "cli", "generation", ""},
+    "generation": {"dataset", "cli", ""},  # a workflow on capture's public surface
     "dataset": {"cli", ""},
 }
 SHARED = {"fxstore.errors", "fxstore._version", "fxstore._workflows"}  # the root's modules every layer may use
