@@ -319,6 +319,11 @@ def _set_buffers(state: _State, policy: Any, batch: int, capacity: int, pad: tor
             else:
                 site.mask.copy_(mask)
     state.clock.start = state.clock.start.to(pad.device)
+    for site in state.sites.values():  # fixed addresses: CUDA graphs (mode="reduce-overhead") read them in place
+        for tensor in (site.mask, site.record):
+            if tensor is not None:
+                torch._dynamo.mark_static_address(tensor)
+    torch._dynamo.mark_static_address(state.clock.start)
 
 
 def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: int, capacity: int,
