@@ -197,3 +197,23 @@ def test_errors_name_the_input_and_hint():
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(fxstore.ConfigError, match="not a Hugging Face causal language model.*\n.*Hint"):
         fxstore.FeatureExtractor(plain, ["0"]).generate(ids)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_compiled_padded_seeded_sampling_equals_hooked_generate(family):
+    model, blocks = FAMILIES[family]()
+    vector = torch.randn(D) * 2
+    ex = fxstore.FeatureExtractor(model, [f"{blocks}.1"], edits={f"{blocks}.0": fxstore.Add(vector)})
+    ex.compile(backend="aot_eager")
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    sampling = {"do_sample": True, "top_k": 16, "max_new_tokens": 6, "pad_token_id": 0}
+    torch.manual_seed(5)
+    out = ex.generate(ids, attention_mask=mask, **sampling)
+    torch.manual_seed(5)
+    sequences, record = _hooked_generate(model, blocks, ids, attention_mask=mask, add=vector, **sampling)
+    assert out.compiled and torch.equal(out.sequences, sequences)
+    real = mask.bool()[:, :, None].expand(-1, -1, D)  # padding columns: what the model computed there, cache-dependent
+    feats = out.features[f"{blocks}.1"]
+    torch.testing.assert_close(feats[:, :6][real], record[:, :6][real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats[:, 6:], record[:, 6:], rtol=1e-5, atol=1e-5)
