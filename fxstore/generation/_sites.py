@@ -17,6 +17,7 @@ set of positions is new buffer contents, never a new graph.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import types
@@ -131,8 +132,6 @@ def _matches(predicate: Any, name: str) -> bool:
 
 
 def _close(name: str, names: list[str]) -> list[str]:
-    import difflib
-
     return difflib.get_close_matches(name, names, n=3)
 
 
