@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             skipped[name] = runner
         else:
             runs[name] = runner
+    print("first calls of the compiled rows (compiling)...", flush=True)
     first = {name: _timed_first(run) for name, run in runs.items() if "compile" in name}
+    print(f"  {', '.join(f'{n}: {s:.1f} s' for n, s in first.items())}; checking tokens, then timing", flush=True)
     with torch.no_grad():
         reference = hooked.generate(ids, **kwargs)
     checks = {}
