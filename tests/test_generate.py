@@ -170,6 +170,10 @@ def test_compiled_generation_matches_hooks_and_never_recompiles_for_new_values()
         assert torch.equal(out.sequences, sequences), change
         torch.testing.assert_close(out.features[f"{blocks}.1"], record, rtol=1e-5, atol=1e-5)
     assert counter.frame_count == graphs  # 0 new graphs
+    for new_tokens in (64, 6):  # a longer cache (128 columns), then the 64-column one again: a new cache each
+        out = ex.generate(ids, **{**GREEDY, "max_new_tokens": new_tokens})
+        sequences, _ = _hooked_generate(model, blocks, ids, add=edit.scale * edit.vector, max_new_tokens=new_tokens)
+        assert torch.equal(out.sequences, sequences)
 
 
 def test_errors_name_the_input_and_hint():

@@ -338,6 +338,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
         state.options = dict(options)
     cache = state.cache
     if cache is None or getattr(cache, "max_cache_len", None) != capacity or state.cache_batch != batch:
+        state.clock.start.zero_()  # the warm-up step writes column 0, whatever the last call left
         try:
             cache = transformers.StaticCache(config=model.config, max_cache_len=capacity)
             with torch.no_grad():  # the cache's tensors are made eagerly, outside the programs
