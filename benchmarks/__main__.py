@@ -33,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"comma-separated cases to run (default: all): {', '.join(CASES)}")
     p.add_argument("--json", metavar="PATH", help="also write every row and sample as JSON")
     p.add_argument("--save", action="store_true",
-                   help="also write the JSON to benchmarks/results/<date>-<device>-<commit>.json (what the README "
-                        "table is made from: python -m benchmarks.readme_table FILE)")
+                   help="also write the JSON to benchmarks/results/<date>-<device>-<commit>.json (what the tables "
+                        "of docs/benchmarks.md and the README are made from: python -m benchmarks.readme_table FILE)")
     p.add_argument("--reps", type=int, help="timed repetitions per contender (default: the profile's)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 with --quick)")
     return p

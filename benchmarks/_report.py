@@ -96,6 +96,11 @@ def _short(sha: str) -> str:
     return sha[:12] + ("+dirty" if sha.endswith("+dirty") else "")
 
 
+def _cell(text: str) -> str:
+    """``text`` for a markdown table cell: a ``|`` inside it (``max |Δ|``) is escaped."""
+    return text.replace("|", "\\|")
+
+
 def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
     """The table, preceded by the machine header."""
     load = info.get("load_average")
@@ -118,7 +123,8 @@ def markdown(rows: Sequence[Row], info: dict[str, Any]) -> str:
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "—"
         spread = f"{_time(r.lo_s)}–{_time(r.hi_s)}" if r.lo_s is not None else "—"
         verified = f"**{r.verified}**" if r.verified.startswith("FAILED") else r.verified
-        lines.append(f"| {case} | {r.contender} | {_time(r.median_s)} | {ratio} | {spread} | {verified} | {r.notes} |")
+        cells = [_cell(c) for c in (case, r.contender, _time(r.median_s), ratio, spread, verified, r.notes)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(head + lines)
 
 
@@ -129,7 +135,7 @@ def write_json(path: str | Path, rows: Sequence[Row], info: dict[str, Any]) -> N
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
-"""Where recorded runs are kept (the README's figures come from files here)."""
+"""Where recorded runs are kept (the figures of the README and of docs/benchmarks.md come from files here)."""
 
 
 def results_path(info: dict[str, Any]) -> Path:

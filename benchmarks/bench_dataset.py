@@ -8,7 +8,7 @@ compute + device->host copy + disk write, not image decoding. Each configuration
     python benchmarks/bench_dataset.py --device cpu --model resnet18 --image-size 64 --samples 512 --save
 
 ``--save`` records the result (with date, commit, machine and command) in
-``benchmarks/results/dataset-<device>-<date>-<commit>.json``; the README quotes that file.
+``benchmarks/results/dataset-<device>-<date>-<commit>.json``; docs/datasets.md quotes that file.
 """
 
 from __future__ import annotations

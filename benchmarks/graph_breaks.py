@@ -1,6 +1,6 @@
 """Graphs and graph breaks of a partially traced detection model under ``torch.compile``.
 
-The README's figure for the partial frontend under compile comes from this script's
+The figure for the partial frontend under compile (docs/capture.md) comes from this script's
 recorded output (``benchmarks/results/graph-breaks-<date>-<commit>.json``)::
 
     python -m benchmarks.graph_breaks --save

@@ -21,6 +21,7 @@ from .capture import (
     patch_sweep,
     trace_report,
 )
+from .draw import plot_features, plot_patching
 from .errors import (
     ConfigError,
     EditError,
@@ -31,11 +32,12 @@ from .errors import (
     OutputError,
     TraceError,
 )
-from .generation import Generation
+from .generation import Generation, steering_vectors
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
                                         "read_manifest")}
+_LAZY.update({name: ".stats" for name in ("feature_statistics", "FeatureStatistics", "frechet_distance")})
 
 __all__ = [
     "FeatureExtractor",
@@ -53,6 +55,9 @@ __all__ = [
     "read_manifest",
     "ShardedArray",
     "BatchLoader",
+    "feature_statistics",
+    "FeatureStatistics",
+    "frechet_distance",
     "FxStoreError",
     "LayerNotFoundError",
     "InvalidLayerError",
@@ -67,8 +72,11 @@ __all__ = [
     "Scale",
     "Apply",
     "patch_sweep",
+    "plot_patching",
+    "plot_features",
+    "steering_vectors",
     "OutputError",
     "Generation",
 ]
 
-__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "cli"))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "stats", "cli"))

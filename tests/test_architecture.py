@@ -3,8 +3,10 @@
 The rules (docs/architecture.md says why):
 
 * no import circle between modules (function-level imports count: they are circles too, only later);
-* no import that runs back up a layer: capture never imports dataset, deploy, cli or the package
-  root; storage never imports dataset or cli; dataset never imports cli;
+* no import that runs back up a layer: capture never imports dataset, deploy, cli, a workflow (draw,
+  stats, generation) or the package root; storage never imports dataset, cli or a workflow; dataset
+  never imports cli or a workflow; a workflow never imports cli, another workflow or the package
+  root, and draw and generation never import dataset;
 * no module imports an underscore module of another subpackage (each subpackage's public surface is
   its ``__init__`` and its plainly named modules);
 * no ``x._private`` read (nor ``getattr(x, "_private")``) on an object other than ``self`` / ``cls``;
@@ -27,11 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fxstore"
 LIMIT = 400
 FORMAT_NAMES = {"npy", "safetensors"}
+WORKFLOWS = ("draw", "stats", "generation")  # workflows on the extractor, each its own room
 LAYERS_BELOW = {  # subpackage: the subpackages (and root modules) it must never import
-    "capture": {"dataset", "deploy", "cli", "generation", ""},
-    "storage": {"dataset", "cli", "generation", ""},
-    "generation": {"dataset", "cli", ""},  # a workflow on capture's public surface
-    "dataset": {"cli", ""},
+    "capture": {"dataset", "deploy", "cli", *WORKFLOWS, ""},
+    "storage": {"dataset", "cli", *WORKFLOWS, ""},
+    "dataset": {"cli", *WORKFLOWS, ""},
+    "draw": {"dataset", "cli", "stats", "generation", ""},
+    "stats": {"cli", "draw", "generation", ""},
+    "generation": {"dataset", "cli", "draw", "stats", ""},
 }
 SHARED = {"fxstore.errors", "fxstore._version", "fxstore._workflows"}  # the root's modules every layer may use
 
@@ -50,6 +55,8 @@ ALLOWED_PRIVATE_READS = {  # (module, attribute)
     ("fxstore.capture._frontends", "_codegen"),
     ("fxstore.capture._frontends", "_tracer_cls"),
     ("fxstore.capture._partial", "_modules"),
+    ("fxstore.capture._registry", "_forward_hooks"),  # other libraries' hooks make a module a leaf
+    ("fxstore.capture._registry", "_forward_pre_hooks"),
     ("fxstore.capture._rewrite", "_opname"),
     ("fxstore.capture.extractor", "_buffers"),
     ("fxstore.capture.extractor", "_modules"),

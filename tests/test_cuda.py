@@ -133,3 +133,42 @@ def test_generation_under_cuda_graphs_matches_hooks_and_serves_new_vectors_witho
         if graphs is None:
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_device_map_dispatch_across_cuda_and_cpu_reads_and_edits_like_forward_hooks(tmp_path):
+    """A Llama loaded with accelerate's device_map: layer 0 on cuda:0, layer 1 offloaded to the CPU."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+                  "model.norm": 0, "lm_head": 0}
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map).eval()
+    layers, vector = ["model.layers.0", "model.layers.1"], torch.randn(32, device="cuda")
+    ex = fxstore.FeatureExtractor(model, layers, edits={"model.layers.1": fxstore.Add(vector)}, device="cpu")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        out, feats = ex(ids)
+    seen = {}
+
+    def hook(name):
+        def record(module, args, output):
+            output = output + vector if name == "model.layers.1" else output
+            seen[name] = output
+            return output
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    for name in layers:
+        assert feats[name].device.type == "cpu"
+        torch.testing.assert_close(feats[name], seen[name].cpu(), rtol=1e-5, atol=1e-6)
+    assert ex.trace_report.verified != "not yet" and "2 of 2 features" in ex.trace_report.checked

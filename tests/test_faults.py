@@ -5,7 +5,7 @@ The reference is one uninterrupted run per format (``dataset_helpers.run_extract
 samples, shards of 8). Faults: SIGKILL at random points (one process and torchrun with 2
 ranks), damaged and truncated files, tampered manifests, foreign files, concurrent runs,
 full disks (a real tmpfs where this machine can mount one, and ``RLIMIT_FSIZE``), read-only
-folders, bad devices. The README's "Nothing lost" table lists these scenarios.
+folders, bad devices. The "Nothing lost" table (docs/datasets.md) lists these scenarios.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fault campaign, round two (issue 18): ownership that cannot be faked, data identity that sees content,
 manifests checked against the run identity, shards that name their place, stuck folders, bounded reads.
 
-Each test is one scenario of the README's "Nothing lost" table, with the outcome it measures.
+Each test is one scenario of the "Nothing lost" table of docs/datasets.md, with the outcome it measures.
 """
 
 from __future__ import annotations

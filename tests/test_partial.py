@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import fxstore
-from fxstore import FeatureExtractor, trace_report
+from fxstore import FeatureExtractor, TraceError, trace_report
 
 
 class Head(nn.Module):
@@ -105,9 +105,16 @@ def test_unknown_layer_names_the_layer_with_suggestions():
         FeatureExtractor(Loopy(), ["stem.9"], frontend="partial")
 
 
+def test_self_check_refuses_a_part_that_ran_as_plain_python():
+    ex = FeatureExtractor(Loopy(scale=2.0), ["head.fc", "head"], frontend="partial")
+    with pytest.warns(UserWarning, match="'head' was called"), \
+            pytest.raises(TraceError, match="feature 'head.fc' was not produced"):
+        ex(torch.rand(1, 3, 8, 8))
+
+
 def test_call_with_non_default_argument_runs_python_and_warns():
     model = Loopy(scale=2.0)
-    ex = FeatureExtractor(model, ["head.fc", "head"], frontend="partial")
+    ex = FeatureExtractor(model, ["head.fc", "head"], frontend="partial", verify=False)
     x = torch.rand(1, 3, 8, 8)
     with pytest.warns(UserWarning, match="'head' was called with a non-default value"):
         out, feats = ex(x)

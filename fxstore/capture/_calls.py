@@ -30,15 +30,26 @@ def call_defaults(model: nn.Module) -> tuple[dict[str, Any], tuple[str, ...]]:
     config = getattr(model, "config", None)
     if not getattr(config, "use_cache", False):
         return {}, ()
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}, ()
-    if "use_cache" not in parameters:
+    if not _takes_use_cache(model):
         return {}, ()
     note = (f"called with use_cache=False: {type(model).__name__}'s config.use_cache=True would return a cache "
             "object, which is not a tensor (pass use_cache=True in the call to ask for it)")
     return {"use_cache": False}, (note,)
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``use_cache``, itself or through ``**kwargs`` handed to a
+    wrapped model that does (PEFT's ``PeftModel`` around a transformers model)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "use_cache" in parameters:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return False
+    return any(module is not model and getattr(getattr(module, "config", None), "use_cache", False)
+               and _takes_use_cache(module) for module in model.modules())
 
 
 def with_defaults(defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,12 @@ from torch.utils import _pytree
 
 from ..errors import TraceError
 from . import _edit_pass, _export, _partial, _reinplace, _rewrite
+from ._describe import Snapshot
 from ._keys import grad_key
 from ._policy import StoragePolicy
 from ._program import GraphRun, Program, TraceReport
 from ._selection import resolve
+from ._selfcheck import module_sites
 from ._tracing import TraceOptions, trace
 
 __all__ = ["FRONTENDS", "Request", "build", "build_fx", "build_export", "build_partial", "first_line"]
@@ -124,14 +126,17 @@ def build_fx(request: Request, training: bool, strict: bool) -> Program:
     if not request.policy.keep_output or sites:  # the self-check needs the plain output: keep the trace as it was
         reference = _ReferenceRun(_rewrite.code_module(_copy_graph(traced.graph)))
     graph = traced.graph
+    snapshot = Snapshot("fx", request.model, [(traced, "")], selected, tapped, _edit_types(request, sites))
     _rewrite.capture(graph, traced.root, [s.node for s in selected], [s.node for s in tapped], request.policy,
                      sites)
+    description = snapshot.describe([graph])  # before reinplacing, which may replace nodes
     _reinplace.reinplace(graph, traced.root)
     keys = tuple(s.key for s in selected)
     grad_keys = tuple(grad_key(s.key) for s in tapped)
     run = GraphRun(_rewrite.code_module(graph), keys, grad_keys, request.policy.keep_output)
     report = TraceReport("fx", tuple(traced.names.values()), {}, {}, tuple(traced.module_calls))
-    return Program.from_selection(run, selected, tapped, report, graph=graph, reference=reference)
+    return Program.from_selection(run, selected, tapped, report, graph=graph, reference=reference,
+                                   description=description, sites=module_sites(traced, selected))
 
 
 def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
@@ -150,7 +155,9 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
         if not first:  # the self-check's reference is the graph before the rewrite, as in build_fx
             reference = None if request.policy.keep_output and not sites else _ExportReference(
                 _rewrite.code_module(_copy_graph(traced.graph)), exported.out_spec)
-            first.update(selected=selected, tapped=tapped, reference=reference)
+            first.update(selected=selected, tapped=tapped, reference=reference, sites=module_sites(traced, selected),
+                         snapshot=Snapshot("export", request.model, [(traced, "")], selected, tapped,
+                                           _edit_types(request, sites)))
         _rewrite.capture(traced.graph, traced.root, [s.node for s in selected], [s.node for s in tapped],
                          request.policy, sites)
         code = type(_rewrite.code_module(traced.graph)).forward
@@ -161,7 +168,8 @@ def build_export(request: Request, training: bool, strict: bool, inputs: Inputs,
     report = TraceReport("export", tuple(exported.traced.names.values()), dict(failures), {},
                          tuple(exported.traced.module_calls))
     return Program.from_selection(runner, first["selected"], first["tapped"], report,
-                                  graph=exported.traced.graph, reference=first["reference"])
+                                   graph=exported.traced.graph, reference=first["reference"], sites=first["sites"],
+                                   description=first.pop("snapshot").describe([exported.traced.graph]))
 
 
 def build_partial(request: Request, training: bool, strict: bool, failures: dict[str, str]) -> Program:
@@ -171,12 +179,21 @@ def build_partial(request: Request, training: bool, strict: bool, failures: dict
     tapped = resolve(plan.traced, request.grad_specs, strict=strict)
     sites = _edit_pass.edit_sites(plan.traced, request.edits)
     edits = {node: (request.edit_modules[target], where) for node, (target, where) in sites.items()}
+    snapshot = Snapshot("partial", request.model, [(part, path) for path, part in plan.parts.items()], selected, tapped,
+                        _edit_types(request, sites), plan.python)
     runner = _partial.PartialRunner(request.model, plan, selected, tapped, request.policy, training, edits)
     report = TraceReport("partial", tuple(plan.traced.names.values()), dict(failures), dict(plan.reasons),
                          tuple(plan.traced.module_calls))
     run = _PartialRun(runner, request.policy.keep_output)
     reference = None if request.policy.keep_output and not sites else _PartialRun(runner, True).output
-    return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference)
+    return Program.from_selection(run, selected, tapped, report, fullgraph=False, reference=reference,
+                                   sites=module_sites(plan.traced, selected),
+                                   description=snapshot.describe(python_modules=plan.reasons))
+
+
+def _edit_types(request: Request, sites: dict[fx.Node, tuple[str, str]]) -> dict[fx.Node, str]:
+    """``{edited node: the edit's type name}``."""
+    return {node: type(request.edit_modules[target]).__name__ for node, (target, _) in sites.items()}
 
 
 class _ReferenceRun:

@@ -21,8 +21,9 @@ from . import _frontends
 from ._calls import with_defaults
 from ._frontends import FRONTENDS, Request
 from ._program import Program, TraceReport
-from ._selection import Layers, canonical_specs
-from ._selfcheck import Snapshot, compare
+from ._registry import adapter_layers, adapter_state
+from ._selection import Layers, canonical_specs, spec_label
+from ._selfcheck import HookReference, Snapshot, check_features, compare, edit_calls, hooked_modules
 
 __all__ = ["Capture", "Inputs", "example_inputs", "checked_specs"]
 
@@ -78,6 +79,10 @@ def checked_specs(model: Any, layers: Layers | None, grads: Layers | None, keep_
     return specs, grad_specs
 
 
+class _PlainModelFailed(Exception):
+    """The plain model raised on the self-check's inputs (the cause): nothing to compare with."""
+
+
 class Capture:
     """An extractor's programs, per training mode, and how they were chosen.
 
@@ -88,7 +93,7 @@ class Capture:
         call_defaults: Keyword defaults of the model's calls, applied to the example's keywords.
 
     Attributes:
-        programs: Training mode -> the program that runs in it.
+        programs: Training mode -> the program that runs in it (per adapter state, see :meth:`_sync`).
         failures: Training mode -> frontend -> why it failed (a failed self-check included).
     """
 
@@ -96,9 +101,37 @@ class Capture:
         self.request = request
         inputs = example_inputs(example)
         self.example = None if inputs is None else (inputs[0], with_defaults(call_defaults, inputs[1]))
+        self.call_defaults = call_defaults
         self.verify = bool(verify)
-        self.programs: dict[bool, Program] = {}
-        self.failures: dict[bool, dict[str, str]] = {}
+        self._adapters = adapter_layers(request.model)
+        self._state = adapter_state(self._adapters)
+        self._programs: dict[bool, Program] = {}
+        self._failures: dict[bool, dict[str, str]] = {}
+        self._by_state = {self._state: (self._programs, self._failures)}
+
+    @property
+    def programs(self) -> dict[bool, Program]:
+        """Training mode -> program, for the model's current adapter state (PEFT's enabled adapters)."""
+        self._sync()
+        return self._programs
+
+    @property
+    def failures(self) -> dict[bool, dict[str, str]]:
+        self._sync()
+        return self._failures
+
+    def _sync(self) -> None:
+        """Switch to the programs of the adapter state the model is in now (built on its first call).
+
+        A graph captures the adapters as they were (``with model.disable_adapter():`` flips a Python
+        flag that no graph sees), so each state has programs of its own.
+        """
+        if not self._adapters:
+            return
+        state = adapter_state(self._adapters)
+        if state != self._state:
+            self._state = state
+            self._programs, self._failures = self._by_state.setdefault(state, ({}, {}))
 
     @property
     def model(self) -> nn.Module:
@@ -127,7 +160,8 @@ class Capture:
         program = self.programs.get(training)
         if program is None:
             return None
-        return dataclasses.replace(program.report, notes=notes) if notes else program.report
+        return dataclasses.replace(program.report, notes=tuple(notes) + program.report.notes) if notes \
+            else program.report
 
     def install(self, owner: nn.Module, training: bool, strict: bool, inputs: Inputs | None = None) -> Program | None:
         """Build the program for ``training`` (``None`` while it waits for example inputs) and check it."""
@@ -135,6 +169,8 @@ class Capture:
         failures = self.failures.setdefault(training, {})
         program = _frontends.build(self.request, training, strict, inputs, failures)
         if program is None:
+            vars(owner)["_initialize_hook"] = True  # torch.compile(owner) builds it before tracing: see _build_first
+            vars(owner)["_infer_parameters"] = self._build_first
             return None
         if not strict:
             self._warn_missing(training, program)
@@ -144,6 +180,19 @@ class Capture:
         elif self.example is not None and inputs is self.example:
             program, _ = self.checked(owner, program, inputs, training, real=False)
         return program
+
+    def _build_first(self, owner: nn.Module, args: Any, kwargs: Any) -> None:
+        """Build (and check) the program that waits for inputs from a compiled call's real inputs, eagerly.
+
+        ``torch.compile(owner)`` calls this before tracing while ``owner`` has ``_initialize_hook``
+        (the protocol of torch's lazy modules, which infer their shapes from the first inputs the
+        same way), so the first compiled call finds the program built, and an fxstore error is
+        raised as itself rather than inside dynamo's trace.
+        """
+        vars(owner).pop("_initialize_hook", None)
+        vars(owner).pop("_infer_parameters", None)
+        if self.programs.get(owner.training) is None:
+            self.first_call(owner, None, tuple(args), with_defaults(self.call_defaults, dict(kwargs)), real=False)
 
     def _warn_missing(self, training: bool, program: Program) -> None:
         reference = self.programs.get(not training)
@@ -179,39 +228,83 @@ class Capture:
                 real: bool) -> tuple[Program, Any]:
         """Check ``program`` against the plain model on ``inputs``; on a mismatch, move on.
 
-        With ``real=True`` the program's own run is the call's result (returned, so the
-        first call costs one extra forward of the plain model); otherwise every trial
-        run is undone. Returns the program that passed and the call's result, if run.
+        The plain model runs with forward hooks on the same model object: the program's output,
+        every stored feature that is a module's output and (with edits) the edited output must
+        match, and every edit must run (:mod:`._selfcheck`). With ``real=True`` the program's own
+        run is the call's result (returned); otherwise every trial run is undone. Returns the
+        program that passed and the call's result, if run.
         """
         if not self.verify:
             return program, None
-        args, kwargs = inputs
         while True:
-            state = Snapshot(self.model, inputs)
             try:
-                expected = self._plain_output(inputs, training)
-            except Exception as e:  # the plain model fails on these inputs: nothing to compare with
+                ok, verdict, checked, result = self._trial(owner, program, inputs, training, real)
+            except _PlainModelFailed as e:
                 program.report = dataclasses.replace(
-                    program.report, verified=f"skipped: the plain model raised {type(e).__name__}")
+                    program.report, verified=f"skipped: the plain model raised {type(e.__cause__).__name__}")
                 return program, None
-            finally:
-                state.restore()
-            kept = real and program.reference is None  # the trial run is the call itself
-            result = program.run(owner, args, kwargs) if kept else None
-            if kept:
-                actual = result[0]
-            else:
-                with torch.no_grad():
-                    actual = (program.reference(owner, args, kwargs) if program.reference is not None
-                              else program.run(owner, args, kwargs)[0])
-            ok, verdict = compare(expected, actual)
-            if not (kept and ok):
-                state.restore()
             if ok:
-                program.report = dataclasses.replace(program.report, verified=verdict)
+                program.report = dataclasses.replace(program.report, verified=verdict, checked=checked)
                 program.reference = None
                 return program, result
             program = self._next_frontend(program, inputs, training, verdict)
+
+    def _trial(self, owner: nn.Module, program: Program, inputs: Inputs, training: bool,
+               real: bool) -> tuple[bool, str, str, Any]:
+        """One self-check of ``program``: ``(ok, verdict, what was checked, the call's result or None)``."""
+        args, kwargs = inputs
+        request = self.request
+        edits = {target: request.edit_modules[target] for _, target in request.edits}
+        hooked = {target: hooked_modules(self.model, spec, program.report.modules) for spec, target in request.edits}
+        by_path = {path: edits[target] for target, paths in hooked.items() for path in paths or ()}
+        sites = [site.module for site in program.sites.values()]
+        state = Snapshot(self.model, inputs)
+        plain = HookReference(self.model, sites, {})
+        try:
+            with plain.active():
+                expected = self._plain_output(inputs, training)
+            edited = None
+            if edits and all(paths is not None for paths in hooked.values()):
+                edited = HookReference(self.model, sites, by_path)
+                state.restore()
+                with edited.active():
+                    expected_edited = self._plain_output(inputs, training)
+        except Exception as e:  # the plain model fails on these inputs: nothing to compare with
+            raise _PlainModelFailed() from e
+        finally:
+            state.restore()
+        verdicts = []
+        if program.reference is not None:
+            with torch.no_grad():
+                verdicts.append(compare(expected, program.reference(owner, args, kwargs)))
+            state.restore()  # the program's own run below starts where the plain model's did
+        with edit_calls(edits) as counts:
+            if real:
+                result = program.run(owner, args, kwargs)
+            else:
+                with torch.no_grad():
+                    result = program.run(owner, args, kwargs)
+        verdicts += [(False, f"the edit on '{spec_label(spec)}' was not applied (it never ran)")
+                     for spec, target in request.edits if counts[target] == 0]
+        reference = edited if edits else plain  # None: an edit on a node no hook sees, values not comparable
+        ok, verdict, compared = check_features(program.keys, result[1], program.sites, reference, request.policy)
+        verdicts.append((ok, verdict))
+        if program.reference is None:
+            verdicts.append(compare(expected, result[0]))
+        elif edited is not None and request.policy.keep_output:
+            verdicts.append(compare(expected_edited, result[0], "edited output",
+                                    "the model with the edits applied by forward hooks"))
+        failed = [v for ok, v in verdicts if not ok]
+        if failed or not real:
+            state.restore()
+        if failed:
+            return False, failed[0], "", None
+        close = [v for _, v in verdicts if v != "exact"]
+        checked = ["output", f"{compared} of {len(program.keys)} features against forward hooks on the model"]
+        if edits:
+            checked.append(f"{len(edits)} edit(s) ran" + (", their effect against forward hooks" if edited else
+                                                          " (an edit on a node no hook sees: effect not compared)"))
+        return True, close[0] if close else "exact", "; ".join(checked), result if real else None
 
     def _plain_output(self, inputs: Inputs, training: bool) -> Any:
         """The plain model's output, its top-level flag in ``training`` (the children are shared and set)."""

@@ -28,6 +28,7 @@ from ..errors import ConfigError, EditError, TraceError
 from . import _rewrite, _taps
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
+from ._registry import instance_wrapper
 from ._selection import Selected
 from ._tracing import Traced, TraceOptions, shadow_of, trace
 
@@ -99,6 +100,10 @@ def trace_partial(model: nn.Module, options: TraceOptions, training: bool, reaso
     reasons: dict[str, str] = {}
     concrete: dict[str, dict[str, Any]] = {}
     kept: list[str] = []
+    wrapped = next((f"'{path}' is wrapped by {found[1]}" for path, module in model.named_modules()
+                    if path and (found := instance_wrapper(module)) is not None and found[0] == "rebind"), None)
+    if reason is None and wrapped is not None:  # traced whole, it would be a leaf: capture through it instead
+        reason = wrapped
     if reason is None:
         try:
             parts[""] = trace(model, options, training)
@@ -109,7 +114,13 @@ def trace_partial(model: nn.Module, options: TraceOptions, training: bool, reaso
         reasons[""] = reason
 
     def visit(module: nn.Module, path: str) -> None:
-        if path and not _is_container(module):
+        wrapper = instance_wrapper(module) if path else None
+        if wrapper is not None and wrapper[0] != "transparent":  # its wrapper must run: never a traced part
+            reasons[path] = f"wrapped by {wrapper[1]}" + ("" if wrapper[0] == "rebind" else ": runs as a leaf")
+            kept.append(path)
+            if wrapper[0] == "leaf":  # bound to the module itself: nothing inside can be rewritten
+                return
+        elif path and not _is_container(module):
             defaults = _defaults(module)
             child_options = dataclasses.replace(options, concrete_args=defaults or None)
             try:
@@ -253,8 +264,13 @@ class PartialRunner:
 
     def _wrap_python(self, path: str, shadow: nn.Module, features: list[Selected], taps: list[Selected],
                      edit: tuple[nn.Module, str] | None) -> None:
-        """Make a module kept as Python report its output (and tap its gradient, and edit it)."""
-        original = type(shadow).forward
+        """Make a module kept as Python report its output (and tap its gradient, and edit it).
+
+        A wrapper on the module (another library's, rebound to the shadow or, for a leaf, bound to
+        the user's module) runs around the call, as it would in the plain model.
+        """
+        wrapped = vars(shadow).get("forward")
+        original = type(shadow).forward if wrapped is None else (lambda _shadow, *a, **k: wrapped(*a, **k))
         key = features[0].key if features else None
         grad_key = taps[0].key if taps else None
         policy = self._policy

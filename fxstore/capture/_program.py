@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import fx, nn
 
+from ._describe import GraphDescription
 from ._keys import GRAD_SUFFIX, call_key, grad_key, output_key
 from ._selection import Selected
 
@@ -37,6 +38,8 @@ class TraceReport:
         modules: Module paths whose output can be selected, in graph order.
         verified: The self-check's verdict: ``"exact"``, ``"close (max |Δ| ...)"``, ``"not yet"``
             (before the first call) or ``"skipped: <why>"``.
+        checked: What the self-check compared (the output, how many features against forward
+            hooks on the model, each edit's effect).
         notes: What fxstore did so the model could be captured as called (e.g. ``use_cache=False``
             for a Hugging Face model that would return a cache object).
     """
@@ -47,10 +50,13 @@ class TraceReport:
     python_modules: dict[str, str]
     modules: tuple[str, ...] = ()
     verified: str = "not yet"
+    checked: str = ""
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"frontend: {self.frontend} ({len(self.names)} nodes), self-check: {self.verified}"]
+        if self.checked:
+            lines.append(f"  checked: {self.checked}")
         lines += [f"  {name} failed: {why}" for name, why in self.reasons.items()]
         lines += [f"  note: {note}" for note in self.notes]
         if self.python_modules:
@@ -95,6 +101,8 @@ class Program:
         reference: Runs the capture *before* the rewrite, returning the model's output, for the
             self-check when the program itself does not return it (``keep_output=False``).
         fullgraph: Whether the whole program is one graph (``torch.compile(fullgraph=True)``).
+        description: The traced graph and what the capture did to it (stored, tapped, edited, pruned).
+        sites: Feature key -> the module output it is (``_selfcheck.Site``), for the self-check's hooks.
     """
 
     run: Run
@@ -107,6 +115,8 @@ class Program:
     graph: fx.Graph | None = None
     reference: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any] | None = None
     fullgraph: bool = True
+    description: GraphDescription | None = None
+    sites: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_selection(cls, run: Run, selected: list[Selected], tapped: list[Selected], report: TraceReport,

@@ -1,4 +1,5 @@
-"""Reading features back: by key, by the layer they were selected with, gradients and attributions.
+"""Reading features back: by key, by the layer they were selected with, gradients and attributions;
+and reading what the capture did to the graph (:attr:`Readout.graph_description`).
 
 :class:`Readout` is the part of :class:`~.extractor.FeatureExtractor` that reads a call's
 ``features`` dict; it needs only the current mode's program (``_program()``), the wrapped
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, LayerNotFoundError
 from . import _taps
+from ._describe import GraphDescription
 from ._policy import StoragePolicy
 from ._program import Program
 from ._selection import spec_label
@@ -32,6 +34,28 @@ class Readout:
 
     def _policy(self) -> StoragePolicy:
         raise NotImplementedError
+
+    @property
+    def graph_description(self) -> GraphDescription:
+        """The current mode's traced graph and what the capture did to each node, as plain data.
+
+        Stored nodes carry their feature keys, tapped nodes their gradient keys, edited nodes
+        their edit's type, and nodes cut by ``keep_output=False`` are marked ``pruned``
+        (``ex.draw()`` draws it). An export-frontend extractor has one after its first call
+        (or with ``example_inputs``).
+
+        Example:
+            >>> import torchvision, fxstore
+            >>> m = torchvision.models.resnet18()
+            >>> ex = fxstore.FeatureExtractor(m, ["layer1"], edits={"layer2": fxstore.Scale(0.5)})
+            >>> [(n.name, n.keys, n.edit) for n in ex.graph_description.nodes if n.selected]
+            [('layer1.1.relu_1', ('layer1',), None), ('layer2.1.relu_1', (), 'Scale')]
+        """
+        description = self._program().description
+        if description is None:  # every frontend describes its program; a hand-made one may not
+            raise ConfigError("this extractor's program has no graph description.\n"
+                              "Hint: build it with fxstore.FeatureExtractor.")
+        return description
 
     @property
     def feature_keys(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from ..errors import ConfigError, InvalidLayerError, LayerNotFoundError
 from ._keys import output_key, repeat_key
+from ._registry import instance_wrapper
 from ._tracing import Traced
 
 __all__ = ["LayerSpec", "Layers", "ModuleRef", "Selected", "layer_pairs", "canonical_specs", "resolve", "spec_label"]
@@ -208,6 +209,22 @@ def _required_args(fn: Callable[..., Any]) -> int:
     return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def _wrapped_ancestor(root: nn.Module, name: str) -> tuple[str, tuple[str, str]] | None:
+    """The outermost module above ``name`` that another library's wrapper makes a leaf (for torch.fx,
+    or for every frontend), and ``(kind, what)`` of the wrapper (see ``_registry.instance_wrapper``)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        try:
+            module = root.get_submodule(path)
+        except AttributeError:
+            return None
+        found = instance_wrapper(module)
+        if found is not None and found[0] != "transparent":
+            return path, found
+    return None
+
+
 def _not_found(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> LayerNotFoundError:
     mode = "train" if traced.training else "eval"
     model = type(traced.root).__name__
@@ -218,6 +235,18 @@ def _not_found(traced: Traced, spec: Any, node_by_name: dict[str, fx.Node]) -> L
                 f"the model itself ('' or the {model} object) is not one of its layers: its output is the "
                 "extractor's own output.\nHint: read it from `output, features = ex(x)` (keep_output=True, the "
                 f"default), or select the layer that computes it; {_LIST_HINT}."
+            )
+        wrapped = _wrapped_ancestor(traced.root, name)
+        if wrapped is not None:
+            outer, (kind, why) = wrapped
+            hint = (f"select '{outer}' itself, or capture inside it with the hook backend "
+                    "(fxstore.HookForwardModuleStorage)" if kind == "leaf" else
+                    "use frontend='partial', which runs the wrapper around what it captures inside")
+            return LayerNotFoundError(
+                f"layer '{name}' is inside '{outer}', which is wrapped by {why}: "
+                + (f"fxstore runs '{outer}' as a leaf (its wrapper runs as in the plain model), so nothing inside "
+                   "it can be captured" if kind == "leaf" else f"torch.fx keeps '{outer}' a leaf")
+                + f".\nHint: {hint}."
             )
         if name in dict(traced.root.named_modules()):
             return LayerNotFoundError(

@@ -1,9 +1,13 @@
 """Activation patching grids as batched forwards of one program.
 
-:func:`patch_sweep` stores each layer's value on the clean input, then builds one extractor
+:func:`patch_sweep` stores each layer's value on the clean input, then runs one extractor
 whose edits patch every layer from a mask buffer: row ``r`` of a batch is the corrupted input
 with one (layer, position) cell taken from the clean run. Filling the masks for the next
 batch is an in-place copy, so every batch runs the same (optionally compiled) program.
+
+Both extractors are built once per model, layers and options (:data:`._fingerprint.build_cache`):
+a sweep on a model it has seen costs its forwards. Each call writes its clean values and masks
+into the patching edits (in place when their shapes are those of the last call).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from torch import nn
 from torch.utils import _pytree
 
 from ..errors import EditError
-from ._edits import Apply
+from ._edits import Apply, Edit
+from ._fingerprint import build_cache
+from ._selection import canonical_specs
 from .extractor import FeatureExtractor
 
 __all__ = ["patch_sweep"]
@@ -68,6 +74,12 @@ def patch_sweep(
     positions, cell ``[i]`` patches the whole value. The cells run as batched forwards of one
     program (one row per cell, ``batch_size`` rows a call), not one forward per cell.
 
+    The two extractors a sweep runs (one reads the clean values, one patches) are built once per
+    model, layers and options and kept in ``fxstore.capture.build_cache`` (weakly per model,
+    rebuilt when a module, parameter or buffer of the model is replaced or a mode changes):
+    a sweep on a model it has seen costs its forwards, whatever the inputs' sequence length.
+    Calls sharing a model must not run in two threads at once.
+
     Args:
         model: The model (not modified).
         clean: The clean input for one example (a tensor, a tuple of args, or ``(args, kwargs)``;
@@ -104,8 +116,10 @@ def patch_sweep(
         raise EditError(f"patch_sweep: batch_size={batch_size!r} must be a positive int.\nHint: use e.g. 32.")
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     clean_in, corrupted_in = _inputs(clean), _inputs(corrupted)
+    specs = tuple(canonical_specs(layers, model))
+    reader = build_cache.get(model, ("features", specs, frontend), lambda m: FeatureExtractor(
+        m, layers, keep_output=False, frontend=frontend, example_inputs=clean_in))
     with torch.no_grad():
-        reader = FeatureExtractor(model, layers, frontend=frontend, example_inputs=clean_in)
         _, feats = reader(*clean_in[0], **clean_in[1])
     values = [feats[_one_key(reader, layer)].detach() for layer in layers]
     cells_per_layer = 1 if positions is None else len(positions := list(positions))
@@ -122,26 +136,27 @@ def patch_sweep(
                 f"{tuple(value.shape)} (positions index dimension 1).\nHint: use positions below {length}."
             )
         masks.append(torch.zeros(batch_size, length, dtype=torch.bool, device=value.device))
-    edits = {layer: Apply(_patch, value, mask) for layer, value, mask in zip(layers, values, masks)}
     rows_in = _repeat(corrupted_in, batch_size, "corrupted")
-    patched = FeatureExtractor(model, frontend=frontend, example_inputs=rows_in, edits=edits)
-    run: Callable[..., Any] = patched
-    if compile:
-        run = torch.compile(patched, **({"fullgraph": True} | (compile if isinstance(compile, dict) else {})))
-    cells = [(i, j) for i in range(len(layers)) for j in range(cells_per_layer)]
+
+    def build(m: nn.Module) -> tuple[FeatureExtractor, Callable[..., Any]]:
+        edits = {layer: Apply(_patch, value, mask) for layer, value, mask in zip(layers, values, masks)}
+        extractor = FeatureExtractor(m, frontend=frontend, example_inputs=rows_in, edits=edits)
+        if not compile:
+            return extractor, extractor
+        options = {"fullgraph": True} | (compile if isinstance(compile, dict) else {})
+        return extractor, torch.compile(extractor, **options)
+
+    compile_key = repr(sorted(compile.items())) if isinstance(compile, dict) else bool(compile)
+    patched, run = build_cache.get(model, ("patch_sweep: patch", specs, frontend, batch_size, compile_key), build)
+    for i, (value, mask) in enumerate(zip(values, masks)):
+        _write(patched.edits[_label(patched, i)], t0=value, t1=mask)
+    cells = len(layers) * cells_per_layer
+    every = _all_masks(masks, positions, cells_per_layer, -(-cells // batch_size) * batch_size)
     results = []
     with torch.no_grad():
-        for start in range(0, len(cells), batch_size):
-            chunk = cells[start:start + batch_size]
-            for i, mask in enumerate(masks):
-                new = torch.zeros_like(mask)
-                for row, (cell_layer, j) in enumerate(chunk):
-                    if cell_layer == i:
-                        if positions is None:
-                            new[row] = True
-                        else:
-                            new[row, positions[j]] = True
-                patched.edits[_label(patched, i)].update(t1=new)
+        for start in range(0, cells, batch_size):
+            for i, rows in enumerate(every):
+                patched.edits[_label(patched, i)].update(t1=rows[start:start + batch_size])
             scores = metric(run(*rows_in[0], **rows_in[1])[0])
             if not isinstance(scores, torch.Tensor) or scores.shape[:1] != (batch_size,) or scores.dim() != 1:
                 got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -149,9 +164,40 @@ def patch_sweep(
                     f"patch_sweep: metric returned {got} for a batch of {batch_size} rows; it must return one "
                     "value per row.\nHint: e.g. lambda logits: logits[:, -1, a] - logits[:, -1, b]."
                 )
-            results.append(scores[: len(chunk)].detach())
+            results.append(scores[: min(batch_size, cells - start)].detach())
     grid = torch.cat(results)
     return grid if positions is None else grid.reshape(len(layers), cells_per_layer)
+
+
+def _all_masks(masks: list[torch.Tensor], positions: list[int] | None, per_layer: int,
+               rows: int) -> list[torch.Tensor]:
+    """Per layer, the patch masks of every cell, one row each (``rows`` of them, the last batch padded):
+    cell ``i * per_layer + j`` patches layer ``i`` at ``positions[j]`` (the whole value without positions)."""
+    device = masks[0].device
+    cell_layer = torch.arange(len(masks), device=device).repeat_interleave(per_layer)
+    out = []
+    for i, mask in enumerate(masks):
+        full = torch.zeros((rows, *mask.shape[1:]), dtype=torch.bool, device=device)
+        mine = torch.nonzero(cell_layer == i).flatten()
+        if positions is None:
+            full[mine] = True
+        else:
+            where = torch.tensor(positions, device=device).remainder(mask.shape[1])
+            full[mine, where] = True
+        out.append(full)
+    return out
+
+
+def _write(edit: Edit, **tensors: torch.Tensor) -> None:
+    """Give a cached patching edit this call's tensors: in place when the shape, dtype and device are the same."""
+    current = edit.values()
+    same = {k: v for k, v in tensors.items()
+            if (v.shape, v.dtype, v.device) == (current[k].shape, current[k].dtype, current[k].device)}
+    if same:
+        edit.update(**same)
+    for name, value in tensors.items():
+        if name not in same:
+            setattr(edit, name, value)  # a buffer of another shape (another sequence length): replaced
 
 
 def _label(extractor: FeatureExtractor, i: int) -> str:

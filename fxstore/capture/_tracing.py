@@ -25,7 +25,7 @@ from torch import fx, nn
 from torch.utils import _pytree
 
 from ..errors import TraceError
-from ._registry import notrace_functions, notrace_modules
+from ._registry import instance_wrapper, notrace_functions, notrace_modules, rebind
 
 __all__ = ["TraceOptions", "Traced", "trace", "shadow_of", "modes_restored"]
 
@@ -119,6 +119,13 @@ def _tracer_class() -> type:
                 self.module_calls.setdefault(self.path_of_module(m), []).append(nodes)
             return out
 
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            """Also a leaf: a module another library wraps (its wrapper must run at call time, on real values)."""
+            found = instance_wrapper(m)
+            if found is not None and found[0] != "transparent":
+                return True
+            return bool(super().is_leaf_module(m, module_qualified_name))
+
     _Tracer.__qualname__ = "_Tracer"  # pickled graphs name it as a module attribute (see __getattr__)
     globals()["_Tracer"] = _Tracer
     return _Tracer
@@ -149,11 +156,14 @@ def shadow_of(model: nn.Module, training: bool, extra: dict[str, torch.Tensor] |
     """A shallow copy of ``model`` with its own attribute dictionaries.
 
     Submodules, parameters and buffers are shared; anything set on the shadow (such as
-    the tensor constants fx creates while tracing) stays off the user's model.
+    the tensor constants fx creates while tracing) stays off the user's model. A known
+    instance-level wrapper of another library (accelerate's hook, nnsight's controller) is
+    rebound to the shadow (:func:`._registry.rebind`): bound to ``model``, it would run ``model``.
     """
     shadow = copy.copy(model)
     for attr in ("_modules", "_parameters", "_buffers"):
         object.__setattr__(shadow, attr, dict(getattr(model, attr)))
+    rebind(shadow, model)
     object.__setattr__(shadow, "training", training)
     for name, value in (extra or {}).items():
         object.__setattr__(shadow, name, value)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["add_parser", "run", "info"]
+__all__ = ["add_parser", "run", "info", "model_and_input"]
 
 _HF = "hf:"
 
@@ -52,7 +52,8 @@ def add_parser(commands: Any, model_help: str, pools: tuple[str, ...], dtypes: t
     p.set_defaults(run=run)
 
 
-def _model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+def model_and_input(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """The model named by ``args.model`` and a seeded example input (``fxstore draw`` shares it)."""
     if args.model.startswith(_HF):
         try:
             from .hf import load_hf
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..capture import FeatureExtractor, export_extractor
     from ..dataset import REDUCTIONS
 
-    model, example = _model_and_input(args)
+    model, example = model_and_input(args)
     ex = FeatureExtractor(model, list(args.layers), keep_output=args.keep_output, detach=True,
                           transform=REDUCTIONS[args.pool], dtype=args.dtype, example_inputs=example,
                           edits=_steering(model, args.steer, example))

@@ -8,6 +8,7 @@ Examples::
     fxstore info feats/
     fxstore verify feats/
     fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
+    fxstore draw resnet50 --layers layer3 layer4 --depth 1 --out graph.svg
 
 Errors in the arguments or the inputs print one line (``fxstore extract: error: ...``)
 and exit with status 2 (usage) or 1 (anything else fxstore refuses).
@@ -27,7 +28,7 @@ from typing import Any, NoReturn
 
 from ..dataset import FORMATS
 from ..errors import FxStoreError
-from . import _export_cmd
+from . import _draw_cmd, _export_cmd, _stats_cmd
 from ._node_table import format_table, node_rows
 from .hints import flag_hint
 
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     extract.set_defaults(run=_extract)
 
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
+    _draw_cmd.add_parser(commands, model_help, _positive, _natural)
+    _stats_cmd.add_parsers(commands, model_help, _POOLS, _DTYPES, _positive, _natural)
 
     info = commands.add_parser("info", help="show the manifest of an output folder and whether it verifies, "
                                             "or an exported artifact's metadata")
@@ -201,7 +204,8 @@ def _verify(args: argparse.Namespace) -> int:
     if problems:
         for problem in problems:
             print(f"BAD {problem}")
-        print(f"fxstore verify: error: {len(problems)} of {files} data files of {args.out} are damaged. "
+        found = f"{len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        print(f"fxstore verify: error: {found} in {args.out} ({files} data files). "
               "Hint: run the same extraction again: it recomputes what is damaged.", file=sys.stderr)
         return 1
     print(f"OK {args.out}: {files} data files, {manifest['num_samples']} samples, every {manifest['checksum']} "

@@ -113,7 +113,7 @@ def extract_dataset(
         tokenizer: A Hugging Face tokenizer: ``data`` is then text (a list of strings, a
             ``datasets.Dataset`` or list of dicts with a text or ``input_ids`` column, or
             token-id lists) and one row is stored per real token, with the columns
-            ``token_id``, ``sequence`` and ``position`` (see the README's "Language models").
+            ``token_id``, ``sequence`` and ``position`` (see docs/language-models.md).
         text_field: The text column (default ``"text"``, else ``"input_ids"``).
         max_length: Tokens per document kept (default: the model's maximum).
         context_length: Concatenate the documents and run windows of this many tokens.

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .formats import Sink, mapped
+from ..errors import OutputError
+from ._snapshot import Snapshot
+from .formats import Sink, arrays_of
 
 __all__ = ["permutation", "write_permuted"]
 
@@ -62,10 +64,15 @@ def permutation(indices: np.ndarray, n: int, seed: int) -> np.ndarray:
 def write_permuted(source: Path, source_manifest: dict[str, Any], sink: Sink, shards: dict[int, tuple[int, int]],
                    mine: list[int], seed: int, progress: bool) -> None:
     """Write the output shards ``mine`` of ``sink``: permuted rows of the finished folder ``source``."""
-    entries = source_manifest["shards"]
+    snapshot = Snapshot(source)  # the staging folder, checked and pinned as every reader does
+    entries = snapshot.manifest["shards"]
+    if [(s["start"], s["count"]) for s in entries] != [(s["start"], s["count"]) for s in source_manifest["shards"]]:
+        raise OutputError(f"'{source}' changed before its rows were shuffled (another run?).\n"
+                          "Hint: run the same command again: it resumes.")
     starts = np.cumsum([0] + [s["count"] for s in entries])
     n = int(starts[-1])
-    maps = [mapped(source / s["file"]) for s in entries]
+    maps: dict[tuple[int, str], np.ndarray] = {}
+    bf16 = {key for key, entry in arrays_of(snapshot.manifest).items() if entry["dtype"] == "bfloat16"}
     total = sum(shards[k][1] for k in mine)
     with tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True, desc="fxstore shuffle",
               disable=not progress) as bar:
@@ -78,13 +85,14 @@ def write_permuted(source: Path, source_manifest: dict[str, Any], sink: Sink, sh
                 gathered = None
                 for shard in np.unique(owner):
                     which = owner == shard
-                    array, kind = maps[shard][spec.key]
-                    part = array[rows[which] - starts[shard]]
+                    if (shard, spec.key) not in maps:
+                        maps[shard, spec.key] = snapshot.rows(spec.key, int(shard))
+                    part = maps[shard, spec.key][rows[which] - starts[shard]]
                     if gathered is None:
                         gathered = np.empty((count, *part.shape[1:]), dtype=part.dtype)
                     gathered[which] = part
                 tensor = torch.from_numpy(gathered)
-                arrays[spec.key] = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
+                arrays[spec.key] = tensor.view(torch.bfloat16) if spec.key in bf16 else tensor
             sink.write(k, start, arrays)
             sink.finish(k, start, count)
             bar.update(count)

@@ -42,7 +42,7 @@ from .folder.ownership import remove_staging, start_staging
 from .formats import ArraySpec, Sink
 from .run import placed, run_folder
 
-__all__ = ["TextOptions", "extract_text", "TOKEN_COLUMNS"]
+__all__ = ["TextOptions", "extract_text", "TOKEN_COLUMNS", "model_inputs"]
 
 TOKEN_COLUMNS = ("token_id", "sequence", "position")
 """The per-row columns stored beside the features."""
@@ -169,14 +169,19 @@ def _accepted(forward: Callable[..., Any]) -> frozenset[str]:
     return frozenset(named)
 
 
-def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The stored rows of one batch: features at real tokens, and the token columns."""
+def model_inputs(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The keyword inputs of one batch for the model inside ``extractor``, on ``device``."""
     accepted = _accepted(type(_plain(extractor)).forward)
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()
               if k == "input_ids" or k in accepted}
     if "use_cache" in accepted:
         inputs["use_cache"] = False  # a cache in the output cannot be exported, and is not needed
-    _, features = extractor(**inputs)
+    return inputs
+
+
+def _forward(extractor: FeatureExtractor, batch: TextBatch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The stored rows of one batch: features at real tokens, and the token columns."""
+    _, features = extractor(**model_inputs(extractor, batch, device))
     keep = batch.keep.to(device)
     rows: dict[str, torch.Tensor] = {}
     for key, value in features.items():

@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import ConfigError
-from . import formats
-from .folder.manifest import read_manifest
+from ._snapshot import Snapshot
 
 __all__ = ["BatchLoader"]
 
@@ -42,8 +41,15 @@ class BatchLoader(IterableDataset):
         buffer_shards: Shards mixed together.
         drop_last: Drop the last, smaller batch of an epoch.
 
+    Every shard is checked as ``load_features`` checks it when the loader is made (sizes, headers,
+    the manifest against its run identity), and again each time it is read (the very file that was
+    checked, its header naming its place, run and inputs): a folder rewritten or damaged meanwhile
+    is refused with an ``OutputError`` naming the shard when it is reached; every row yielded before
+    is the run's own (never a mix of two runs).
+
     Raises:
-        OutputError: the folder holds no finished extraction.
+        OutputError: the folder holds no finished extraction, or a shard does not match its manifest
+            (when made, or when a shard is read).
         ConfigError: an unknown key, an ``npy`` folder, or bad sizes.
 
     Example:
@@ -60,8 +66,8 @@ class BatchLoader(IterableDataset):
 
     def __init__(self, out: str | os.PathLike[str], batch_size: int, *, keys: Sequence[str] | None = None,
                  shuffle: bool = True, seed: int = 0, buffer_shards: int = 4, drop_last: bool = False) -> None:
-        manifest = read_manifest(out)
-        fmt = formats.get(manifest["format"])
+        snapshot = Snapshot(out)  # the checks of every load, then each shard checked again as it is read
+        manifest, fmt = snapshot.manifest, snapshot.format
         if not fmt.sharded:
             raise ConfigError(f"'{out}' is in format {manifest['format']!r}; BatchLoader reads safetensors shards.\n"
                               "Hint: extract with format='safetensors', or index load_features(out) directly.")
@@ -74,7 +80,7 @@ class BatchLoader(IterableDataset):
             raise ConfigError(f"'{out}' has no array {unknown[0]!r}; it has {known}.\nHint: pick keys from those.")
         self.keys = list(keys) if keys else known
         self.files = [path for path, _ in fmt.sources(Path(out), manifest, known[0])]
-        self._read = fmt.read_shard
+        self._read = snapshot.read
         self.num_rows = int(manifest["num_samples"])
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_shards, self.drop_last = buffer_shards, drop_last
@@ -105,7 +111,7 @@ class BatchLoader(IterableDataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
         carry: dict[str, torch.Tensor] | None = None
         for lo in range(0, len(order), self.buffer_shards):
-            parts = [self._read(self.files[i]) for i in order[lo:lo + self.buffer_shards]]
+            parts = [self._read(int(i)) for i in order[lo:lo + self.buffer_shards]]
             buffer = {k: torch.cat(([carry[k]] if carry else []) + [p[k] for p in parts]) for k in self.keys}
             n = len(buffer[self.keys[0]])
             if self.shuffle:

@@ -1,23 +1,25 @@
 """Read an output folder back: check it against its manifest, then one lazy array per feature.
 
 Every load checks the folder's structure against the manifest (schema, file sizes, the
-shapes and dtypes in each file's header, the index, rows and run each safetensors shard's
-header names, and the manifest's counts against its own run identity: cheap, no data read);
-``verify=True`` also reads every byte and compares the checksums recorded when each file
-was finished.
+shapes and dtypes in each file's header, the index, rows, run and inputs each safetensors
+shard's header names, and the manifest's counts against its own run identity: cheap, no data
+read); ``verify=True`` also reads every byte and compares the checksums recorded when each file
+was finished. The arrays then read through the folder's snapshot (``_snapshot``): each file is
+checked again as it is opened, and a folder rewritten since the load is refused, never mixed in.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import OutputError
 from . import formats
-from .folder.manifest import consistency, read_manifest
+from ._snapshot import Snapshot, check_folder
 
 __all__ = ["load_features", "verify_folder", "data_files", "ShardedArray"]
 
@@ -40,7 +42,8 @@ def load_features(out: str | Path, verify: bool = False) -> dict[str, Any]:
 
     Raises:
         OutputError: the folder holds no finished extraction, its manifest is not valid, or
-            files do not match it (each bad file named).
+            files do not match it (each bad file named); when indexing, a file that changed since
+            the load (the folder was rewritten or repaired: load it again).
 
     Example:
         >>> import tempfile, numpy as np, torch
@@ -53,17 +56,10 @@ def load_features(out: str | Path, verify: bool = False) -> dict[str, Any]:
         >>> np.array_equal(feats["linear"][5:10], model(data[1]).detach().numpy())
         True
     """
-    manifest = read_manifest(out)
-    root = Path(out)
-    problems = verify_folder(root, manifest, checksums=verify)
-    if problems:
-        raise OutputError(
-            f"'{out}' does not match its manifest: " + "; ".join(problems[:8])
-            + ("; ..." if len(problems) > 8 else "") + ".\n"
-            "Hint: run the same extraction again: it verifies the folder and recomputes what is damaged."
-        )
-    fmt = formats.get(manifest["format"])
-    return {key: ShardedArray(fmt.sources(root, manifest, key), key, tuple(entry["shape"]), entry["dtype"], fmt.name)
+    snapshot = Snapshot(out, verify=verify)
+    fmt, manifest = snapshot.format, snapshot.manifest
+    return {key: ShardedArray(fmt.sources(snapshot.out, manifest, key), key, tuple(entry["shape"]), entry["dtype"],
+                              fmt.name, opener=functools.partial(snapshot.rows, key))
             for key, entry in formats.arrays_of(manifest).items()}
 
 
@@ -87,7 +83,7 @@ def verify_folder(out: str | Path, manifest: dict[str, Any], checksums: bool = T
         >>> verify_folder(out, m)
         []
     """
-    return formats.get(manifest["format"]).verify(Path(out), manifest, checksums) + consistency(manifest)
+    return check_folder(Path(out), manifest, checksums)
 
 
 def data_files(manifest: dict[str, Any]) -> int:
@@ -115,10 +111,11 @@ class ShardedArray:
     """
 
     def __init__(self, sources: list[tuple[Path, int]], key: str, row_shape: tuple[int, ...], dtype: str,
-                 format: str = "safetensors") -> None:
+                 format: str = "safetensors", opener: Callable[[int], np.ndarray] | None = None) -> None:
         self._sources = sources
         self._key = key
         self._format = format
+        self._opener = opener  # load_features: the folder's snapshot, which checks each file as it opens it
         self._open_rows = formats.get(format).open_rows
         self._starts = np.cumsum([0] + [count for _, count in sources])
         self._maps: dict[int, np.ndarray] = {}
@@ -157,7 +154,8 @@ class ShardedArray:
     def _map(self, k: int) -> np.ndarray:
         """The rows of source ``k``, memory-mapped (bfloat16 as its uint16 bits)."""
         if k not in self._maps:
-            self._maps[k] = self._open_rows(self._sources[k][0], self._key)
+            self._maps[k] = (self._opener(k) if self._opener is not None
+                             else self._open_rows(self._sources[k][0], self._key))
         return self._maps[k]
 
     def _span(self, lo: int, hi: int) -> np.ndarray:

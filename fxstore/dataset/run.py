@@ -28,7 +28,7 @@ from ..errors import ConfigError, FxStoreError, OutputError
 from . import _distributed
 from ._compute import changed_inputs, inputs_digest
 from .folder import manifest
-from .folder.files import check_free_space, check_writable, os_errors, plain_stat
+from .folder.files import check_free_space, check_writable, cut_list, os_errors, plain_stat, remove_probe
 from .folder.lock import FolderLock
 from .folder.names import CLAIM, MANIFEST, PROGRESS, RUN_FILE, TEMP_SUFFIX
 from .folder.ownership import survey
@@ -136,12 +136,13 @@ def run_folder(out: Path, identity: dict[str, Any], sink: Sink, rows: Rows, o: A
     Returns:
         The manifest (every rank).
     """
-    lock = FolderLock(out)
+    lock, done = FolderLock(out), False
     try:
         decision = ranks.from_main(prepare(out, identity, sink, rows, o, lock) if ranks.main else None)
         if "error" in decision:
             raise decision["error"]
         if "complete" in decision:
+            done = True
             return decision["complete"]
         if not ranks.main:
             lock.join()
@@ -152,9 +153,10 @@ def run_folder(out: Path, identity: dict[str, Any], sink: Sink, rows: Rows, o: A
             if before_finish is not None:
                 before_finish()
             result = finish(out, identity, rows, sink, o.command)
+            done = True
         return ranks.from_main(result)
     finally:
-        lock.release()
+        lock.release(finished=done)  # a finished run also removes a lock file a killed run left
 
 
 def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any, lock: FolderLock) -> dict[str, Any]:
@@ -182,9 +184,17 @@ def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any,
             if folder.record is None and finished is not None:
                 problems = (verify_folder(out, finished) if folder.manifest is not None  # else: rows checked below
                             else [f"it lost its {MANIFEST}; rebuilding it from {CLAIM} after checking every row"])
+                markers = dict(enumerate(finished["shards"]))
+                _check_inputs(out, plan, o, identity, markers, set(markers))  # other data: refused, nothing changed
+                strangers = sink.strangers(out, finished) if problems else []
+                if strangers:
+                    raise OutputError(
+                        f"'{out}' holds {cut_list(strangers)} at fxstore's name(s), but every row fails the checksums "
+                        "recorded for it: it is not the file this run wrote, and fxstore does not overwrite it.\n"
+                        "Hint: move it away (the same command then recomputes it), or use overwrite=True to start over."
+                    )
                 if not problems:
-                    markers = dict(enumerate(finished["shards"]))
-                    _check_inputs(out, plan, o, identity, markers, set(markers))
+                    remove_probe(out)
                     return {"complete": finished}
                 _log.warning("fxstore: repairing '%s': %s", out, _listed(problems))
                 write_run_record(out, identity, sink.files)
@@ -201,6 +211,7 @@ def prepare(out: Path, identity: dict[str, Any], sink: Sink, plan: Rows, o: Any,
                     for temp in path.glob(f".*{TEMP_SUFFIX}"):
                         if plain_stat(temp) is not None:
                             temp.unlink()
+            remove_probe(out)
             sink.adopt()
             done, bad = sink.verified_shards()
             bad += _misplaced(sink, plan, done)

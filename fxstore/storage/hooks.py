@@ -4,7 +4,7 @@ Forward hooks store a copy of each module output (so a later in-place op such as
 ``ReLU(inplace=True)`` cannot overwrite it, as it does in the classic recipe that stores the
 output itself); full backward hooks store each gradient of a module's output. This is what
 fxstore replaces; it stays as an independent reference for the tests and as the baseline for
-the benchmarks. Its known failure modes (see the README): the copy costs one full write per
+the benchmarks. Its known failure modes (see "Why not hooks?" in the README): the copy costs one full write per
 stored output even where nothing overwrites it; under ``torch.compile`` hooks registered after compilation, or removed,
 are not seen by the compiled graph; functional ops (``x + y``, ``torch.flatten``) have no
 module to hook; a full backward hook on a module whose output is modified in place

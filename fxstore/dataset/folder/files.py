@@ -22,7 +22,8 @@ from ...errors import OutputError
 from .names import PROBE, temp_path
 
 __all__ = ["NotPlainFile", "atomic_write", "atomic_write_json", "check_writable", "check_free_space",
-           "os_errors", "read_small", "read_json", "plain_stat", "create_exclusive", "check_depth"]
+           "os_errors", "read_small", "read_json", "plain_stat", "create_exclusive", "check_depth", "cut",
+           "cut_list", "open_plain", "file_key", "remove_probe"]
 
 JSON_LIMIT = 256 << 20
 """The largest manifest or run record fxstore reads (a manifest of a million shards is about 200 MB)."""
@@ -72,6 +73,29 @@ def plain_stat(path: Path) -> os.stat_result | None:
     except OSError:
         return None
     return info if stat.S_ISREG(info.st_mode) else None
+
+
+def file_key(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one file from another at the same name: device, inode, size and modification time."""
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def open_plain(path: Path) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading: ``lstat`` first (a link, FIFO, device or folder is never opened), then
+    ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` again; ``(descriptor, fstat)``.
+
+    Raises:
+        NotPlainFile: not a regular file.
+        OSError: it cannot be opened (``FileNotFoundError``: it is gone).
+    """
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise NotPlainFile(f"{path.name} is not a plain file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NotPlainFile(f"{path.name} is not a plain file")
+    return fd, info
 
 
 def read_small(path: Path, limit: int = JSON_LIMIT) -> bytes:
@@ -147,10 +171,14 @@ _NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[\d.eE+]+,?\s*)+)\]")  # a raw newline 
 
 
 def check_writable(out: Path) -> None:
-    """Create ``out`` if needed and prove a file can be written there.
+    """Create ``out`` if needed and prove a file can be written there (with the probe file, created and removed).
+
+    An empty probe already there is what a killed run leaves: it is left in place here (a run that is then
+    refused deletes nothing) and removed by the run once it is accepted (:func:`remove_probe`); the folder's
+    writability is then proven by the run's first write.
 
     Raises:
-        OutputError: naming the folder and the operating system's reason.
+        OutputError: naming the folder and the operating system's reason, or a probe that is not fxstore's.
     """
     probe = out / PROBE
     with os_errors(out):
@@ -158,15 +186,22 @@ def check_writable(out: Path) -> None:
         try:
             fd = create_exclusive(probe)
         except FileExistsError:
-            if plain_stat(probe) is None or probe.stat().st_size:  # not the empty file a killed probe leaves
+            info = plain_stat(probe)
+            if info is None or info.st_size:  # not the empty file a killed probe leaves
                 raise OutputError(
-                    f"'{probe}' is in the way: fxstore writes its probe there, and does not touch files it did not "
-                    "write.\nHint: move that file away, or write to another folder."
+                    f"'{cut(probe)}' is in the way: fxstore writes its probe there, and does not touch files it did "
+                    "not write.\nHint: move that file away, or write to another folder."
                 ) from None
-            probe.unlink()
-            fd = create_exclusive(probe)
+            return
         os.close(fd)
         probe.unlink()
+
+
+def remove_probe(out: Path) -> None:
+    """Remove the empty probe a killed run left (a run accepted into the folder calls this)."""
+    info = plain_stat(out / PROBE)
+    if info is not None and info.st_size == 0:
+        (out / PROBE).unlink()
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -207,10 +242,33 @@ def os_errors(out: Path) -> Iterator[None]:
         ) from e
 
 
-def _short(path: Any, limit: int = 200) -> str:
-    """A path for a message, cut in the middle when longer than ``limit`` characters."""
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
+def cut(value: Any, limit: int = 200) -> str:
+    """``value`` as text for a message, cut in the middle when longer than ``limit`` characters (with its length).
+
+    Example:
+        >>> cut("a" * 500 + "b" * 500, 40)
+        'aaaaaaaaa...bbbbbbbbbb (1000 characters)'
+    """
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    suffix = f" ({len(text)} characters)"
+    keep = max(limit - len(suffix) - 3, 2)  # the result is at most ``limit`` long: cutting it again changes nothing
+    return f"{text[:keep // 2]}...{text[len(text) - (keep - keep // 2):]}{suffix}"
+
+
+def cut_list(items: list[Any], limit: int = 8, each: int = 200) -> str:
+    """The first ``limit`` items on one line (each :func:`cut`), then how many more.
+
+    Example:
+        >>> cut_list([f"f{i}" for i in range(10)], 3)
+        'f0; f1; f2; ... and 7 more'
+    """
+    more = len(items) - limit
+    return "; ".join(cut(item, each) for item in items[:limit]) + (f"; ... and {more} more" if more > 0 else "")
+
+
+_short = cut
 
 
 def _size(n: int) -> str:

@@ -52,7 +52,7 @@ class FolderLock:
         self.out = out
         self._file: int | None = None
         self._folder: int | None = None
-        self._keep_empty = False  # an empty lock file was there before: leave it as it was
+        self._before: bytes | None = None  # what the lock file held before this run (None: this run created it)
 
     def acquire(self, command: str | None) -> None:
         """Rank 0: take the folder for this run, or refuse at once.
@@ -76,7 +76,7 @@ class FolderLock:
                 raise OutputError(f"cannot lock '{self.out}'.\nHint: run the command again.")
             self._file = fd
             text = _read(fd)
-            self._keep_empty = not created and text == ""
+            self._before = None if created else os.pread(fd, 1 << 16, 0)
             if text and _holder(text) is None:
                 self.release(remove=False)
                 raise OutputError(
@@ -102,15 +102,22 @@ class FolderLock:
             self._folder = os.open(self.out, os.O_RDONLY | os.O_CLOEXEC)
             fcntl.flock(self._folder, fcntl.LOCK_SH)
 
-    def release(self, remove: bool = True) -> None:
-        """Drop the locks; rank 0 also removes the lock file (while still holding it)."""
+    def release(self, remove: bool = True, finished: bool = False) -> None:
+        """Drop the locks; rank 0 also removes the lock file (while still holding it).
+
+        Args:
+            remove: Remove the lock file (``False``: leave it untouched; nothing was written to it yet).
+            finished: The run completed (or found the folder complete): a lock file an earlier, killed run left
+                (empty, or naming a dead process) goes too. Otherwise a lock file that was there before this
+                run gets back the bytes it had: a refused or failed run changes nothing it did not create.
+        """
         if self._file is not None:
-            if remove and self._keep_empty:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._file, 0)
-            elif remove:
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if remove and (finished or self._before is None):
                     (self.out / LOCK_FILE).unlink()
+                elif remove:
+                    os.ftruncate(self._file, 0)
+                    os.pwrite(self._file, self._before or b"", 0)
             os.close(self._file)
             self._file = None
         if self._folder is not None:

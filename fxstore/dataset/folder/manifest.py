@@ -27,7 +27,7 @@ from ...capture import model_fingerprint
 from ...errors import OutputError
 from ..formats import FORMATS, NAMES, arrays_of, get
 from .checksums import ALGORITHM, is_digest
-from .files import atomic_write_json, plain_stat, read_json
+from .files import atomic_write_json, cut, plain_stat, read_json
 from .names import CLAIM, MANIFEST, RUN_FILE
 
 __all__ = ["MANIFEST", "read_manifest", "validate", "model_fingerprint"]
@@ -67,21 +67,24 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
     path = Path(out) / MANIFEST
     if not Path(out).is_dir():
         what = "does not exist" if not Path(out).exists() else "is not a folder"
-        raise OutputError(f"'{out}' {what}.\nHint: pass the output folder of an extraction (its out=...).")
-    running = plain_stat(Path(out) / RUN_FILE) is not None
-    if not os.path.lexists(path) or running:
-        kept = plain_stat(Path(out) / CLAIM) is not None
-        why = ("an interrupted run is in it" if running
-               else f"it was deleted, and the run's {CLAIM} can rebuild it" if kept
-               else "nothing fxstore wrote is in it")
+        raise OutputError(f"'{cut(out)}' {what}.\nHint: pass the output folder of an extraction (its out=...).")
+    if plain_stat(Path(out) / RUN_FILE) is not None:
         raise OutputError(
-            f"'{out}' holds no finished extraction (no {MANIFEST}); {why}.\n"
+            f"'{cut(out)}' holds no finished extraction: a run or a repair of it has not finished (its {RUN_FILE} "
+            "is there: it is running, or was interrupted).\n"
+            "Hint: wait for that run to finish, or run the same extraction again (it resumes), then load it."
+        )
+    if not os.path.lexists(path):
+        kept = plain_stat(Path(out) / CLAIM) is not None
+        why = f"it was deleted, and the run's {CLAIM} can rebuild it" if kept else "nothing fxstore wrote is in it"
+        raise OutputError(
+            f"'{cut(out)}' holds no finished extraction (no {MANIFEST}); {why}.\n"
             "Hint: run the extraction (again: it resumes) to completion, then load it."
         )
     manifest, problem = parse(path)
     if problem is not None:
         raise OutputError(
-            f"'{path}' is not a valid fxstore manifest: {problem}.\n"
+            f"'{cut(path)}' is not a valid fxstore manifest: {problem}.\n"
             "Hint: fxstore reads only manifests it wrote; run the extraction again into a new folder."
         )
     return manifest
@@ -110,7 +113,7 @@ def validate(m: Any) -> str | None:
     try:
         _check(m)
     except _Invalid as e:
-        return str(e)
+        return cut(e, 300)  # a name of 50 MB in a manifest is not printed whole
     return None
 
 

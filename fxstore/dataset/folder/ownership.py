@@ -30,7 +30,7 @@ from ...errors import OutputError
 from .. import formats
 from . import manifest as manifest_module
 from .checksums import identity_digest
-from .files import create_exclusive, plain_stat, read_json, read_small
+from .files import create_exclusive, cut, cut_list, plain_stat, read_json, read_small
 from .lock import is_lock_file
 from .names import (
     CLAIM,
@@ -77,9 +77,9 @@ class Folder:
             OutputError: naming the foreign files.
         """
         if self.foreign:
-            listed = "; ".join(_short(f) for f in self.foreign[:8]) + ("; ..." if len(self.foreign) > 8 else "")
+            listed = cut_list(self.foreign, 8, 120)
             raise OutputError(
-                f"the output folder '{self.out}' holds files fxstore did not write ({listed}); "
+                f"the output folder '{cut(self.out)}' holds files fxstore did not write ({listed}); "
                 "fxstore does not overwrite, delete or resume among them.\n"
                 "Hint: move those files away, or choose a new or empty folder."
             )
@@ -164,7 +164,7 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
     running = (folder.record is not None or staged) and PROGRESS in entries  # a run's markers name its shards
     claims = formats.Claims(digests, formats.listed(folder.manifest or folder.kept, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
-                            claimed)
+                            claimed, tuple(c for c in (folder.manifest, folder.kept) if c is not None))
 
     def data_file(name: str, path: Path) -> bool:
         return formats.recognise(name, path, claims)
@@ -226,7 +226,3 @@ def _starts(path: Path, prefix: bytes) -> bool:
         return read_small(path).startswith(prefix)
     except OSError:
         return False
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"

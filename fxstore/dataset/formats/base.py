@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -48,11 +48,14 @@ class Claims:
         digests: The identity digests a shard's header may name (claimed runs, the run starting).
         listed: ``{file name: size}`` the manifest or the run's markers list.
         identities: The run identities a record or manifest claims.
+        finished: The valid manifest and kept copy, if any.
     """
 
     digests: set[str]
     listed: dict[str, Any]
     identities: list[dict[str, Any]]
+    finished: tuple[dict[str, Any], ...] = ()
+    """The finished claims (the manifest, its kept copy): their sizes and checksums recognise a damaged file."""
 
 
 def arrays_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -143,6 +146,27 @@ class Sink:
         """How many data files a finished folder of this format holds."""
         raise NotImplementedError
 
+    @staticmethod
+    def file_names(manifest: dict[str, Any]) -> list[str]:
+        """The data files of a finished folder, in order (shards by index; ``.npy`` files in array order)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
+        """Why the open data file ``k`` of :meth:`file_names` is not what the (valid) manifest lists, from its
+        header alone (``None``: it is)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def map_open(f: BinaryIO, key: str) -> np.ndarray:
+        """The rows of ``key`` in an open source file (checked by :meth:`check_open`), memory-mapped."""
+        raise NotImplementedError
+
+    @staticmethod
+    def read_open(f: BinaryIO) -> dict[str, torch.Tensor]:
+        """Every array of an open shard file, read into memory (formats with :attr:`sharded` only)."""
+        raise NotImplementedError
+
     # -- progress markers ------------------------------------------------------------------
 
     def _marker(self, shard: int) -> Path:
@@ -192,6 +216,13 @@ class Sink:
     def check_shard(self, marker: dict[str, Any]) -> str | None:
         """Why the data of a marked shard does not match its marker (``None``: it matches)."""
         raise NotImplementedError
+
+    @classmethod
+    def strangers(cls, root: Path, manifest: dict[str, Any]) -> list[str]:
+        """The data files of a finished folder that have the form its manifest gives them but fail *every*
+        checksum it records for them: not damaged files of this run but someone else's, never overwritten
+        without ``overwrite=True`` (files that name their run in their header have none)."""
+        return []
 
     def forget(self, shard: int) -> None:
         """Drop a shard that failed verification, so that it is computed again."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -115,9 +115,33 @@ class NpySink(Sink):
     def open_rows(path: Path, key: str) -> np.ndarray:
         return np.load(path, mmap_mode="r")
 
+    @classmethod
+    def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
+        """Why the open ``.npy`` file of array ``k`` (in :func:`arrays_of` order) is not what the manifest lists:
+        its header's shape, dtype and data offset against the file's size (no data read)."""
+        entry = list(arrays_of(manifest).values())[k]
+        layout = npy_layout(f)
+        expected = ((manifest["num_samples"], *entry["shape"]), np.dtype(entry["dtype"]))
+        if layout is None or layout[:2] != expected or layout[2] + manifest["num_samples"] * _row_bytes(entry) \
+                != entry["bytes"]:
+            return f"{name}: its header does not say {expected[0]} {expected[1]}"
+        return None
+
+    @staticmethod
+    def map_open(f: BinaryIO, key: str) -> np.ndarray:
+        """The rows of an open ``.npy`` file (checked by :meth:`check_open`), memory-mapped read-only."""
+        shape, dtype, offset = npy_layout(f) or ((0,), np.dtype(np.uint8), 0)
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+
     @staticmethod
     def data_files(manifest: dict[str, Any]) -> int:
         return len(arrays_of(manifest))
+
+    @staticmethod
+    def file_names(manifest: dict[str, Any]) -> list[str]:
+        return [entry["file"] for entry in arrays_of(manifest).values()]
 
     @staticmethod
     def layouts(identity: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
@@ -132,12 +156,27 @@ class NpySink(Sink):
         return found
 
     @classmethod
+    def strangers(cls, root: Path, manifest: dict[str, Any]) -> list[str]:
+        found = []
+        for key, entry in arrays_of(manifest).items():
+            path = root / entry["file"]
+            layout = npy_layout(path)
+            if (layout is not None and layout[:2] == ((manifest["num_samples"], *entry["shape"]),
+                                                      np.dtype(entry["dtype"]))
+                    and manifest["shards"] and not _rows_match(path, layout[2], entry, key, manifest)):
+                found.append(entry["file"])
+        return found
+
+    @classmethod
     def recognise(cls, name: str, path: Path, claims: Claims) -> bool:
         """Whether ``path`` (``X.npy`` or ``.X.npy.partial``) is a file one of the claimed run identities
-        of this format writes: a regular file whose ``.npy`` header says exactly that array's shape and dtype.
-        (``.npy`` headers carry no identity: a claim must name them.)"""
+        of this format writes: a regular file whose ``.npy`` header says exactly that array's shape and dtype
+        (``.npy`` headers carry no identity: a claim must name them) -- or, when its header does not (it is
+        damaged), a final file a finished claim records with exactly its size and whose rows match at least
+        one recorded checksum."""
         base = partial_base(name) or name
-        if plain_stat(path) is None:
+        info = plain_stat(path)
+        if info is None:
             return False
         layout = None
         for identity in (i for i in claims.identities if i["format"] == cls.name):
@@ -149,7 +188,7 @@ class NpySink(Sink):
                 layout = npy_layout(path) if layout is None else layout
                 if layout is not None and layout[:2] == expected[:2]:
                     return True
-        return False
+        return base == name and _recorded(name, path, info.st_size, claims.finished)
 
     def _partial(self, key: str) -> Path:
         return self.out / partial_name(self.names[key])
@@ -159,8 +198,9 @@ class NpySink(Sink):
         offset = _header_bytes(_numpy_dtype(s.dtype), (self.num_samples, *s.shape))
         return offset, offset + int(self.num_samples) * s.row_bytes
 
-    def _valid(self, s: ArraySpec) -> bool:
-        path = self._partial(s.key)
+    def _valid(self, s: ArraySpec, path: Path | None = None) -> bool:
+        """Whether the file of ``s`` (its ``.partial`` unless ``path``) has its exact header and size."""
+        path = self._partial(s.key) if path is None else path
         layout = npy_layout(path)
         return (layout is not None and layout[:2] == ((self.num_samples, *s.shape), _numpy_dtype(s.dtype))
                 and path.stat().st_size == self._size(s)[1])
@@ -182,8 +222,11 @@ class NpySink(Sink):
     def adopt(self) -> None:
         for s in self.specs:
             partial, final = self._partial(s.key), self.out / self.names[s.key]
-            if not partial.exists() and final.exists():  # a finish was interrupted after this rename
-                os.replace(final, partial)
+            if not partial.exists() and final.exists():  # a finish was interrupted after this rename, or a repair
+                if self._valid(s, final):
+                    os.replace(final, partial)
+                else:  # fxstore's (its record says so) but its header is damaged: every row is computed again
+                    final.unlink()
 
     def bytes_needed(self, done: set[int], shards: list[tuple[int, int]]) -> int:
         needed = 0
@@ -252,20 +295,54 @@ def _rows_problem(path: Path, name: str, offset: int, row: int, start: int, coun
     return None
 
 
+def _rows_match(path: Path, offset: int, entry: dict[str, Any], key: str, manifest: dict[str, Any]) -> bool:
+    """Whether the rows of at least one shard of ``key``'s file (data at ``offset``) match their checksum."""
+    row = _row_bytes(entry)
+    for shard in manifest["shards"]:
+        try:
+            if _rows_problem(path, entry["file"], offset, row, shard["start"], shard["count"],
+                             shard[ALGORITHM][key]) is None:
+                return True
+        except OSError:
+            return False
+    return False
+
+
+def _recorded(name: str, path: Path, size: int, finished: tuple[dict[str, Any], ...]) -> bool:
+    """Whether a finished claim (manifest or kept copy) of this format records the file ``name`` with exactly
+    ``size`` bytes and at least one shard of its rows matches the checksum recorded for it (its header is not
+    read: it may be the damaged part)."""
+    for manifest in finished:
+        if manifest.get("format") != NpySink.name:
+            continue
+        for key, entry in arrays_of(manifest).items():
+            if entry["file"] == name and entry["bytes"] == size:
+                offset = size - manifest["num_samples"] * _row_bytes(entry)
+                if offset > 0 and _rows_match(path, offset, entry, key, manifest):
+                    return True
+    return False
+
+
 def _row_bytes(entry: dict[str, Any]) -> int:
     itemsize = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
     return itemsize * int(np.prod(entry["shape"], dtype=np.int64))
 
 
-def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
-    """``(shape, dtype, data offset)`` from a ``.npy`` header, or ``None`` if it is not one."""
+def npy_layout(source: Path | BinaryIO) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """``(shape, dtype, data offset)`` from a ``.npy`` header (a path or an open file), or ``None`` if it is not one."""
+    if not hasattr(source, "read"):
+        try:
+            with open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                return npy_layout(f)
+        except OSError:
+            return None
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            return (tuple(shape), dtype, f.tell()) if not fortran else None
-    except (OSError, ValueError, SyntaxError):
+        source.seek(0)
+        version = np.lib.format.read_magic(source)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(source)
+        return (tuple(shape), dtype, source.tell()) if not fortran else None
+    except (OSError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
 
 

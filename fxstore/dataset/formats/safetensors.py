@@ -11,16 +11,15 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..folder.checksums import ALGORITHM, digest_bytes, identity_digest, is_digest
-from ..folder.files import atomic_write, plain_stat
+from ..folder.files import atomic_write, cut, open_plain, plain_stat
 from ..folder.names import SHARD_PATTERN, shard_file
 from .base import ArraySpec, Claims, Sink, arrays_of, check_file
 
@@ -70,18 +69,55 @@ class SafetensorsSink(Sink):
 
     @classmethod
     def verify(cls, root: Path, manifest: dict[str, Any], checksums: bool) -> list[str]:
-        arrays, problems = arrays_of(manifest), []
-        digest = identity_digest(manifest["identity"])
+        problems = []
         for k, shard in enumerate(manifest["shards"]):
             name, path = shard["file"], root / shard["file"]
             problem = check_file(path, name, shard["bytes"], shard[ALGORITHM] if checksums else None)
             if problem is None:
-                problem = _check_header(path, name, arrays, shard["count"])
-            if problem is None:
-                problem = _check_record(path, name, k, shard, digest)
+                try:
+                    fd, _ = open_plain(path)  # lstat first, O_NONBLOCK: a FIFO swapped in is never waited on
+                except OSError as e:
+                    problem = f"{name}: cannot be opened ({e.strerror or type(e).__name__})"
+                else:
+                    with open(fd, "rb") as f:
+                        problem = cls.check_open(f, name, manifest, k)
             if problem is not None:
                 problems.append(problem)
         return problems
+
+    @classmethod
+    def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
+        """Why the open shard ``k`` is not the one the manifest lists: its header's index, rows, run and
+        inputs, and its arrays' shapes, dtypes and places in the file (no data read)."""
+        shard = manifest["shards"][k]
+        try:
+            header = _header(f)
+            data = os.fstat(f.fileno()).st_size - f.tell()  # the bytes after the header
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+            return f"{name}: not a readable safetensors file"
+        for key, entry in arrays_of(manifest).items():
+            expected = [shard["count"], *entry["shape"]]
+            if key not in header:
+                return f"{name}: holds no array {cut(key)!r}"
+            problem = _check_array(header[key], expected, entry["dtype"], data)
+            if problem is not None:
+                return f"{name}: {cut(key)!r} {problem}, the manifest says {expected} {entry['dtype']}"
+        return _check_record(_record_of(header), name, k, shard, identity_digest(manifest["identity"]))
+
+    @staticmethod
+    def map_open(f: BinaryIO, key: str) -> np.ndarray:
+        """The rows of ``key`` in an open shard file, memory-mapped (bfloat16 as its uint16 bits)."""
+        return mapped(f)[key][0]
+
+    @staticmethod
+    def read_open(f: BinaryIO) -> dict[str, torch.Tensor]:
+        """Every array of an open shard file, as tensors over a private (copy-on-write) memory map of it, as
+        ``safetensors.torch.load_file`` gives them: pages are read when used, from the file that was opened."""
+        tensors = {}
+        for key, (array, kind) in mapped(f, mode="c").items():
+            tensor = torch.from_numpy(array)
+            tensors[key] = tensor.view(torch.bfloat16) if kind == "BF16" else tensor
+        return tensors
 
     @staticmethod
     def sources(root: Path, manifest: dict[str, Any], key: str) -> list[tuple[Path, int]]:
@@ -99,6 +135,10 @@ class SafetensorsSink(Sink):
     @staticmethod
     def data_files(manifest: dict[str, Any]) -> int:
         return len(manifest["shards"])
+
+    @staticmethod
+    def file_names(manifest: dict[str, Any]) -> list[str]:
+        return [s["file"] for s in manifest["shards"]]
 
     def check_shard(self, marker: dict[str, Any]) -> str | None:
         name = self.shard_file(marker["shard"])
@@ -147,19 +187,38 @@ class SafetensorsSink(Sink):
 
 
 def header_record(path: Path) -> dict[str, Any] | None:
-    """The fxstore record in a safetensors file's header (``{"shard", "start", "count", "identity"}``), read
-    without following links or reading the data; ``None`` if the file has none."""
+    """The fxstore record in a safetensors file's header (``{"shard", "start", "count", "identity", "inputs"}``),
+    read without following links or reading the data; ``None`` if the file has none."""
     if plain_stat(path) is None:  # a link, FIFO or device is never opened
         return None
     try:
         with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            head = f.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            if not 0 < size <= _HEADER_LIMIT:
-                return None
-            header = json.loads(f.read(size))
-        record = json.loads(header["__metadata__"]["fxstore"])
+            return _record_of(_header(f))
     except (OSError, ValueError, KeyError, TypeError, RecursionError, struct.error):
+        return None
+
+
+def _header(f: BinaryIO) -> dict[str, Any]:
+    """The JSON header of an open safetensors file (at most safetensors' own limit).
+
+    Raises:
+        ValueError: not a safetensors header.
+    """
+    f.seek(0)
+    head = f.read(8)
+    size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    if not 0 < size <= _HEADER_LIMIT:
+        raise ValueError("not a safetensors header")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header")
+    return header
+
+
+def _record_of(header: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        record = json.loads(header["__metadata__"]["fxstore"])
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
@@ -167,33 +226,34 @@ def header_record(path: Path) -> dict[str, Any] | None:
 _HEADER_LIMIT = 100 << 20  # safetensors' own limit on a header
 
 
-def _check_record(path: Path, name: str, k: int, shard: dict[str, Any], digest: str) -> str | None:
-    """Whether the shard's own header names its place: shard index, first row, count and run (no data read)."""
-    record = header_record(path)
+def _check_record(record: dict[str, Any] | None, name: str, k: int, shard: dict[str, Any],
+                  digest: str) -> str | None:
+    """Whether a shard's own header record names its place: shard index, first row, count, run and inputs."""
     if record is None:
         return f"{name}: its header names no fxstore shard"
     said = (record.get("shard"), record.get("start"), record.get("count"))
     if said != (k, shard["start"], shard["count"]):
-        return f"{name}: its header says shard {said[0]} (rows from {said[1]}, {said[2]} of them), " \
+        return f"{name}: its header says shard {cut(said[0])} (rows from {cut(said[1])}, {cut(said[2])} of them), " \
                f"the manifest shard {k} (rows from {shard['start']}, {shard['count']})"
     if record.get("identity") not in (None, digest):  # None: written before shards named their run
         return f"{name}: its header names another run"
+    if "inputs" in record and record["inputs"] != shard.get("inputs"):  # no key: written before inputs were
+        return f"{name}: its header records other inputs than the manifest (a shard of another run over other data)"
     return None
 
 
-def _check_header(path: Path, name: str, arrays: dict[str, dict[str, Any]], count: int) -> str | None:
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key, entry in arrays.items():
-                if key not in f.keys():
-                    return f"{name}: holds no array {key!r}"
-                shape = f.get_slice(key).get_shape()
-                dtype = str(f.get_slice(key).get_dtype())
-                if list(shape) != [count, *entry["shape"]] or _ST_DTYPES.get(dtype) != entry["dtype"]:
-                    return f"{name}: {key!r} is {shape} {dtype}, the manifest says {[count, *entry['shape']]} " \
-                           f"{entry['dtype']}"
-    except Exception as e:  # noqa: BLE001 - safetensors' own error on a damaged header
-        return f"{name}: not a readable safetensors file ({type(e).__name__})"
+def _check_array(info: Any, shape: list[int], dtype: str, data: int) -> str | None:
+    """Why a header's entry of one array is not ``shape`` ``dtype`` stored within the ``data`` bytes of the file."""
+    if not isinstance(info, dict) or _ST_DTYPES.get(info.get("dtype")) is None:
+        return "is not a tensor entry"
+    said = (info.get("shape"), _ST_DTYPES[info["dtype"]])
+    if said != (shape, dtype):
+        return f"is {cut(said[0])} {info['dtype']}"
+    offsets = info.get("data_offsets")
+    size = np.dtype(_NUMPY[info["dtype"]]).itemsize * int(np.prod(shape, dtype=np.int64))
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data and offsets[1] - offsets[0] == size):
+        return f"has data offsets {cut(offsets)} that do not hold it"
     return None
 
 
@@ -207,11 +267,14 @@ _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.flo
           "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "C64": np.complex64}
 
 
-def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """Every tensor of a safetensors file as a read-only memory map (bfloat16 as uint16 bits)."""
-    with open(path, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
+def mapped(source: Path | BinaryIO, mode: str = "r") -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file (a path or an open file) as a memory map (bfloat16 as uint16 bits),
+    read-only (``mode="r"``) or private copy-on-write (``"c"``)."""
+    if not hasattr(source, "read"):
+        with open(source, "rb") as f:
+            return mapped(f, mode)
+    header = _header(source)
+    size = source.tell() - 8
     arrays = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -219,7 +282,7 @@ def mapped(path: Path) -> dict[str, tuple[np.ndarray, str]]:
         begin, end = info["data_offsets"]
         dtype = np.dtype(_NUMPY[info["dtype"]])
         count = (end - begin) // dtype.itemsize
-        data = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=(count,)) if count else \
+        data = np.memmap(source, dtype=dtype, mode=mode, offset=8 + size + begin, shape=(count,)) if count else \
             np.zeros(0, dtype=dtype)
         arrays[key] = (data.reshape(info["shape"]), info["dtype"])
     return arrays

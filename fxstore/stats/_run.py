@@ -1,0 +1,257 @@
+"""``feature_statistics``: one pass over a dataset that keeps only per-layer accumulators.
+
+The data is read exactly as :func:`~fxstore.extract_dataset` reads it (``fxstore.dataset.batches``:
+the same shards and batches, the same token batches, the same ranks and model placement). Image
+rows are reduced inside the graph (the extractor's ``transform`` pools and returns the batch's
+partial sums); token rows, whose padding mask is not a graph input, are reduced on the device right
+after the graph. The float64 accumulators stay on the device; ranks merge them at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..capture import FeatureExtractor, model_fingerprint, parse_dtype
+from ..dataset import REDUCTIONS
+from ..dataset.batches import (
+    Ranks,
+    batch_size_of,
+    hash_inputs,
+    join,
+    make_plan,
+    model_inputs,
+    pick,
+    shard_digest,
+    token_plan,
+)
+from ..dataset.run import placed
+from ..errors import ConfigError, OutputError
+from ._checkpoint import Checkpoint, to_device
+from ._merge import finalize, merge_ranks
+from ._options import Options, check, layer_labels, reduction_groups
+from ._partials import Accumulator, batch_partials, pack, unpack
+from ._result import FeatureStatistics
+
+__all__ = ["run_statistics"]
+
+
+def run_statistics(model: nn.Module, layers: Any, data: Any, o: Options) -> dict[str, FeatureStatistics]:
+    """Run :func:`~fxstore.feature_statistics` with checked options ``o``."""
+    check(model, layers, o)
+    ranks = join()
+    try:
+        with placed(model, o.device, ranks) as device:
+            if o.text is not None:
+                return _text(model, layers, data, device, ranks, o)
+            return _images(model, layers, data, device, ranks, o)
+    finally:
+        ranks.close()
+
+
+def _partials_transform(reduce: Callable[[torch.Tensor], torch.Tensor] | None, dtype: torch.dtype | None,
+                        top_k: int, moments: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fxstore_stats_partials(x: torch.Tensor) -> torch.Tensor:
+        if reduce is not None:
+            x = reduce(x)
+        if dtype is not None:
+            x = x.to(dtype)
+        return pack(x, top_k, moments)
+
+    return fxstore_stats_partials
+
+
+def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks: Ranks,
+            o: Options) -> dict[str, FeatureStatistics]:
+    plan, first = make_plan(data, o.shard_size, o.collate_fn)
+    x0, _ = pick(first, o.input_key, False)
+    runners = [_compiled(FeatureExtractor(model, group, keep_output=False, detach=True,
+                                          transform=_partials_transform(REDUCTIONS[name], parse_dtype(o.dtype),
+                                                                        o.top_k, o.moments)), o)
+               for name, group in reduction_groups(layers, o.reduce)]
+    data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_samples,
+                     "first_batch": _digest(x0)}
+    identity = _identity(model, layers, data_identity, o)
+    state = Checkpoint(o.checkpoint, identity, ranks, o.top_k, o.moments)
+    to_device(state.accumulators, device)
+    accumulators = state.accumulators
+    shards = plan.all_shards()
+    mine = None if shards is None else [k for k in shards if k % ranks.world == ranks.rank]
+    total = None if mine is None else sum(plan.shards[k][1] for k in mine if k not in state.done)
+
+    def wanted(k: int) -> bool:
+        return k % ranks.world == ranks.rank and k not in state.done
+
+    _check_kept_inputs(plan, state, o)
+    hashers: dict[int, Any] = {}
+    size_of = functools.partial(_size_of, o.input_key)
+    batches = plan.batches(wanted, o.batch_size, o.num_workers, o.collate_fn, pin_memory=device.type == "cuda",
+                           size_of=size_of)
+    with _bar(total, "sample", o, ranks) as bar, torch.inference_mode():
+        for batch in batches:
+            if o.checkpoint is not None:  # the digest a resume checks the kept shards against
+                hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
+            x, _ = pick(batch.data, o.input_key, False)
+            x = _to(x, device)
+            features = _features(runners, x)
+            rows = torch.arange(batch.start, batch.start + batch_size_of(x), device=device)
+            for key, flat in features.items():
+                accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
+                    unpack(flat, o.top_k, o.moments), rows, rows, None)
+            if batch.last:
+                hasher = hashers.pop(batch.shard, None)
+                state.save(batch.shard, accumulators, None if hasher is None else f"sha256:{hasher.hexdigest()}")
+            bar.update(len(rows))
+    return _result(accumulators, identity, ranks, device, o, positions=False)
+
+
+def _check_kept_inputs(plan: Any, state: Checkpoint, o: Options) -> None:
+    """Read the inputs of the first and last kept shard again: a resume never mixes in other data (map-style data).
+
+    Raises:
+        OutputError: the inputs differ from those the checkpoint's shard was computed from.
+    """
+    if not plan.indexed or not state.inputs:
+        return
+    for k in sorted({min(state.inputs), max(state.inputs)}):
+        if shard_digest(plan, k, input_key=o.input_key, batch_size=o.batch_size,
+                        collate_fn=o.collate_fn) != state.inputs[k]:
+            start, count = plan.shards[k]
+            raise OutputError(
+                f"the data is not the data the checkpoint '{state.path}' was computed from: the inputs of shard {k} "
+                f"(samples {start}-{start + count - 1}) differ.\n"
+                "Hint: pass the same data to resume, or another checkpoint= path to start over.")
+
+
+def _features(runners: list[Any], x: Any) -> dict[str, torch.Tensor]:
+    """Every extractor's features of one batch (one extractor per reduction group)."""
+    features: dict[str, torch.Tensor] = {}
+    for runner in runners:
+        _, f = runner(**x) if isinstance(x, Mapping) else runner(x)
+        clash = set(f) & set(features)
+        if clash:
+            raise ConfigError(f"layer '{sorted(clash)[0]}' is selected with two reductions.\n"
+                              "Hint: select each layer once, or give the second one an alias with a dict "
+                              "{layer: alias}.")
+        features.update(f)
+    return features
+
+
+def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks: Ranks,
+          o: Options) -> dict[str, FeatureStatistics]:
+    plan, text_identity = token_plan(model, data, o.tokenizer, o.text, batch_size=o.batch_size,
+                                     shard_size=o.shard_size)
+    ex = FeatureExtractor(model, layers, keep_output=False, detach=True, dtype=o.dtype)
+    runner, reduce = _compiled(ex, o), _compiled(batch_partials, o)
+    data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_rows, "text": text_identity}
+    identity = _identity(ex.wrapped_model, layers, data_identity, o)
+    state = Checkpoint(o.checkpoint, identity, ranks, o.top_k, o.moments)
+    to_device(state.accumulators, device)
+    accumulators = state.accumulators
+    mine = [k for k in sorted(plan.shards) if k % ranks.world == ranks.rank and k not in state.done]
+    total = sum(plan.shards[k][1] for k in mine)
+    with _bar(total, "tok", o, ranks) as bar, torch.inference_mode():
+        for shard in mine:
+            for batch in plan.batches(shard):
+                _, features = runner(**model_inputs(ex, batch, device))
+                keep = batch.keep.to(device).reshape(-1)
+                rows = batch.start + torch.cumsum(keep, 0) - 1
+                sample = batch.sequence.to(device)[:, None].expand(batch.keep.shape).reshape(-1)
+                position = batch.inputs["position_ids"].to(device).reshape(-1)
+                for key, value in features.items():
+                    flat = _token_rows(key, value, tuple(batch.keep.shape))
+                    accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
+                        reduce(flat, keep, o.top_k, o.moments), rows, sample, position)
+                bar.update(batch.count)
+            state.save(shard, accumulators)
+    return _result(accumulators, identity, ranks, device, o, positions=True)
+
+
+def _compiled(fn: Any, o: Options) -> Any:
+    """``fn`` through ``torch.compile`` when asked (``compile=True``: inductor; a string: that backend).
+
+    The first call runs eagerly: an extractor captures its program then (a Hugging Face model is
+    exported from its first inputs), and that capture is not something to compile.
+    """
+    if not o.compile:
+        return fn
+    backend = o.compile if isinstance(o.compile, str) else "inductor"
+    state: dict[str, Any] = {}
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if "compiled" not in state:
+            state["compiled"] = torch.compile(fn, backend=backend)
+            return fn(*args, **kwargs)
+        return state["compiled"](*args, **kwargs)
+
+    return run
+
+
+def _token_rows(key: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or tuple(value.shape[:2]) != shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(
+            f"layer '{key}' gives {got}, not one vector per token ({shape} + (D,)).\n"
+            "Hint: select layers whose output is (batch, sequence, D): blocks, attention or MLP outputs.")
+    return value.reshape(shape[0] * shape[1], value.shape[2])
+
+
+def _result(accumulators: dict[str, Accumulator], identity: dict[str, Any], ranks: Ranks, device: torch.device,
+            o: Options, positions: bool) -> dict[str, FeatureStatistics]:
+    merged = merge_ranks(accumulators, ranks, o.top_k, o.moments)
+    return {key: finalize(key, acc, identity, positions) for key, acc in merged.items()}
+
+
+def _identity(model: nn.Module, layers: Any, data: dict[str, Any], o: Options) -> dict[str, Any]:
+    return {
+        "model": {"name": o.model_name or type(model).__name__, "fingerprint": model_fingerprint(model)},
+        "data": data,
+        "layers": layer_labels(layers),
+        "options": o.recorded(),
+    }
+
+
+def _bar(total: int | None, unit: str, o: Options, ranks: Ranks) -> tqdm:
+    return tqdm(total=total, unit=unit, unit_scale=unit == "tok", dynamic_ncols=True,
+                desc="fxstore stats" + (f" rank 0/{ranks.world}" if ranks.world > 1 else ""),
+                disable=not (o.progress and ranks.main))
+
+
+def _size_of(input_key: int | str | None, raw: Any) -> int:
+    return batch_size_of(pick(raw, input_key, False)[0])
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _digest(x: Any) -> str:
+    """A digest of the first batch's inputs: a resume with other data is refused."""
+    hasher = hashlib.sha256()
+    for t in _leaves(x):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"{t.dtype}{t.numel()}|".encode())
+        if t.numel():
+            hasher.update(t.view(torch.uint8).numpy())
+    return f"sha256:{hasher.hexdigest()}"
+
+
+def _leaves(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, Mapping):
+        for k in sorted(x, key=str):
+            yield from _leaves(x[k])
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
