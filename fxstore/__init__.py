@@ -32,7 +32,7 @@ from .errors import (
     OutputError,
     TraceError,
 )
-from .generation import steering_vectors
+from .generation import Generation, steering_vectors
 from .storage import BackwardModuleStorage, ForwardModuleStorage, HookBackwardModuleStorage, HookForwardModuleStorage
 
 _LAZY = {name: ".dataset" for name in ("BatchLoader", "ShardedArray", "extract_dataset", "load_features",
@@ -76,6 +76,7 @@ __all__ = [
     "plot_features",
     "steering_vectors",
     "OutputError",
+    "Generation",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY, ("dataset", "stats", "cli"))

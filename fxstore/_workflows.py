@@ -50,6 +50,34 @@ def implementation(method: str) -> Callable[..., Any]:
 class WorkflowMethods:
     """The extractor's methods that run a workflow above capture (registered by that workflow)."""
 
+    @property
+    def compile_options(self) -> dict[str, Any] | None:
+        """The ``torch.compile`` options of the last :meth:`compile` call (``None``: not compiled).
+
+        Workflows that compile programs of their own (generation's prompt and decode steps) use them.
+
+        Example:
+            >>> import torch, fxstore
+            >>> ex = fxstore.FeatureExtractor(torch.nn.Sequential(torch.nn.ReLU()), ["0"])
+            >>> ex.compile_options is None, ex.compile(backend="eager").compile_options
+            (True, {'backend': 'eager', 'fullgraph': True})
+        """
+        options = self.__dict__.get("_fx_compile_options")
+        return None if options is None else dict(options)
+
+    @property
+    def capture_request(self) -> Any:
+        """What this extractor captures: its canonical layer specs (``specs``, ``grad_specs``), its edits
+        (``edits``: ``(spec, module name)``; ``edit_modules``), its storage ``policy`` and the ``model``.
+
+        Example:
+            >>> import torch, fxstore
+            >>> ex = fxstore.FeatureExtractor(torch.nn.Sequential(torch.nn.ReLU()), {"0": "relu"})
+            >>> ex.capture_request.specs
+            [('0', 'relu')]
+        """
+        return self._fx_capture.request  # type: ignore[attr-defined]
+
     def generate(self, input_ids: Any, attention_mask: Any = None, **generate_kwargs: Any) -> Any:
         """Generate with a Hugging Face causal LM, edits applied and features captured at every position.
 

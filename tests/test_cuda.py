@@ -101,6 +101,40 @@ def test_cuda_graphs_serve_new_steering_vectors_without_recompiling(resnet):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
+def test_generation_under_cuda_graphs_matches_hooks_and_serves_new_vectors_without_recompiling():
+    """``ex.compile(mode="reduce-overhead")``: the prompt and decode programs run as CUDA graphs; the
+    edit's tensors, the position masks and the feature buffers are static buffers updated in place."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)
+    model = transformers.LlamaForCausalLM(config).eval().cuda()
+    torch._dynamo.reset()
+    add = fxstore.Add(torch.zeros(64, device="cuda"), scale=4.0)
+    ex = fxstore.FeatureExtractor(model, ["model.layers.1"], edits={"model.layers.0": add})
+    ex.compile(mode="reduce-overhead")
+    ids = torch.randint(1, 128, (2, 8), device="cuda")
+    greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    graphs = None
+    for i in range(3):
+        vector = torch.randn(64, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+        add.update(vector=vector)
+        out = ex.generate(ids, **greedy)
+        record = []
+        handles = [model.model.layers[0].register_forward_hook(lambda m, a, o, v=vector: o + 4.0 * v),
+                   model.model.layers[1].register_forward_hook(lambda m, a, o, r=record: r.append(o))]
+        try:
+            expected = model.generate(ids, **greedy)
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.equal(out.sequences, expected)
+        torch.testing.assert_close(out.features["model.layers.1"], torch.cat(record, 1), rtol=1e-3, atol=1e-3)
+        if graphs is None:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_device_map_dispatch_across_cuda_and_cpu_reads_and_edits_like_forward_hooks(tmp_path):
     """A Llama loaded with accelerate's device_map: layer 0 on cuda:0, layer 1 offloaded to the CPU."""
     transformers = pytest.importorskip("transformers")

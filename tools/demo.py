@@ -4,7 +4,8 @@ A random-weight resnet18 on a synthetic source (``fake:N``), written to a tempor
 folder: the node table (an excerpt), the extraction with its progress bar, the manifest,
 and how to load the result. Then a language model: a tiny random GPT-2 with a tokenizer
 trained on the spot, saved with ``save_pretrained``, run over a ``.jsonl`` corpus with one
-row per token. Extra arguments replace the default extraction arguments,
+row per token, and generation with and without a steering vector (a mean difference of block
+outputs read with fxstore), eager and compiled, with the compiled run's graph count. Extra arguments replace the default extraction arguments,
 e.g. ``python -m tools.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
 """
 
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fxstore.cli import main as cli
 
@@ -107,6 +109,66 @@ def _text_demo(tmp: Path) -> int:
     print(">>> acts['token_id'][:5], acts['sequence'][:5], acts['position'][:5]")
     print(acts["token_id"][:5], acts["sequence"][:5], acts["position"][:5])
     print("# train on it: for batch in fxstore.BatchLoader(out, batch_size=4096): ...")
+    return _generation_demo(model)
+
+
+POSITIVE = ("the cat sat on the mat", "a cat and a dog sat in the sun")
+NEGATIVE = ("birds sang in the tall green trees", "the old stone wall stood near the trees")
+
+
+def _steering_vector(model: Any, tokenizer: Any, site: str) -> Any:
+    """``fxstore.steering_vectors`` where it exists, else the mean difference of the block's last-token outputs."""
+    import torch
+
+    import fxstore
+
+    if hasattr(fxstore, "steering_vectors"):
+        return fxstore.steering_vectors(model, list(POSITIVE), list(NEGATIVE), [site], tokenizer=tokenizer)[site]
+    reader = fxstore.FeatureExtractor(model, [site])
+    with torch.no_grad():
+        last = [torch.stack([reader(tokenizer(t, return_tensors="pt")["input_ids"])[1][site][0, -1] for t in texts])
+                for texts in (POSITIVE, NEGATIVE)]
+    return (last[0] - last[1]).mean(0)
+
+
+def _generation_demo(folder: Path) -> int:
+    import torch
+    import transformers
+
+    import fxstore
+    from fxstore.cli.hf import no_progress_bars
+
+    with no_progress_bars():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    site, read = "transformer.h.1", "transformer.h.2"
+    vector = _steering_vector(model, tokenizer, site)
+    print(f"\n# generation: a steering vector for {site} (mean difference of its outputs on "
+          f"{POSITIVE} vs {NEGATIVE}), |v| = {vector.norm():.2f}")
+    prompts = tokenizer(["the dog", "birds sang in the"], return_tensors="pt", padding=True)
+    greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    ex = fxstore.FeatureExtractor(model, [read], edits={site: fxstore.Add(vector, scale=8.0)})
+    print(f">>> ex = fxstore.FeatureExtractor(model, [{read!r}], edits={{{site!r}: fxstore.Add(v, scale=8.0)}})")
+    plain = model.generate(**prompts, **greedy)
+    out = ex.generate(**prompts, **greedy)
+    for name, tokens in (("model.generate (plain)", plain), ("ex.generate (steered)", out.sequences)):
+        print(f"{name:24s}", tokenizer.batch_decode(tokens, skip_special_tokens=True))
+    print(f">>> out.features[{read!r}].shape  # every position, prompt and generated")
+    print(tuple(out.features[read].shape))
+    counters = torch._dynamo.utils.counters["stats"]
+    ex.compile(backend="aot_eager")  # inductor works the same, at a longer compile
+    compiled = ex.generate(**prompts, **greedy)
+    graphs = counters["unique_graphs"]
+    print(f"\n>>> ex.compile(backend='aot_eager'); ex.generate(...)  # same tokens: "
+          f"{torch.equal(compiled.sequences, out.sequences)}; dynamo graphs: {graphs} (prompt + decode step)")
+    for scale, positions in ((16.0, "all"), (8.0, "generated"), (0.0, [2, 5])):
+        ex.edits[site].update(scale=scale)
+        steered = ex.generate(**prompts, edit_positions=positions, **greedy)
+        print(f"scale={scale:4.1f} edit_positions={positions!s:9s}", tokenizer.batch_decode(steered.sequences,
+                                                                                          skip_special_tokens=True))
+    print(f"# dynamo graphs after 3 new scales and position choices: {counters['unique_graphs']} "
+          f"({counters['unique_graphs'] - graphs} new)")
     return 0
 
 

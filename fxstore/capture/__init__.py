@@ -6,6 +6,7 @@ identity and deployable artifacts. Nothing outside ``capture/`` imports its unde
 """
 
 from ._artifact import read_metadata
+from ._calls import fresh
 from ._deploy import FORMATS as EXPORT_FORMATS
 from ._deploy import DeployReport, export_extractor
 from ._describe import CapturedNode, GraphDescription
@@ -19,14 +20,14 @@ from ._program import TraceReport
 from ._selection import Layers, ModuleRef, canonical_specs, layer_pairs, spec_label
 from ._sweep import patch_sweep
 from ._taps import gradient_of
-from ._tracing import TraceOptions, modes_restored, trace
+from ._tracing import TraceOptions, modes_restored, shadow_of, trace
 from .extractor import FeatureExtractor
 
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "FeatureKey", "parse_key",
            "gradient_of", "GraphDescription", "CapturedNode", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
            # for fxstore's other subpackages
-           "checked_edits", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
+           "checked_edits", "fresh", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
            "BuildCache", "build_cache", "model_state",
            "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "layer_pairs",
            "spec_label",
-           "TraceOptions", "modes_restored", "trace"]
+           "TraceOptions", "modes_restored", "shadow_of", "trace"]

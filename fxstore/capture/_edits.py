@@ -9,8 +9,9 @@ forward hooks in the hook backend.
 ``index`` restricts an edit to part of the value:
 
 - ``None``: the whole value;
-- an int, slice or tuple of them (``(slice(None), 5)``: token 5 of every row): the edit is
-  computed on ``value[index]`` and written there (part of the graph's structure);
+- an int, slice or tuple of them, or of lists of ints (``(slice(None), 5)``: token 5 of every row;
+  ``(slice(None), [4, 13])``: tokens 4 and 13): the edit is computed on ``value[index]`` and
+  written there (part of the graph's structure); in generation the token positions are absolute;
 - a boolean tensor (a buffer) over the leading dimensions of the value (``[batch, tokens]``):
   the edit applies where it is true; its tensors broadcast against the whole value;
 - an integer tensor of shape ``[batch]`` (a buffer): a position on dimension 1 per row, so
@@ -38,8 +39,13 @@ _STATIC = (int, slice, type(None), type(Ellipsis))
 
 def _static_index(index: Any) -> bool:
     if isinstance(index, tuple):
-        return all(isinstance(i, _STATIC) and not isinstance(i, bool) for i in index)
+        return all((isinstance(i, _STATIC) and not isinstance(i, bool)) or _int_list(i) for i in index)
     return isinstance(index, (int, slice)) and not isinstance(index, bool)
+
+
+def _int_list(index: Any) -> bool:
+    """A non-empty list of ints (positions on one dimension: ``(slice(None), [4, 13])``)."""
+    return isinstance(index, list) and bool(index) and all(isinstance(i, int) and not isinstance(i, bool) for i in index)
 
 
 def _as_tensor(name: str, kind: str, value: Any) -> torch.Tensor:
@@ -97,6 +103,11 @@ class Edit(nn.Module):
                 "((slice(None), 5): token 5 of every row), a boolean mask tensor, or a 1-D integer tensor of one "
                 "position per row."
             )
+
+    @property
+    def static_index(self) -> Any:
+        """The index given as ints, slices and lists (``None`` for no index or a tensor index)."""
+        return self._static
 
     # -- the computation ---------------------------------------------------------------
 

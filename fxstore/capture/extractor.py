@@ -283,8 +283,8 @@ class FeatureExtractor(WorkflowMethods, Readout, nn.Module):
             >>> tuple(ex.gradients(feats)["layer4"].shape)
             (3, 512, 1, 1)
         """
-        programs = list(self._fx_capture.programs.values())
-        torch_compile_kwargs.setdefault("fullgraph", all(p.fullgraph for p in programs) if programs else True)
+        torch_compile_kwargs.setdefault("fullgraph", all(p.fullgraph for p in self._fx_capture.programs.values()))
+        self.__dict__["_fx_compile_options"] = dict(torch_compile_kwargs)  # generation compiles with them too
         self.__dict__["_fx_compiled"] = torch.compile(self.__dict__["_fx_run_compiled"], **torch_compile_kwargs)
         return self
 
