@@ -4,8 +4,8 @@ A random-weight resnet18 on a synthetic source (``fake:N``), written to a tempor
 folder: the node table (an excerpt), the extraction with its progress bar, the manifest,
 and how to load the result. Then a language model: a tiny random GPT-2 with a tokenizer
 trained on the spot, saved with ``save_pretrained``, run over a ``.jsonl`` corpus with one
-row per token, and generation with and without a steering vector (a mean difference of block
-outputs read with fxstore), eager and compiled, with the compiled run's graph count. Extra arguments replace the default extraction arguments,
+row per token, and generation with and without a steering vector (``fxstore.steering_vectors``
+from contrastive pairs), eager and compiled, with the compiled run's graph count. Extra arguments replace the default extraction arguments,
 e.g. ``python -m tools.demo extract resnet50 --layers layer4 --data fake:64 --out /tmp/x``.
 """
 
@@ -16,7 +16,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from fxstore.cli import main as cli
 
@@ -116,21 +115,6 @@ POSITIVE = ("the cat sat on the mat", "a cat and a dog sat in the sun")
 NEGATIVE = ("birds sang in the tall green trees", "the old stone wall stood near the trees")
 
 
-def _steering_vector(model: Any, tokenizer: Any, site: str) -> Any:
-    """``fxstore.steering_vectors`` where it exists, else the mean difference of the block's last-token outputs."""
-    import torch
-
-    import fxstore
-
-    if hasattr(fxstore, "steering_vectors"):
-        return fxstore.steering_vectors(model, list(POSITIVE), list(NEGATIVE), [site], tokenizer=tokenizer)[site]
-    reader = fxstore.FeatureExtractor(model, [site])
-    with torch.no_grad():
-        last = [torch.stack([reader(tokenizer(t, return_tensors="pt")["input_ids"])[1][site][0, -1] for t in texts])
-                for texts in (POSITIVE, NEGATIVE)]
-    return (last[0] - last[1]).mean(0)
-
-
 def _generation_demo(folder: Path) -> int:
     import torch
     import transformers
@@ -143,8 +127,8 @@ def _generation_demo(folder: Path) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
     site, read = "transformer.h.1", "transformer.h.2"
-    vector = _steering_vector(model, tokenizer, site)
-    print(f"\n# generation: a steering vector for {site} (mean difference of its outputs on "
+    vector = fxstore.steering_vectors(model, list(POSITIVE), list(NEGATIVE), [site], tokenizer=tokenizer)[site]
+    print(f"\n# generation: fxstore.steering_vectors for {site} (the mean difference of its last-token outputs on "
           f"{POSITIVE} vs {NEGATIVE}), |v| = {vector.norm():.2f}")
     prompts = tokenizer(["the dog", "birds sang in the"], return_tensors="pt", padding=True)
     greedy = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
