@@ -27,16 +27,17 @@ TARGET = "target"
 """Key of the stored targets."""
 
 
-def _to(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch's tensors (alone or in a mapping) moved to ``device``; anything else as it is."""
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
 def _forward(extractors: list[FeatureExtractor], x: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    x = _to(x, device)
+    x = to_device(x, device)
     features: dict[str, torch.Tensor] = {}
     for ex in extractors:
         _, f = ex(**x) if isinstance(x, Mapping) else ex(x)

@@ -14,12 +14,12 @@ from typing import Any
 from torch import nn
 
 from ._batches import Batch, Plan, batch_size_of, make_plan, pick, refuse_text
-from ._compute import _hash_inputs, inputs_digest
+from ._compute import _hash_inputs, inputs_digest, to_device
 from ._distributed import Ranks, join
 from ._text import TextOptions, _check, _identity, _max_length, _plan, model_inputs
 from ._text_batches import TextBatch, TextPlan
 
-__all__ = ["Batch", "Plan", "make_plan", "pick", "batch_size_of", "refuse_text", "Ranks", "join", "TextOptions",
+__all__ = ["to_device", "Batch", "Plan", "make_plan", "pick", "batch_size_of", "refuse_text", "Ranks", "join", "TextOptions",
            "TextBatch", "TextPlan", "token_plan", "model_inputs", "hash_inputs", "shard_digest"]
 
 

@@ -31,6 +31,7 @@ from ..dataset.batches import (
     shard_digest,
     token_plan,
 )
+from ..dataset.batches import to_device as batch_to_device
 from ..dataset.run import placed
 from ..errors import ConfigError, OutputError
 from ._checkpoint import Checkpoint, to_device
@@ -98,7 +99,7 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
             if o.checkpoint is not None:  # the digest a resume checks the kept shards against
                 hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
             x, _ = pick(batch.data, o.input_key, False)
-            x = _to(x, device)
+            x = batch_to_device(x, device)
             features = _features(runners, x)
             rows = torch.arange(batch.start, batch.start + batch_size_of(x), device=device)
             for key, flat in features.items():
@@ -226,13 +227,6 @@ def _bar(total: int | None, unit: str, o: Options, ranks: Ranks) -> tqdm:
 def _size_of(input_key: int | str | None, raw: Any) -> int:
     return batch_size_of(pick(raw, input_key, False)[0])
 
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _digest(x: Any) -> str:
