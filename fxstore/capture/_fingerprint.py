@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["model_fingerprint", "model_state", "BuildCache", "build_cache"]
 
 T = TypeVar("T")
@@ -44,9 +46,29 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = _values(model, name, tensor).detach().to("cpu").contiguous().reshape(-1)
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return "sha256:" + digest.hexdigest()
+
+
+def _values(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values; a meta tensor offloaded by accelerate (``device_map`` with ``"disk"`` / ``"cpu"``)
+    has them in its module's hook, which loads them for each call.
+
+    Raises:
+        ConfigError: a meta tensor without values anywhere (nothing to fingerprint).
+    """
+    if tensor.device.type != "meta":
+        return tensor
+    path, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+        return vars(module).get("_hf_hook").weights_map[leaf]
+    except (AttributeError, KeyError, TypeError):
+        raise ConfigError(
+            f"the model's {name!r} is on the meta device with no offloaded values: fxstore cannot fingerprint "
+            "the model.\nHint: load its weights (from_pretrained, load_checkpoint_and_dispatch) before extracting."
+        ) from None
 
 
 def model_state(model: nn.Module) -> tuple[Any, ...]:

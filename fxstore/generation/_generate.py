@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._workflows import register
-from ..capture import fresh
+from ..capture import adapter_layers, adapter_state, fresh
 from ..errors import ConfigError, EditError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
@@ -111,12 +111,13 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     request = extractor.capture_request
     model = request.model
-    _check_model(model)
+    prefix, language_model = _language_model(model, generate_kwargs)
+    _check_model(language_model)
     edit_positions = generate_kwargs.pop("edit_positions", None)
     input_ids, attention_mask = _checked_inputs(input_ids, attention_mask)
-    max_new = _max_new_tokens(model, input_ids.shape[1], generate_kwargs)
+    max_new = _max_new_tokens(language_model, input_ids.shape[1], generate_kwargs)
     options = extractor.compile_options
-    state = _state(extractor, request, model)
+    state = _state(extractor, request, model, prefix)
     batch, prompt = input_ids.shape
     limit = prompt + max_new - 1
     capacity = -(-(prompt + max_new) // _BUCKET) * _BUCKET if options is not None else limit
@@ -136,6 +137,29 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     columns = sequences.shape[1] - 1
     features = {state.keys[path]: state.sites[path].record[:, :columns].clone() for path in state.keys}
     return Generation(sequences, features, prompt, options is not None, output)
+
+
+def _language_model(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[str, nn.Module]:
+    """The causal LM that generates, and its path in ``model``: PEFT's ``PeftModel`` generates with its base model.
+
+    LoRA and the other adapters that live in the base model's layers generate as the base model
+    does (``PeftModel.generate`` calls the base model's); prompt learning (prefix / prompt tuning)
+    adds past key values of its own, which generation refuses.
+    """
+    base = getattr(model, "get_base_model", None)
+    if not callable(base) or not hasattr(model, "peft_config"):
+        return "", model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False) or "adapter_names" in kwargs:
+        what = "adapter_names=" if "adapter_names" in kwargs else f"{type(config).__name__} (prompt learning)"
+        raise ConfigError(
+            f"generation: {what} on a PeftModel is not supported (it changes the model's inputs or cache, not its "
+            "layers).\nHint: generate with adapters in the layers (LoRA and friends), one adapter state per call "
+            "(model.set_adapter / with model.disable_adapter())."
+        )
+    inner = base()
+    path = next(name for name, module in model.named_modules() if module is inner)
+    return path, inner
 
 
 def _check_model(model: nn.Module) -> None:
@@ -200,10 +224,11 @@ def _max_new_tokens(model: nn.Module, prompt: int, kwargs: dict[str, Any]) -> in
 
 def _identity(extractor: Any, model: nn.Module) -> tuple[Any, ...]:
     modules = tuple((id(m), m.training) for m in model.modules())
-    return modules, tuple(id(p) for p in model.parameters()), tuple(id(e) for e in extractor.edits.values())
+    adapters = adapter_state(adapter_layers(model))  # compiled programs bake PEFT's adapter state in
+    return modules, tuple(id(p) for p in model.parameters()), tuple(id(e) for e in extractor.edits.values()), adapters
 
 
-def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
+def _state(extractor: Any, request: Any, model: nn.Module, prefix: str) -> _State:
     identity = _identity(extractor, model)
     state = _STATES.get(extractor)
     if state is not None and state.identity == identity:
@@ -231,8 +256,10 @@ def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
     clock = Clock()
     sites = {path: Site(f"'{path}'", clock, edits.get(path), choices.get(path, (True, "all"))[0], path in keys)
              for path in {**keys, **edits}}
-    state = _State(identity, shadow_with_sites(model, sites), clock, sites, keys, labels, choices)
-    plain = types.MethodType(type(model).forward, state.root)
+    language_model = model.get_submodule(prefix)
+    state = _State(identity, shadow_with_sites(language_model, _under(prefix, sites)), clock, sites, keys, labels,
+                   choices)
+    plain = types.MethodType(type(language_model).forward, state.root)
 
     @functools.wraps(plain)  # Hugging Face reads the signature to choose the inputs it passes
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -248,6 +275,19 @@ def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
     object.__setattr__(state.root, "forward", forward)
     _STATES[extractor] = state
     return state
+
+
+def _under(prefix: str, sites: dict[str, Site]) -> dict[str, Site]:
+    """``sites`` keyed by their path in the language model at ``prefix`` (PEFT's base model)."""
+    if not prefix:
+        return sites
+    outside = [path for path in sites if not path.startswith(prefix + ".")]
+    if outside:
+        raise ConfigError(
+            f"generation: {outside[0]!r} is not inside the PeftModel's base model '{prefix}', which generates.\n"
+            f"Hint: select modules under '{prefix}.' (e.g. '{prefix}.model.layers.6')."
+        )
+    return {path[len(prefix) + 1:]: site for path, site in sites.items()}
 
 
 def _probe(state: _State, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
@@ -340,7 +380,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
     if cache is None or getattr(cache, "max_cache_len", None) != capacity or state.cache_batch != batch:
         state.clock.start.zero_()  # the warm-up step writes column 0, whatever the last call left
         try:
-            cache = transformers.StaticCache(config=model.config, max_cache_len=capacity)
+            cache = transformers.StaticCache(config=state.root.config, max_cache_len=capacity)
             with torch.no_grad():  # the cache's tensors are made eagerly, outside the programs
                 type(state.root).forward(state.root, input_ids=input_ids[:, :1], attention_mask=attention_mask[:, :1],
                                          cache=cache, use_cache=True)

@@ -85,7 +85,8 @@ class Site(nn.Module):
             where = self.mask.index_select(1, columns)
             value = torch.where(where.reshape(tuple(where.shape) + (1,) * (value.dim() - 2)), new, value)
         if self.stores:
-            self.record.index_copy_(1, columns, value.detach().to(self.record.dtype))
+            record = self.record  # where the user asked (device=): a model dispatched across devices differs
+            record.index_copy_(1, columns.to(record.device), value.detach().to(record.device, record.dtype))
         return value
 
     def extra_repr(self) -> str:
@@ -146,19 +147,32 @@ def shadow_with_sites(model: nn.Module, sites: dict[str, Site]) -> nn.Module:
             "generation: the model itself cannot be a generation site.\nHint: select a block such as 'model.layers.6'."
         )
     root = shadow_of(model, model.training)
-    shadows = {"": root}
+    shadows, originals = {"": root}, {"": model}
     for path in sorted(sites, key=lambda p: p.count(".")):
         parent = ""
         for part in path.split("."):
             here = f"{parent}.{part}" if parent else part
             if here not in shadows:
-                original = shadows[parent].get_submodule(part)
+                original = originals[here] = originals[parent].get_submodule(part)
                 shadows[here] = shadow_of(original, original.training)
                 shadows[parent].add_module(part, shadows[here])
+            if here != path:
+                _check_seen_through(here, path, shadows[here], originals[here])
             parent = here
     for path, site in sites.items():
         _end_in(shadows[path], site)
     return root
+
+
+def _check_seen_through(here: str, path: str, shadow: nn.Module, original: nn.Module) -> None:
+    """A module around a site must run its shadow: a wrapper still bound to the user's module would not."""
+    wrapper = vars(shadow).get("forward")
+    if wrapper is not None and wrapper is vars(original).get("forward"):
+        raise ConfigError(
+            f"generation: '{path}' is inside '{here}', whose instance-level forward ({type(wrapper).__name__}, "
+            "another library's wrapper) runs the model's own module, not fxstore's copy: the site would never run.\n"
+            f"Hint: select '{here}' itself (its output is read and edited through the wrapper)."
+        )
 
 
 def _end_in(shadow: nn.Module, site: Site) -> None:
