@@ -5,6 +5,7 @@ Every value is compared with ``model.generate`` or a forward on the same model o
 hooks doing the same edit and recording the same modules.
 """
 
+import contextlib
 import functools
 import tempfile
 
@@ -181,3 +182,30 @@ def test_forward_module_storage_on_a_4bit_model_equals_forward_hooks(loaded):
         _, seen = hooked(model, ids, layers, {})
         for layer in layers:
             assert torch.equal(storage[layer][k], seen[layer])
+
+
+def test_compiled_generate_refuses_a_model_dispatched_by_accelerate(loaded):
+    model = loaded("offloaded")
+    ex = FeatureExtractor(model, ["model.layers.1"]).compile(backend="eager")
+    with pytest.raises(ConfigError, match=r"(?s)compiled generation cannot run LlamaForCausalLM dispatched by "
+                                          r"accelerate.*Hint: generate eagerly"):
+        ex.generate(torch.randint(1, VOCAB, (1, 4)), **GREEDY)
+
+
+@pytest.mark.compile
+def test_compiled_generate_on_a_lora_model_follows_disable_adapter(loaded):
+    """The compiled prompt and decode programs bake the adapter state in: a new state gets its own."""
+    model = loaded("lora-llama")
+    layer = f"{lora_prefix('llama')}.1"
+    vector = torch.randn(_hidden(model)) * 4.0
+    ex = FeatureExtractor(model, [layer], edits={layer: fxstore.Add(vector)}).compile(backend="eager")
+    ids = torch.randint(1, VOCAB, (1, 5))
+    results = []
+    for disabled in (False, True, False):
+        with model.disable_adapter() if disabled else contextlib.nullcontext():
+            out = ex.generate(ids, **GREEDY)
+            tokens, seen = hooked_generate(model, ids, [layer], {layer: lambda o: o + vector})
+        assert out.compiled and torch.equal(out.sequences, tokens)
+        torch.testing.assert_close(out.features[layer], seen[layer], rtol=1e-5, atol=1e-6)
+        results.append(seen[layer])
+    assert not torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])

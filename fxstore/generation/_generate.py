@@ -371,6 +371,14 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
     """The compiled prompt and decode programs and a static cache of ``capacity`` for ``batch`` rows."""
     import transformers
 
+    hooked = next((name for name, module in model.named_modules() if "_hf_hook" in vars(module)), None)
+    if hooked is not None:
+        raise ConfigError(
+            f"generation: compiled generation cannot run {type(model).__name__} dispatched by accelerate "
+            f"(device_map=...): the hook on '{hooked or '<model>'}' (inputs moved, offloaded weights loaded) is a "
+            "torch.compiler.disable'd function, not part of one program.\nHint: generate eagerly (an extractor "
+            "without .compile()), or load the model on one device without device_map."
+        )
     if state.options != options:
         call = fresh(_call)
         prefill = dict(options, dynamic=options.get("dynamic", True))
