@@ -27,7 +27,7 @@ from ..capture import adapter_layers, adapter_state, fresh
 from ..errors import ConfigError, EditError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
-from ._sites import Clock, Site, module_paths, shadow_with_sites
+from ._sites import Clock, Site, language_model, module_paths, refuse_dispatched, shadow_with_sites, sites_under
 
 __all__ = ["generate"]
 
@@ -111,11 +111,11 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     request = extractor.capture_request
     model = request.model
-    prefix, language_model = _language_model(model, generate_kwargs)
-    _check_model(language_model)
+    prefix, generating = language_model(model, generate_kwargs)
+    _check_model(generating)
     edit_positions = generate_kwargs.pop("edit_positions", None)
     input_ids, attention_mask = _checked_inputs(input_ids, attention_mask)
-    max_new = _max_new_tokens(language_model, input_ids.shape[1], generate_kwargs)
+    max_new = _max_new_tokens(generating, input_ids.shape[1], generate_kwargs)
     options = extractor.compile_options
     state = _state(extractor, request, model, prefix)
     batch, prompt = input_ids.shape
@@ -137,29 +137,6 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     columns = sequences.shape[1] - 1
     features = {state.keys[path]: state.sites[path].record[:, :columns].clone() for path in state.keys}
     return Generation(sequences, features, prompt, options is not None, output)
-
-
-def _language_model(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[str, nn.Module]:
-    """The causal LM that generates, and its path in ``model``: PEFT's ``PeftModel`` generates with its base model.
-
-    LoRA and the other adapters that live in the base model's layers generate as the base model
-    does (``PeftModel.generate`` calls the base model's); prompt learning (prefix / prompt tuning)
-    adds past key values of its own, which generation refuses.
-    """
-    base = getattr(model, "get_base_model", None)
-    if not callable(base) or not hasattr(model, "peft_config"):
-        return "", model
-    config = getattr(model, "active_peft_config", None)
-    if getattr(config, "is_prompt_learning", False) or "adapter_names" in kwargs:
-        what = "adapter_names=" if "adapter_names" in kwargs else f"{type(config).__name__} (prompt learning)"
-        raise ConfigError(
-            f"generation: {what} on a PeftModel is not supported (it changes the model's inputs or cache, not its "
-            "layers).\nHint: generate with adapters in the layers (LoRA and friends), one adapter state per call "
-            "(model.set_adapter / with model.disable_adapter())."
-        )
-    inner = base()
-    path = next(name for name, module in model.named_modules() if module is inner)
-    return path, inner
 
 
 def _check_model(model: nn.Module) -> None:
@@ -256,10 +233,10 @@ def _state(extractor: Any, request: Any, model: nn.Module, prefix: str) -> _Stat
     clock = Clock()
     sites = {path: Site(f"'{path}'", clock, edits.get(path), choices.get(path, (True, "all"))[0], path in keys)
              for path in {**keys, **edits}}
-    language_model = model.get_submodule(prefix)
-    state = _State(identity, shadow_with_sites(language_model, _under(prefix, sites)), clock, sites, keys, labels,
+    generating = model.get_submodule(prefix)
+    state = _State(identity, shadow_with_sites(generating, sites_under(prefix, sites)), clock, sites, keys, labels,
                    choices)
-    plain = types.MethodType(type(language_model).forward, state.root)
+    plain = types.MethodType(type(generating).forward, state.root)
 
     @functools.wraps(plain)  # Hugging Face reads the signature to choose the inputs it passes
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -275,19 +252,6 @@ def _state(extractor: Any, request: Any, model: nn.Module, prefix: str) -> _Stat
     object.__setattr__(state.root, "forward", forward)
     _STATES[extractor] = state
     return state
-
-
-def _under(prefix: str, sites: dict[str, Site]) -> dict[str, Site]:
-    """``sites`` keyed by their path in the language model at ``prefix`` (PEFT's base model)."""
-    if not prefix:
-        return sites
-    outside = [path for path in sites if not path.startswith(prefix + ".")]
-    if outside:
-        raise ConfigError(
-            f"generation: {outside[0]!r} is not inside the PeftModel's base model '{prefix}', which generates.\n"
-            f"Hint: select modules under '{prefix}.' (e.g. '{prefix}.model.layers.6')."
-        )
-    return {path[len(prefix) + 1:]: site for path, site in sites.items()}
 
 
 def _probe(state: _State, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
@@ -371,14 +335,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
     """The compiled prompt and decode programs and a static cache of ``capacity`` for ``batch`` rows."""
     import transformers
 
-    hooked = next((name for name, module in model.named_modules() if "_hf_hook" in vars(module)), None)
-    if hooked is not None:
-        raise ConfigError(
-            f"generation: compiled generation cannot run {type(model).__name__} dispatched by accelerate "
-            f"(device_map=...): the hook on '{hooked or '<model>'}' (inputs moved, offloaded weights loaded) is a "
-            "torch.compiler.disable'd function, not part of one program.\nHint: generate eagerly (an extractor "
-            "without .compile()), or load the model on one device without device_map."
-        )
+    refuse_dispatched(model)
     if state.options != options:
         call = fresh(_call)
         prefill = dict(options, dynamic=options.get("dynamic", True))
