@@ -137,9 +137,12 @@ def test_generate_refuses_a_layer_inside_another_librarys_instance_forward():
     assert torch.equal(out.sequences, tokens) and torch.equal(out.features["transformer.h.1"], seen["transformer.h.1"])
 
 
-def test_extract_dataset_from_an_offloaded_model_equals_forward_hooks(loaded, tmp_path):
+@pytest.mark.parametrize("name", ["offloaded", "torchao-int8-weight"])
+def test_extract_dataset_from_a_loaded_model_equals_forward_hooks(name, loaded, tmp_path):
+    """An offloaded model stays where accelerate put it; its offloaded and torchao's quantized
+    weights are fingerprinted for the folder's identity."""
     np = pytest.importorskip("numpy")
-    model = loaded("offloaded")
+    model = loaded(name)
     layers = ["model.layers.0", "model.layers.1"]
     ids = torch.randint(0, VOCAB, (3, 6))
     fxstore.extract_dataset(model, layers, torch.utils.data.TensorDataset(ids), tmp_path / "out", progress=False,

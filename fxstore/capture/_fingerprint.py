@@ -46,9 +46,19 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = _values(model, name, tensor).detach().to("cpu").contiguous().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        for part in _plain(_values(model, name, tensor).detach()):
+            data = part.to("cpu").contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return "sha256:" + digest.hexdigest()
+
+
+def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s values: a traceable tensor subclass (torchao's quantized
+    weights) is hashed through its inner tensors (``__tensor_flatten__``), as it cannot be viewed as bytes."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in _plain(getattr(tensor, name))]
 
 
 def _values(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
