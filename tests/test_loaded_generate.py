@@ -153,9 +153,12 @@ def test_extract_dataset_from_a_loaded_model_equals_forward_hooks(name, loaded, 
         assert torch.equal(torch.from_numpy(np.asarray(stored[layer][:])), seen[layer])
 
 
-def test_patch_sweep_on_a_lora_llama_equals_patching_with_forward_hooks(loaded):
-    model = loaded("lora-llama")
-    blocks = lora_prefix("llama")
+@pytest.mark.parametrize("name", ["lora-llama", "offloaded", "bnb-8bit"])
+def test_patch_sweep_on_a_loaded_model_equals_patching_with_forward_hooks(name, loaded):
+    """LoRA (export), accelerate offload (partial: the root's hook is bound to the model, so it is
+    built on the model itself) and bitsandbytes 8-bit (partial, its linears leaves)."""
+    model = loaded(name)
+    blocks = lora_prefix("llama") if name.startswith("lora") else "model.layers"
     layers, positions = [f"{blocks}.0", f"{blocks}.1"], [1, 4]
     clean, corrupted = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5))
 

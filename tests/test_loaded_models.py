@@ -292,8 +292,10 @@ def llama_folder():
 def test_quantized_models_read_and_edit_like_forward_hooks(kind, llama_folder):
     model = quantized(kind, llama_folder)
     layer, vector = "model.layers.1", torch.randn(64)
-    ex = FeatureExtractor(model, ["model.layers.0", layer], edits={layer: fxstore.Add(vector)})
     ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        model(ids)  # as users do: bitsandbytes 8-bit moves its weights into its state on the first call
+    ex = FeatureExtractor(model, ["model.layers.0", layer], edits={layer: fxstore.Add(vector)})
     with torch.no_grad():
         out, feats = ex(ids)
     logits, seen = _hooked(model, ids, ["model.layers.0", layer], {layer: lambda o: o + vector})

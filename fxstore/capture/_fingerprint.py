@@ -236,7 +236,13 @@ build_cache = BuildCache()
 
 
 def _stand_in(model: nn.Module) -> nn.Module | None:
-    """A second instance of the model's class with the same ``__dict__`` values (``None`` if none can be made)."""
+    """A second instance of the model's class with the same ``__dict__`` values (``None`` if none can be made).
+
+    A model with an instance-level ``forward`` (accelerate's hook on a dispatched model, nnsight's
+    controller) gets none: that wrapper is bound to the model, so a stand-in would run the model.
+    """
+    if "forward" in vars(model):
+        return None
     try:
         stand_in = object.__new__(type(model))
         stand_in.__dict__.update(vars(model))
