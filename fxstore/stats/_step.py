@@ -5,9 +5,9 @@ The step is built once per model, layers and options and kept in :data:`fxstore.
 changes), so a second call on a model seen before neither traces, self-checks nor compiles again.
 With ``compile=`` the extractor and :func:`~._partials.accumulate` are compiled as one function,
 whose inputs are the model inputs, the padding mask (tokens) and the accumulators (added to in
-place): the dense rows never leave the compiled graph. A step runs eagerly when its extractor has
-not run yet (its first call builds and self-checks its program) and for a run's first batch (it
-creates the accumulators); every other batch runs compiled.
+place): the dense rows never leave the compiled graph. A step runs eagerly the first time (its
+extractor builds and self-checks its program then, and the accumulators' shapes become known);
+every later batch, of this run or the next, runs compiled.
 """
 
 from __future__ import annotations
@@ -42,13 +42,19 @@ class Step:
         self.fn, self.extractors = fn, extractors
         backend = compile if isinstance(compile, str) else "inductor"
         self.compiled = torch.compile(fn, backend=backend) if compile else None
-        self.keys: set[str] | None = None  # the layers the step reduces, known after its first run
+        self.shapes: dict[str, dict[str, tuple[torch.Size, torch.device]]] | None = None  # after the first run
 
     def __call__(self, *inputs: Any, sums: Sums) -> Tops:
-        if self.compiled is None or self.keys is None or not self.keys <= set(sums):
+        """Run one batch; ``sums`` (``{layer: {name: float64 tensor}}``) is added to in place (and filled
+        with zeros for the layers it lacks)."""
+        if self.compiled is None or self.shapes is None:
             tops = self.fn(*inputs, sums)
-            self.keys = set(tops)
+            self.shapes = {key: {k: (v.shape, v.device) for k, v in sums[key].items()} for key in tops}
             return tops
+        for key, shapes in self.shapes.items():  # a run's first batch: its accumulators, outside the graph
+            if not sums.get(key):
+                sums[key] = {k: torch.zeros(shape, dtype=torch.float64, device=device)
+                             for k, (shape, device) in shapes.items()}
         return self.compiled(*inputs, sums)  # type: ignore[no-any-return]
 
 
