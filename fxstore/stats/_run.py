@@ -1,10 +1,9 @@
 """``feature_statistics``: one pass over a dataset that keeps only per-layer accumulators.
 
 The data is read exactly as :func:`~fxstore.extract_dataset` reads it (``fxstore.dataset.batches``:
-the same shards and batches, the same token batches, the same ranks and model placement). Image
-rows are reduced inside the graph (the extractor's ``transform`` pools and returns the batch's
-partial sums); token rows, whose padding mask is not a graph input, are reduced on the device right
-after the graph. The float64 accumulators stay on the device; ranks merge them at the end.
+the same shards and batches, the same token batches, the same ranks and model placement). Each batch
+runs the step of :mod:`._step` (the extractor, then the in-place float64 reduction of
+:mod:`._partials`); the accumulators stay on the device; ranks merge them at the end.
 """
 
 from __future__ import annotations
