@@ -367,3 +367,15 @@ def test_compiled_token_rows_take_the_mask_as_an_input(tmp_path):
         _check_moments(s, dense)
         values, _ = _brute_top(dense.astype(np.float64), 2)
         np.testing.assert_array_equal(s.top_values.numpy(), values)
+
+
+def test_a_step_built_before_takes_rows_of_another_width(tmp_path):
+    """The cached, compiled step on data whose rows are wider (``reduce="flatten"`` of larger images): the
+    accumulators follow the data, the moments equal numpy's."""
+    model = toy_cnn().eval()
+    kw = dict(reduce="flatten", batch_size=4)
+    fxstore.feature_statistics(model, ["relu2"], Images(9, size=16), compile="aot_eager", progress=False, **kw)
+    wide = Images(9, size=24)
+    s = fxstore.feature_statistics(model, ["relu2"], wide, compile="aot_eager", progress=False, **kw)["relu2"]
+    assert s.mean.shape == (2304,)
+    _check_moments(s, _dense(model, ["relu2"], wide, tmp_path, **kw)["relu2"])

@@ -6,8 +6,9 @@ changes), so a second call on a model seen before neither traces, self-checks no
 With ``compile=`` the extractor and :func:`~._partials.accumulate` are compiled as one function,
 whose inputs are the model inputs, the padding mask (tokens) and the accumulators (added to in
 place): the dense rows never leave the compiled graph. A step runs eagerly the first time (its
-extractor builds and self-checks its program then, and the accumulators' shapes become known);
-every later batch, of this run or the next, runs compiled.
+extractor builds and self-checks its program then) and for a run's first batch (it creates the
+accumulators, whose shapes depend on the data: ``reduce="flatten"`` of another image size); every
+other batch runs compiled.
 """
 
 from __future__ import annotations
@@ -42,19 +43,17 @@ class Step:
         self.fn, self.extractors = fn, extractors
         backend = compile if isinstance(compile, str) else "inductor"
         self.compiled = torch.compile(fn, backend=backend) if compile else None
-        self.shapes: dict[str, dict[str, tuple[torch.Size, torch.device]]] | None = None  # after the first run
+        self.ran = False  # the extractors' first call (program capture and self-check) is eager
 
     def __call__(self, *inputs: Any, sums: Sums) -> Tops:
-        """Run one batch; ``sums`` (``{layer: {name: float64 tensor}}``) is added to in place (and filled
-        with zeros for the layers it lacks)."""
-        if self.compiled is None or self.shapes is None:
-            tops = self.fn(*inputs, sums)
-            self.shapes = {key: {k: (v.shape, v.device) for k, v in sums[key].items()} for key in tops}
-            return tops
-        for key, shapes in self.shapes.items():  # a run's first batch: its accumulators, outside the graph
-            if not sums.get(key):
-                sums[key] = {k: torch.zeros(shape, dtype=torch.float64, device=device)
-                             for k, (shape, device) in shapes.items()}
+        """Run one batch; ``sums`` (``{layer: {name: float64 tensor}}``) is added to in place.
+
+        Eager for the step's first batch ever and for a run's first batch (``sums`` empty: the
+        accumulators are created with the shapes of this data's rows), compiled otherwise.
+        """
+        if self.compiled is None or not self.ran or not sums:
+            self.ran = True
+            return self.fn(*inputs, sums)
         return self.compiled(*inputs, sums)  # type: ignore[no-any-return]
 
 
