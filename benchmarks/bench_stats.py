@@ -20,7 +20,7 @@ a call (CUDA: allocated) and the bytes kept (the statistics file, the metric's s
 fxstore's moments are checked against the reference's in the same run. With ``--save`` the JSON file
 in ``benchmarks/results`` is rewritten after every measurement (a stopped run keeps what it measured).
 
-    python benchmarks/bench_stats.py --save        # the recording (about 6-8 minutes on an idle 2-core CPU)
+    python benchmarks/bench_stats.py --save        # the recording (about 7-9 minutes on an idle 2-core CPU)
     python benchmarks/bench_stats.py --quick       # smoke run: tiny sizes, aot_eager
     python benchmarks/bench_stats.py --device cuda --samples 4096 --image-size 224 --sequences 256
 """
