@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .._workflows import register
-from ..capture import fresh
+from ..capture import fresh, model_state
 from ..errors import ConfigError, EditError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
@@ -51,6 +51,7 @@ class _State:
     options: dict[str, Any] | None = None
     cache: Any = None
     cache_batch: int = 0
+    cache_len: int = 0
     consumed: int = 0
 
 
@@ -199,8 +200,8 @@ def _max_new_tokens(model: nn.Module, prompt: int, kwargs: dict[str, Any]) -> in
 
 
 def _identity(extractor: Any, model: nn.Module) -> tuple[Any, ...]:
-    modules = tuple((id(m), m.training) for m in model.modules())
-    return modules, tuple(id(p) for p in model.parameters()), tuple(id(e) for e in extractor.edits.values())
+    """What the built state depends on: the model's objects, modes, dtypes and devices, and the edit objects."""
+    return model_state(model), tuple(id(e) for e in extractor.edits.values())
 
 
 def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
@@ -337,7 +338,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
         state.programs = {True: torch.compile(fresh(_call), **prefill), False: torch.compile(call, **options)}
         state.options = dict(options)
     cache = state.cache
-    if cache is None or getattr(cache, "max_cache_len", None) != capacity or state.cache_batch != batch:
+    if cache is None or state.cache_len != capacity or state.cache_batch != batch:
         state.clock.start.zero_()  # the warm-up step writes column 0, whatever the last call left
         try:
             cache = transformers.StaticCache(config=model.config, max_cache_len=capacity)
@@ -350,7 +351,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
                 f"needs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\nHint: generate eagerly "
                 "(an extractor without .compile())."
             ) from e
-        state.cache, state.cache_batch = cache, batch
+        state.cache, state.cache_batch, state.cache_len = cache, batch, capacity
 
 
 def _call(forward: Any, *args: Any, **kwargs: Any) -> Any:
