@@ -1,6 +1,7 @@
 """TransformerLens ``generate`` with a steering hook, timed in its own interpreter.
 
-TransformerLens needs transformers < 5, so it lives in a separate virtual environment;
+TransformerLens is not a dependency of fxstore's environment, so it lives in a virtual environment
+of its own (``HookedTransformer`` is gone in transformer-lens 4: install ``transformer-lens<4``);
 ``bench_generate --tl-python PATH`` runs this file with that interpreter (it imports neither
 fxstore nor anything of this repository) and reads one JSON line from its stdout::
 
@@ -25,9 +26,9 @@ def main() -> int:
         parser.add_argument(f"--{name}", type=int, required=True)
     args = parser.parse_args()
 
+    from importlib.metadata import version
+
     import torch
-    import transformer_lens
-    import transformers
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.set_num_threads(args.threads)
@@ -52,8 +53,7 @@ def main() -> int:
         start = time.perf_counter()
         run()
         samples.append(time.perf_counter() - start)
-    versions = {"transformer_lens": getattr(transformer_lens, "__version__", "unknown"), "torch": torch.__version__,
-                "transformers": transformers.__version__}
+    versions = {name: version(name) for name in ("transformer-lens", "transformers", "torch")}
     print(json.dumps({"first_s": first, "samples_s": samples, "versions": versions, "tokens": list(out.shape)}))
     return 0
 

@@ -9,7 +9,7 @@ medians of interleaved repetitions, ratios to Hugging Face's plain eager ``gener
   compiles the decode step; the prompt runs eagerly);
 - nnsight ``generate`` steering every step (``tracer.iter[:]``);
 - TransformerLens ``generate`` with a steering hook (its own random model of this size): transformer-lens
-  needs transformers < 5, so it runs from its own venv (``--tl-python PATH``, ``_tl_generate.py`` in a
+  is not in fxstore's environment, so it runs from its own venv (``--tl-python PATH``, ``_tl_generate.py`` in a
   subprocess, after the interleaved rows; the row records the versions used), else it is skipped with why;
 - fxstore eager steered; fxstore compiled (inductor) steered; fxstore compiled steered with 2 stored layers;
 - the compile time of each compiled row (its first call minus its median call);
@@ -23,13 +23,15 @@ got), so a stopped run keeps what it measured.
     python -m benchmarks.bench_generate --save --tl-python /work/tlvenv/bin/python   # recorded in results/
     python -m benchmarks.bench_generate --quick    # a tiny model, few repeats (smoke run)
 
-The TransformerLens venv: ``python3 -m venv /work/tlvenv && /work/tlvenv/bin/pip install transformer-lens``.
+The TransformerLens venv: ``python3 -m venv /work/tlvenv && /work/tlvenv/bin/pip install "transformer-lens<4"``
+(``HookedTransformer`` is gone in 4.x; measured: 3.9.0 installs with torch 2.14.1 and transformers 5.25 and generates).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -86,12 +88,13 @@ def _nnsight_runner(model: torch.nn.Module, block: int, add: torch.Tensor, ids: 
 def transformer_lens_row(python: str | None, sizes: dict[str, int], reps: int, threads: int) -> dict[str, Any] | str:
     """TransformerLens' steered ``generate`` timed by ``_tl_generate.py`` under ``python`` (its own venv), or why not.
 
-    TransformerLens needs transformers < 5: it cannot share this environment (transformers 5), so its row runs
-    in a subprocess, after the interleaved rows, ``reps`` times in a row (not interleaved with them).
+    The row runs in a subprocess, after the interleaved rows, ``reps`` times in a row (not interleaved with them).
     """
+    if python is None and importlib.util.find_spec("transformer_lens") is not None:
+        python = sys.executable  # installed here (the bench extra): the same script, this interpreter
     if python is None:
-        return ("not run: transformer-lens needs transformers < 5; pass --tl-python PATH, the interpreter of a venv "
-                "with transformer-lens (see the module docstring)")
+        return ("not run: transformer-lens is not installed here; pass --tl-python PATH, the interpreter of a venv "
+                "with transformer-lens<4 (see the module docstring)")
     script = Path(__file__).with_name("_tl_generate.py")
     argv = [python, str(script), *(f"--{k}={v}" for k, v in sizes.items()), f"--reps={reps}", f"--threads={threads}"]
     try:
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         "every phase and repetition: a stopped run keeps what it measured)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default: 5)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tl-python", metavar="PATH", help="interpreter of a venv with transformer-lens "
-                        "(transformers < 5) for the TransformerLens row; without it the row is skipped")
+    parser.add_argument("--tl-python", metavar="PATH", help="interpreter of a venv with transformer-lens<4 "
+                        "for the TransformerLens row (default: this one if it has transformer-lens, else skipped)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     layers, width, heads, batch, prompt, new = (12, 768, 12, 4, 32, 64) if not args.quick else (2, 64, 2, 2, 8, 6)
