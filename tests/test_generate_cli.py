@@ -73,6 +73,14 @@ def test_prompts_file_and_seeded_sampling_equal_model_generate(folders, tmp_path
     assert texts == expected and err == ""
 
 
+def test_prompts_run_in_batches_of_batch_size(folders, capsys):
+    prompts = corpus(5, seed=9)
+    texts, _ = _run(capsys, f"hf:{folders['llama']}", *[a for p in prompts for a in ("--prompt", p)],
+                    "--max-new-tokens", 4, "--batch-size", 2)
+    expected = [t for i in range(0, 5, 2) for t in _reference(folders["llama"], prompts[i:i + 2], max_new_tokens=4)[0]]
+    assert texts == expected
+
+
 @pytest.mark.compile
 def test_compiled_generation_prints_the_hooked_texts(folders, tmp_path, capsys):
     torch.save(torch.ones(16), tmp_path / "v.pt")
@@ -98,6 +106,7 @@ def test_compiled_generation_prints_the_hooked_texts(folders, tmp_path, capsys):
     (["--add", "transformer.h.9={dir}/one.pt"], "names no module"),
     (["--layers", "transformer.h.1"], "--layers given without --out"),
     (["--layers", "transformer.h.1", "--out", "{dir}/f.npy"], "not a .safetensors file"),
+    (["--prompt", "dogs ran", "--batch-size", "1", "--out", "{dir}/f.safetensors"], "exceed --batch-size 1"),
 ])
 def test_bad_arguments_exit_1_naming_the_input_with_a_hint(extra, message, folders, tmp_path, capsys):
     torch.save({"a": torch.zeros(16), "b": torch.zeros(16)}, tmp_path / "vecs.pt")

@@ -6,11 +6,12 @@ Examples::
     fxstore generate hf:gpt2-dir --prompts-file prompts.txt --max-new-tokens 20 \\
         --add transformer.h.6=happy.pt:4 --layers transformer.h.10 --out feats.safetensors --compile
 
-The prompts run as one left-padded batch through :meth:`fxstore.FeatureExtractor.generate`; each
+The prompts run in left-padded batches of ``--batch-size`` through
+:meth:`fxstore.FeatureExtractor.generate` (built once: later batches reuse its programs); each
 generated text (prompt and continuation, special tokens left out) is printed on stdout in prompt
-order, one per line. ``--out`` writes every stored layer's values at every position the model ran
-on (``[prompts, prompt_len + new_tokens - 1, ...]``) and the token ids (``sequences``) to a
-safetensors file.
+order, one per line, as its batch finishes. ``--out`` writes every stored layer's values at every
+position the model ran on (``[prompts, prompt_len + new_tokens - 1, ...]``) and the token ids
+(``sequences``) of one batch to a safetensors file.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def add_parser(commands: Any, positive: Any, natural: Any) -> None:
                         "holding LAYER, as fxstore.steering_vectors returns) to LAYER's output; repeatable")
     p.add_argument("--positions", choices=_POSITIONS, default="all",
                    help="where the --add edits apply (default: all, prompt and generated tokens)")
-    p.add_argument("--out", metavar="FILE", help="write the stored layers and the token ids (.safetensors)")
+    p.add_argument("--out", metavar="FILE", help="write the stored layers and the token ids (.safetensors; the "
+                                                 "prompts must fit one batch)")
+    p.add_argument("--batch-size", type=positive, default=16, metavar="N",
+                   help="prompts generated together, left-padded (default: 16)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="run compiled programs with a static KV cache (torch.compile backend, default: inductor)")
     sampling = p.add_argument_group("decoding (default: greedy)")
@@ -78,6 +82,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"generate: --out {args.out} is not a .safetensors file.\nHint: name it FILE.safetensors.")
     device = parse_device(args.device)
     prompts = _prompts(args.prompt, args.prompts_file)
+    if args.out and len(prompts) > args.batch_size:
+        raise ConfigError(f"generate: --out stores one batch, and {len(prompts)} prompts exceed --batch-size "
+                          f"{args.batch_size}.\nHint: pass --batch-size {len(prompts)}, or split the prompts.")
     model, tok = load_hf(args.model, args.tokenizer)
     model = model.to(device)
     edits = {layer: _edit(layer, path, scale, device) for layer, path, scale in map(_parse_add, args.add)}
@@ -85,17 +92,18 @@ def _generate(args: argparse.Namespace) -> int:
     if args.compile:
         ex.compile(backend=args.compile)
     tok.padding_side = "left"  # generation continues each row from its last token
-    batch = tok(prompts, return_tensors="pt", padding=True).to(device)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                                "pad_token_id": tok.pad_token_id}
     options.update({k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
                                       ("top_p", args.top_p)) if v is not None})
     if edits:
         options["edit_positions"] = args.positions
-    torch.manual_seed(args.seed)
-    out = ex.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"), **options)
-    for text in tok.batch_decode(out.sequences, skip_special_tokens=True):
-        print(text)
+    torch.manual_seed(args.seed)  # once: batch after batch draw from one random stream
+    for start in range(0, len(prompts), args.batch_size):
+        batch = tok(prompts[start:start + args.batch_size], return_tensors="pt", padding=True).to(device)
+        out = ex.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"), **options)
+        for text in tok.batch_decode(out.sequences, skip_special_tokens=True):
+            print(text, flush=True)
     if args.out:
         _save(args.out, out, prompts, args)
         if not args.quiet:
