@@ -6,8 +6,9 @@ Eagerly the model runs with Hugging Face's dynamic cache. After ``ex.compile(...
 compiled programs with a static KV cache: one for the prompt (dynamic length) and one for the
 decode step, ``fullgraph=True`` by default; every value that changes between calls (edit tensors,
 position masks, the step's column, the feature buffers, the cache) is a buffer or an input, so
-new values never compile again. What was built (shadow, sites, programs, cache) is kept per
-extractor and reused while the model's parameters and modes stay the same.
+new values never compile again. What was built (shadow, sites, feature buffers, programs, static
+cache) is kept per extractor and reused while ``fxstore.capture.model_state`` of the model (its
+module and parameter objects, dtypes, devices, modes) and the extractor's edits stay the same.
 """
 
 from __future__ import annotations
