@@ -107,11 +107,14 @@ def test_compiled_generation_prints_the_hooked_texts(folders, tmp_path, capsys):
     (["--layers", "transformer.h.1"], "--layers given without --out"),
     (["--layers", "transformer.h.1", "--out", "{dir}/f.npy"], "not a .safetensors file"),
     (["--prompt", "dogs ran", "--batch-size", "1", "--out", "{dir}/f.safetensors"], "exceed --batch-size 1"),
+    (["--add", "transformer.h.0={dir}/narrow.pt"], "error: edit Add on 'transformer.h.0': vector of shape (8,)"),
+    (["--add", "transformer.h.0={dir}/narrow.pt", "--compile", "aot_eager"], "error: edit Add on 'transformer.h.0'"),
 ])
 def test_bad_arguments_exit_1_naming_the_input_with_a_hint(extra, message, folders, tmp_path, capsys):
     torch.save({"a": torch.zeros(16), "b": torch.zeros(16)}, tmp_path / "vecs.pt")
     torch.save(torch.arange(16), tmp_path / "bad.pt")
     torch.save(torch.zeros(16), tmp_path / "one.pt")
+    torch.save(torch.zeros(8), tmp_path / "narrow.pt")  # the model is 16 wide
     argv = ["generate", f"hf:{folders['gpt2']}", "--prompt", "the cat", "--max-new-tokens", "2",
             *(a.format(dir=tmp_path) for a in extra)]
     assert main(argv) == 1

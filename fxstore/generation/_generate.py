@@ -25,7 +25,7 @@ from torch import nn
 
 from .._workflows import register
 from ..capture import fresh, model_state
-from ..errors import ConfigError, EditError
+from ..errors import ConfigError, EditError, FxStoreError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
 from ._sites import Clock, Site, module_paths, shadow_with_sites
@@ -346,6 +346,8 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
             with torch.no_grad():  # the cache's tensors are made eagerly, outside the programs
                 type(state.root).forward(state.root, input_ids=input_ids[:, :1], attention_mask=attention_mask[:, :1],
                                          cache=cache, use_cache=True)
+        except FxStoreError:  # a bad edit (e.g. a vector of another width) says so itself
+            raise
         except Exception as e:  # the model's own code raises anything for a cache it does not support
             raise ConfigError(
                 f"generation: {type(model).__name__} does not run with a static KV cache, which compiled generation "
