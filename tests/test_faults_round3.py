@@ -248,6 +248,25 @@ def test_a_file_removed_while_verify_reads_it_is_an_fxstore_error(tmp_path, refe
         load_features(out, verify=True)
 
 
+@pytest.mark.parametrize(("dtype", "shape"), [("float32", (24, 10)), ("float16", (5,)), ("int64", (3, 2, 4)),
+                                              ("uint8", (1, 7)), ("float64", (2, 100_000))])
+def test_fxstore_npy_headers_are_numpys_with_a_comment_numpy_ignores(tmp_path, dtype, shape):
+    from fxstore.dataset.folder.checksums import digest_bytes
+    from fxstore.dataset.formats._npy_header import npy_header
+
+    array = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    run_digest, inputs = digest_bytes(b"a run"), digest_bytes(b"its inputs")
+    head = npy_header(array.dtype, shape, run_digest, inputs)
+    assert len(head) == len(npy_header(array.dtype, shape, run_digest))  # written in place at the finish
+    assert len(head) % 64 == 0 and head.endswith(b"\n") and f"inputs={inputs}".encode() in head
+    path = tmp_path / "a.npy"
+    path.write_bytes(head + array.tobytes())
+    for mmap_mode in (None, "r"):
+        loaded = np.load(path, mmap_mode=mmap_mode)
+        assert loaded.dtype == array.dtype
+        np.testing.assert_array_equal(loaded, array)
+
+
 def _their_rows(model=None) -> np.ndarray:
     """The fc rows of a sibling run (other data of the same name and length), from the model itself."""
     with torch.no_grad():
