@@ -448,24 +448,36 @@ def _edit_header(path: Path, edit) -> None:
     path.write_bytes(header + data[offset:])
 
 
-@pytest.mark.parametrize(("how", "edit"), _header_edits(), ids=[h for h, _ in _header_edits()])
+def _lose_the_run(h: bytes) -> bytes:
+    return h.replace(b"descr", b"descs").replace(b"run=", b"rum=")
+
+
+PARTIAL_EDITS = [*_header_edits(), ("run-named-too", _lose_the_run)]
+
+
+@pytest.mark.parametrize(("how", "edit"), PARTIAL_EDITS, ids=[h for h, _ in PARTIAL_EDITS])
 def test_a_partial_npy_file_whose_header_was_damaged_is_recomputed_by_the_same_command(tmp_path, reference, how,
                                                                                      edit):
     with pytest.raises(RuntimeError, match="interrupted"):
         run(tmp_path, "npy", data=FailsAt(N, bad=19))  # shards 0 and 1 done, the files still .partial
     _edit_header(tmp_path / ".fc.npy.partial", edit)
-    run(tmp_path, "npy")  # recognised from its size and the run its header's comment still names
+    run(tmp_path, "npy")  # recognised from its size and the run its comment names, or the rows its markers record
     assert_identical(tmp_path, "npy", reference)
 
 
-def test_a_partial_npy_file_whose_header_lost_its_run_too_is_refused_untouched_a_documented_limit(tmp_path):
+def test_a_damaged_partial_npy_file_of_a_run_that_finished_no_shard_is_refused_untouched_a_documented_limit(
+        tmp_path, reference):
     with pytest.raises(RuntimeError, match="interrupted"):
-        run(tmp_path, "npy", data=FailsAt(N, bad=19))
-    _edit_header(tmp_path / ".fc.npy.partial", lambda h: h.replace(b"descr", b"descs").replace(b"run=", b"rum="))
+        run(tmp_path, "npy", data=FailsAt(N, bad=3))  # no shard done: no marker records any of its rows
+    _edit_header(tmp_path / ".fc.npy.partial", _lose_the_run)
     before = snapshot(tmp_path)
-    with pytest.raises(OutputError, match=r"did not write \(\.fc\.npy\.partial"):
-        run(tmp_path, "npy")
-    assert snapshot(tmp_path) == before
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=r"did not write \(\.fc\.npy\.partial"):
+            run(tmp_path, "npy", overwrite=overwrite)
+        assert snapshot(tmp_path) == before
+    (tmp_path / ".fc.npy.partial").unlink()  # what the message asks for
+    run(tmp_path, "npy")
+    assert_identical(tmp_path, "npy", reference)
 
 
 def test_a_safetensors_header_with_wrong_data_offsets_is_refused_then_repaired(tmp_path, reference):

@@ -189,7 +189,8 @@ class NpySink(Sink):
                 layout = npy_layout(path) if layout is None else layout
                 if layout is not None and layout[:2] == expected[:2]:
                     return True
-                if info.st_size == expected[2] and raw_run(path) == identity_digest(identity):
+                if info.st_size == expected[2] and (raw_run(path) == identity_digest(identity) or (
+                        base != name and _marked(path, base, expected, identity, claims.markers))):
                     return True  # fxstore's own file (a .partial too) whose header was damaged: recomputed
         return base == name and _recorded(name, path, info.st_size, claims.finished)
 
@@ -336,6 +337,25 @@ def _rows_match(path: Path, offset: int, entry: dict[str, Any], key: str, manife
                 return True
         except OSError:
             return False
+    return False
+
+
+def _marked(path: Path, name: str, layout: tuple[tuple[int, ...], np.dtype, int], identity: dict[str, Any],
+            markers: tuple[dict[str, Any], ...]) -> bool:
+    """Whether the ``.partial`` file of ``name`` (of exactly the ``layout`` size the run ``identity`` gives it)
+    holds the rows of at least one shard its run's progress ``markers`` record (its header is not read: it may
+    be the damaged part)."""
+    key = next((k for k in arrays_of(identity) if array_file(k) == name), None)
+    shape, dtype, size = layout
+    row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    for marker in markers:
+        sums = marker.get(ALGORITHM)
+        try:
+            if isinstance(sums, dict) and is_digest(sums.get(key)) and _rows_problem(
+                    path, name, size - shape[0] * row, row, marker["start"], marker["count"], sums[key]) is None:
+                return True
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
     return False
 
 
