@@ -98,8 +98,11 @@ class NpySink(Sink):
             problem = check_file(path, name, entry["bytes"], None)
             offset = 0
             if problem is None:
-                with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-                    problem, offset = _header_problem(f, name, entry, manifest)
+                try:
+                    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                        problem, offset = _header_problem(f, name, entry, manifest)
+                except OSError as e:  # removed or replaced since its lstat
+                    problem = f"{name}: not readable ({e.strerror or e})"
             row = _row_bytes(entry)
             if problem is None and checksums:
                 for shard in manifest["shards"]:
