@@ -28,18 +28,23 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Counts the calls of ``owner.name`` from now on (``[count]``, updated in place)."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 @pytest.fixture
 def shadows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the shadow models (with their sites) generation builds."""
-    built = [0]
-    real = _generate.shadow_with_sites
-
-    def counting(*args, **kwargs):
-        built[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_generate, "shadow_with_sites", counting)
-    return built
+    return _count_calls(monkeypatch, _generate, "shadow_with_sites")
 
 
 def _count_caches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -47,16 +52,7 @@ def _count_caches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     Patched on the module ``sys.modules`` holds now: transformers replaces its lazy module there when
     a model class is first imported, so this runs after the model is built."""
-    made = [0]
-    module = sys.modules["transformers"]
-    real = module.StaticCache
-
-    def counting(*args, **kwargs):
-        made[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "StaticCache", counting)
-    return made
+    return _count_calls(monkeypatch, sys.modules["transformers"], "StaticCache")
 
 
 def _checked(ex: fxstore.FeatureExtractor, model: nn.Module, ids: torch.Tensor, vector: torch.Tensor,
