@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Contender", "Stats", "clock_for", "interleave"]
+__all__ = ["Contender", "Stats", "clock_for", "interleave", "timed"]
 
 Features = Mapping[str, torch.Tensor]
 
@@ -84,11 +84,20 @@ def clock_for(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     return cpu_clock
 
 
-def interleave(contenders: Sequence[Contender], reps: int, warmup: int, device: torch.device) -> dict[str, Stats]:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and its wall time in seconds (one call: a first call, a whole grid)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def interleave(contenders: Sequence[Contender], reps: int, warmup: int, device: torch.device,
+               after_rep: Callable[[dict[str, Stats]], None] | None = None) -> dict[str, Stats]:
     """Time every contender ``reps`` times, round-robin, after ``warmup`` untimed calls each.
 
     Repetition ``i`` starts at contender ``i % n``, so no contender always runs right
-    after the same neighbour.
+    after the same neighbour. ``after_rep`` receives the statistics so far after every
+    repetition (a long run saves them as it goes).
     """
     clock = clock_for(device)
     for contender in contenders:
@@ -101,4 +110,6 @@ def interleave(contenders: Sequence[Contender], reps: int, warmup: int, device: 
         for contender in [*contenders[rep % n:], *contenders[: rep % n]]:
             if rep % contender.every == 0:
                 samples[contender.name].append(clock(contender.run))
+        if after_rep is not None:
+            after_rep({name: Stats(tuple(values)) for name, values in samples.items() if values})
     return {name: Stats(tuple(values)) for name, values in samples.items()}

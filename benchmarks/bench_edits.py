@@ -27,18 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import transformers
 
 import fxstore
 
+from ._models import gpt2, hook_patch_grid
 from ._report import RESULTS, machine
-from ._timing import Contender, interleave
-
-
-def _model(layers: int, width: int, heads: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=128)
-    return transformers.GPT2LMHeadModel(config).eval()
+from ._timing import Contender, interleave, timed
 
 
 def _nnsight() -> Any:
@@ -118,30 +112,10 @@ def grid(model: torch.nn.Module, tokens: int, batch_size: int) -> dict[str, floa
         return out.logits[:, -1, 3] - out.logits[:, -1, 7]
 
     times: dict[str, float] = {}
-    start = time.perf_counter()
-    ours = fxstore.patch_sweep(model, clean, corrupted, layers, metric, positions=positions, batch_size=batch_size)
-    times["fxstore patch_sweep"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    saved: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: saved.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in layers]
-    with torch.no_grad():
-        model(clean, use_cache=False)
-    for h in handles:
-        h.remove()
-    loop = torch.empty(len(layers), tokens)
-    for i, name in enumerate(layers):
-        for p in positions:
-            def patch(m: Any, inp: Any, o: Any, name: str = name, p: int = p) -> Any:
-                value = (o[0] if isinstance(o, tuple) else o).clone()
-                value[:, p] = saved[name][:, p]
-                return (value, *o[1:]) if isinstance(o, tuple) else value
-            handle = model.get_submodule(name).register_forward_hook(patch)
-            with torch.no_grad():
-                loop[i, p] = metric(model(corrupted, use_cache=False))[0]
-            handle.remove()
-    times["hook loop"] = time.perf_counter() - start
+    ours, times["fxstore patch_sweep"] = timed(lambda: fxstore.patch_sweep(
+        model, clean, corrupted, layers, metric, positions=positions, batch_size=batch_size))
+    loop, times["hook loop"] = timed(lambda: hook_patch_grid(model, clean, corrupted, layers, positions, metric,
+                                                             use_cache=False))
     print(f"  check: patch_sweep vs hook loop max |diff| {(ours - loop).abs().max().item():.2e}", flush=True)
 
     nnsight = _nnsight()
@@ -207,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layers, width, heads, batch, tokens, block = (12, 768, 12, 2, 32, 6) if not args.quick else (2, 64, 2, 2, 8, 1)
     reps = args.reps if not args.quick else 3
-    model = _model(layers, width, heads)
+    model = gpt2(layers, width, heads)
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     command = "python -m benchmarks.bench_edits" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     info = machine(torch.device("cpu"), torch.get_num_threads(), command)

@@ -26,23 +26,16 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import transformers
 
 import fxstore
 
+from ._models import gpt2, hook_patch_grid
 from ._report import RESULTS, machine
-from ._timing import Contender, interleave
-
-
-def _model(layers: int, width: int, heads: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=64)
-    return transformers.GPT2LMHeadModel(config).eval()
+from ._timing import Contender, interleave, timed
 
 
 def metric(out: Any) -> torch.Tensor:
@@ -52,25 +45,7 @@ def metric(out: Any) -> torch.Tensor:
 def hook_loop(model: torch.nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, sites: list[str],
               positions: list[int]) -> torch.Tensor:
     """One forward per cell, a forward hook copying the clean value of one position."""
-    saved: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: saved.__setitem__(n, (o[0] if isinstance(o, tuple) else o).clone())) for n in sites]
-    with torch.no_grad():
-        model(clean)
-    for h in handles:
-        h.remove()
-    grid = torch.empty(len(sites), len(positions))
-    for i, name in enumerate(sites):
-        for j, p in enumerate(positions):
-            def patch(m: Any, inp: Any, o: Any, name: str = name, p: int = p) -> Any:
-                value = (o[0] if isinstance(o, tuple) else o).clone()
-                value[:, p] = saved[name][:, p]
-                return (value, *o[1:]) if isinstance(o, tuple) else value
-            handle = model.get_submodule(name).register_forward_hook(patch)
-            with torch.no_grad():
-                grid[i, j] = metric(model(corrupted))[0]
-            handle.remove()
-    return grid
+    return hook_patch_grid(model, clean, corrupted, sites, positions, metric)
 
 
 def _nnsight_loop(model: torch.nn.Module, blocks: list[int], positions: list[int]) -> Callable[..., torch.Tensor] | None:
@@ -107,7 +82,7 @@ def _none(_: Any) -> None:
 def case(layers: int, width: int, heads: int, blocks: list[int], tokens: int, batch: int, reps: int,
          others: bool = True) -> dict[str, Any]:
     """Medians (s) of each contender, the first call's time and each grid's max |diff| to the hook loop."""
-    model = _model(layers, width, heads)
+    model = gpt2(layers, width, heads, positions=64)
     g = torch.Generator().manual_seed(2)
     clean = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
     corrupted = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
@@ -115,9 +90,8 @@ def case(layers: int, width: int, heads: int, blocks: list[int], tokens: int, ba
     positions = list(range(tokens))
     reference = hook_loop(model, clean, corrupted, sites, positions)
 
-    start = time.perf_counter()
-    grid = fxstore.patch_sweep(model, clean, corrupted, sites, metric, positions=positions, batch_size=batch)
-    first = time.perf_counter() - start
+    grid, first = timed(lambda: fxstore.patch_sweep(model, clean, corrupted, sites, metric, positions=positions,
+                                                    batch_size=batch))
     checks = {"fxstore patch_sweep": float((grid - reference).abs().max())}
     rows = corrupted.expand(batch, tokens).contiguous()
     forwards = math.ceil(len(sites) * len(positions) / batch)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -128,6 +130,53 @@ def run_extraction(out: str, fmt: str, delay: float = 0.0, n: int = 48) -> dict:
 
     return extract_dataset(toy_model(), LAYERS, Images(n, delay=delay), out, format=fmt, batch_size=4,
                            shard_size=8, progress=False)
+
+
+FAULT_SAMPLES = 24
+"""How many images the extraction of the fault campaigns (``tests/test_faults_round*.py``) reads."""
+
+
+def fault_run(out, fmt: str, data=None, model=None, **options) -> dict:
+    """The extraction of the fault campaigns: 24 images (or ``data``) through ``toy_model()`` (or ``model``),
+    batches of 4, shards of 8, named ``Images`` whatever class ``data`` is."""
+    from fxstore.dataset import extract_dataset
+
+    return extract_dataset(toy_model() if model is None else model, LAYERS,
+                           Images(FAULT_SAMPLES) if data is None else data, out, format=fmt, batch_size=4,
+                           shard_size=8, progress=False, data_name="Images", **options)
+
+
+def reference_runs(tmp_path_factory) -> dict:
+    """The reference of the fault campaigns: ``{format: (folder, data files by name)}`` of an uninterrupted
+    :func:`fault_run` per format, and ``"fc"``: the model's own ``fc`` rows (its forward pass, no fxstore)."""
+    refs: dict = {}
+    for fmt in ("safetensors", "npy"):
+        out = tmp_path_factory.mktemp(f"reference-{fmt}")
+        fault_run(out, fmt)
+        refs[fmt] = (out, shard_bytes(out))
+    with torch.no_grad():
+        refs["fc"] = toy_model()(torch.stack([Images(FAULT_SAMPLES)[i][0] for i in range(FAULT_SAMPLES)])).numpy()
+    return refs
+
+
+def finished_copy(out, fmt: str, reference: dict):
+    """``out`` holding a copy of the reference's finished ``fmt`` folder."""
+    shutil.copytree(reference[fmt][0], out, dirs_exist_ok=True)
+    return out
+
+
+def assert_identical(out, fmt: str, reference: dict) -> None:
+    """``out`` holds the reference's data files byte for byte, and its verified fc rows are the model's own."""
+    from fxstore.dataset import load_features
+
+    assert shard_bytes(out) == reference[fmt][1]
+    np.testing.assert_array_equal(load_features(out, verify=True)["fc"][:], reference["fc"])
+
+
+def folder_entries(folder) -> dict[str, object]:
+    """Every entry of ``folder`` with its bytes (links as their target), without following anything."""
+    return {p.name: ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+            for p in sorted(folder.iterdir())}
 
 
 if __name__ == "__main__":  # run as a script: use the importable module, so class names match

@@ -40,10 +40,15 @@ def _pair(length: int = T, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def _sweep_checked(model: nn.Module, layers: list[str], length: int = T, seed: int = 1) -> None:
     """One sweep, compared cell by cell with a forward-hook loop on the model as it is now."""
     clean, corrupted = _pair(length, seed)
-    positions = list(range(length))
-    grid = fxstore.patch_sweep(model, clean, corrupted, layers, logit_diff, positions=positions, batch_size=4)
-    torch.testing.assert_close(grid, hook_loop(model, clean, corrupted, layers, logit_diff, positions),
-                               rtol=1e-5, atol=1e-5, check_dtype=False)
+    grid = fxstore.patch_sweep(model, clean, corrupted, layers, logit_diff, positions=list(range(length)), batch_size=4)
+    _assert_hooked_grid(grid, model, clean, corrupted, layers)
+
+
+def _assert_hooked_grid(grid: torch.Tensor, model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor,
+                        layers: list[str]) -> None:
+    """``grid`` equals the forward-hook loop's patching grid over every position of ``clean``."""
+    expected = hook_loop(model, clean, corrupted, layers, logit_diff, list(range(clean.shape[1])))
+    torch.testing.assert_close(grid, expected, rtol=1e-5, atol=1e-5, check_dtype=False)
 
 
 class ModeScale(nn.Module):
@@ -219,7 +224,5 @@ def test_a_repeated_compiled_sweep_compiles_nothing_new():
     second = fxstore.patch_sweep(model, clean2, corrupted2, LAYERS, logit_diff, positions=range(T), batch_size=4,
                                  compile=options)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    torch.testing.assert_close(first, hook_loop(model, clean, corrupted, LAYERS, logit_diff, list(range(T))),
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(second, hook_loop(model, clean2, corrupted2, LAYERS, logit_diff, list(range(T))),
-                               rtol=1e-5, atol=1e-5)
+    _assert_hooked_grid(first, model, clean, corrupted, LAYERS)
+    _assert_hooked_grid(second, model, clean2, corrupted2, LAYERS)

@@ -16,7 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
+from dataset_helpers import (
+    FAULT_SAMPLES,
+    LAYERS,
+    FailsAt,
+    Images,
+    assert_identical,
+    reference_runs,
+    shard_bytes,
+    toy_model,
+)
+from dataset_helpers import fault_run as run
+from dataset_helpers import finished_copy as finished
+from dataset_helpers import folder_entries as snapshot
 
 import fxstore
 from fxstore import ConfigError
@@ -25,41 +37,13 @@ from fxstore.dataset.reader import load_features
 from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
-N = 24
-
-
-def run(out: Path, fmt: str, data=None, **options) -> dict:
-    return extract_dataset(toy_model(), LAYERS, Images(N) if data is None else data, out, format=fmt, batch_size=4,
-                           shard_size=8, progress=False, data_name="Images", **options)
+N = FAULT_SAMPLES
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The folder and data files of an uninterrupted run, per format."""
-    refs = {}
-    for fmt in FORMATS:
-        out = tmp_path_factory.mktemp(f"reference-{fmt}")
-        run(out, fmt)
-        refs[fmt] = (out, shard_bytes(out))
-    return refs
-
-
-def finished(out: Path, fmt: str, reference) -> Path:
-    shutil.copytree(reference[fmt][0], out, dirs_exist_ok=True)
-    return out
-
-
-def assert_identical(out: Path, fmt: str, reference) -> None:
-    assert shard_bytes(out) == reference[fmt][1]
-    load_features(out, verify=True)
-
-
-def snapshot(folder: Path) -> dict[str, object]:
-    """Every entry of ``folder`` (links as their target, files as bytes), without following anything."""
-    found: dict[str, object] = {}
-    for p in sorted(folder.iterdir()):
-        found[p.name] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
-    return found
+    """The folder and data files of an uninterrupted run, per format; the model's own fc rows."""
+    return reference_runs(tmp_path_factory)
 
 
 def refused_untouched(folder: Path, fmt: str, match: str, **options) -> OutputError:

@@ -20,19 +20,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dataset_helpers import LAYERS, FailsAt, Images, shard_bytes, toy_model
+from dataset_helpers import (
+    FAULT_SAMPLES,
+    FailsAt,
+    Images,
+    assert_identical,
+    reference_runs,
+    shard_bytes,
+    toy_model,
+)
+from dataset_helpers import fault_run as run
+from dataset_helpers import finished_copy as finished
+from dataset_helpers import folder_entries as snapshot
 from torch.utils.data import DataLoader
 
 from fxstore.dataset import BatchLoader, extract_dataset, load_features
 from fxstore.errors import OutputError
 
 FORMATS = ["safetensors", "npy"]
-N = 24
-
-
-def run(out: Path, fmt: str, data=None, model=None, **options) -> dict:
-    return extract_dataset(toy_model() if model is None else model, LAYERS, Images(N) if data is None else data, out,
-                           format=fmt, batch_size=4, shard_size=8, progress=False, data_name="Images", **options)
+N = FAULT_SAMPLES
 
 
 def other_model() -> torch.nn.Module:
@@ -55,14 +61,7 @@ def shifted(n: int = N):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The folder and data files of an uninterrupted run, per format; the model's own fc rows."""
-    refs = {}
-    for fmt in FORMATS:
-        out = tmp_path_factory.mktemp(f"reference-{fmt}")
-        run(out, fmt)
-        refs[fmt] = (out, shard_bytes(out))
-    with torch.no_grad():
-        refs["fc"] = toy_model()(torch.stack([Images(N)[i][0] for i in range(N)])).numpy()
-    return refs
+    return reference_runs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +70,6 @@ def sibling(tmp_path_factory):
     out = tmp_path_factory.mktemp("sibling")
     run(out, "safetensors", data=shifted())
     return out
-
-
-def finished(out: Path, fmt: str, reference) -> Path:
-    shutil.copytree(reference[fmt][0], out, dirs_exist_ok=True)
-    return out
-
-
-def assert_identical(out: Path, fmt: str, reference) -> None:
-    assert shard_bytes(out) == reference[fmt][1]
-    np.testing.assert_array_equal(load_features(out, verify=True)["fc"][:], reference["fc"])
-
-
-def snapshot(folder: Path) -> dict[str, object]:
-    """Every entry of ``folder`` with its bytes (links as their target), without following anything."""
-    return {p.name: ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
-            for p in sorted(folder.iterdir())}
 
 
 def sorted_rows(rows: np.ndarray) -> np.ndarray:
@@ -265,18 +248,81 @@ def test_a_file_removed_while_verify_reads_it_is_an_fxstore_error(tmp_path, refe
         load_features(out, verify=True)
 
 
-def test_an_npy_file_of_a_sibling_run_is_read_by_plain_loads_a_documented_limit(tmp_path, reference):
+@pytest.mark.parametrize(("dtype", "shape"), [("float32", (24, 10)), ("float16", (5,)), ("int64", (3, 2, 4)),
+                                              ("uint8", (1, 7)), ("float64", (2, 100_000))])
+def test_fxstore_npy_headers_are_numpys_with_a_comment_numpy_ignores(tmp_path, dtype, shape):
+    from fxstore.dataset.folder.checksums import digest_bytes
+    from fxstore.dataset.formats._npy_header import npy_header
+
+    array = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    run_digest, inputs = digest_bytes(b"a run"), digest_bytes(b"its inputs")
+    head = npy_header(array.dtype, shape, run_digest, inputs)
+    assert len(head) == len(npy_header(array.dtype, shape, run_digest))  # written in place at the finish
+    assert len(head) % 64 == 0 and head.endswith(b"\n") and f"inputs={inputs}".encode() in head
+    path = tmp_path / "a.npy"
+    path.write_bytes(head + array.tobytes())
+    for mmap_mode in (None, "r"):
+        loaded = np.load(path, mmap_mode=mmap_mode)
+        assert loaded.dtype == array.dtype
+        np.testing.assert_array_equal(loaded, array)
+
+
+def _their_rows(model=None) -> np.ndarray:
+    """The fc rows of a sibling run (other data of the same name and length), from the model itself."""
+    with torch.no_grad():
+        return (toy_model() if model is None else model)(torch.stack([shifted()[i][0] for i in range(N)])).numpy()
+
+
+def test_an_npy_file_of_a_sibling_run_is_refused_without_hashing_and_repaired(tmp_path, reference):
     out, other = finished(tmp_path / "a", "npy", reference), tmp_path / "b"
     run(other, "npy", data=shifted())
     shutil.copy(other / "fc.npy", out / "fc.npy")  # same identity, shape and size; other inputs
-    with torch.no_grad():
-        theirs = toy_model()(torch.stack([shifted()[i][0] for i in range(N)])).numpy()
-    np.testing.assert_array_equal(load_features(out)["fc"][:], theirs)  # measured: not caught without hashing
-    with pytest.raises(OutputError, match="fc.npy: rows 0-7 fail their checksum"):
-        load_features(out, verify=True)
-    with pytest.raises(OutputError, match="every row fails the checksums"):
-        run(out, "npy")  # not this run's file: never overwritten unasked
-    run(out, "npy", overwrite=True)
+    for mmap_mode in (None, "r"):  # numpy reads fxstore's headers (the run is named in a comment)
+        np.testing.assert_array_equal(np.load(out / "fc.npy", mmap_mode=mmap_mode), _their_rows())
+    with pytest.raises(OutputError, match=r"fc.npy: its header records other inputs than the manifest.*\n"
+                                          "Hint: run the same extraction again"):
+        load_features(out)  # verify=False: the header alone
+    run(out, "npy")  # its header names this run: fxstore's file, its rows recomputed
+    assert_identical(out, "npy", reference)
+
+
+REWRITES = [("other-data", "records other inputs than the manifest"), ("other-weights", "names another run")]
+
+
+@pytest.mark.parametrize(("how", "message"), REWRITES, ids=[h for h, _ in REWRITES])
+def test_an_npy_file_rewritten_in_place_keeping_its_size_and_time_is_refused_at_the_next_open(tmp_path, reference,
+                                                                                               how, message):
+    out, other = finished(tmp_path / "a", "npy", reference), tmp_path / "b"
+    if how == "other-data":
+        run(other, "npy", data=shifted())
+    else:
+        run(other, "npy", model=other_model())
+    feats = load_features(out)
+    np.testing.assert_array_equal(feats["relu2"][:], load_features(out, verify=True)["relu2"][:])  # relu2 open
+    for name in ("fc.npy", "relu2.npy"):
+        path = out / name
+        info = path.stat()
+        with open(path, "r+b") as f:  # in place: the same inode and size
+            f.write((other / name).read_bytes())
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))  # and the time it had: the pin sees the same file
+        assert path.stat().st_ino == info.st_ino and path.stat().st_mtime_ns == info.st_mtime_ns
+    with pytest.raises(OutputError, match=f"fc.npy: its header {message}"):
+        feats["fc"][N - 1]  # its header names another generation of the folder: never read
+    with pytest.raises(OutputError, match=f"its header {message}"):
+        load_features(out)
+
+
+def test_an_npy_file_whose_header_names_no_run_is_refused_and_rewritten(tmp_path, reference):
+    out = finished(tmp_path, "npy", reference)
+    path = out / "fc.npy"
+    data = path.read_bytes()
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    plain = data[10:offset].split(b"#")[0]  # numpy's own dict literal, without fxstore's comment
+    path.write_bytes(data[:10] + plain.ljust(offset - 11) + b"\n" + data[offset:])  # same size and rows
+    np.testing.assert_array_equal(np.load(path), reference["fc"])
+    with pytest.raises(OutputError, match=r"fc.npy: its header names no fxstore run"):
+        load_features(out)
+    run(out, "npy")  # every row matches the record: fxstore's rows under a foreign header, rewritten
     assert_identical(out, "npy", reference)
 
 
@@ -386,17 +432,52 @@ def _header_edits():
 def test_an_npy_file_whose_header_was_damaged_is_recomputed_by_the_same_command(tmp_path, reference, how, edit,
                                                                               overwrite):
     out = finished(tmp_path, "npy", reference)
-    path = out / "fc.npy"
-    data = path.read_bytes()
-    offset = 10 + int.from_bytes(data[8:10], "little")
-    header = edit(data[:offset])
-    assert len(header) == offset and header != data[:offset]
-    path.write_bytes(header + data[offset:])
+    _edit_header(out / "fc.npy", edit)
     with pytest.raises(OutputError, match=r"fc.npy: its header does not say \(24, 10\) float32.*\n"
                                           "Hint: run the same extraction again"):
         load_features(out)
     run(out, "npy", overwrite=overwrite)  # recognised from its record (name, size, row checksums)
     assert_identical(out, "npy", reference)
+
+
+def _edit_header(path: Path, edit) -> None:
+    data = path.read_bytes()
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    header = edit(data[:offset])
+    assert len(header) == offset and header != data[:offset]
+    path.write_bytes(header + data[offset:])
+
+
+def _lose_the_run(h: bytes) -> bytes:
+    return h.replace(b"descr", b"descs").replace(b"run=", b"rum=")
+
+
+PARTIAL_EDITS = [*_header_edits(), ("run-named-too", _lose_the_run)]
+
+
+@pytest.mark.parametrize(("how", "edit"), PARTIAL_EDITS, ids=[h for h, _ in PARTIAL_EDITS])
+def test_a_partial_npy_file_whose_header_was_damaged_is_recomputed_by_the_same_command(tmp_path, reference, how,
+                                                                                     edit):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path, "npy", data=FailsAt(N, bad=19))  # shards 0 and 1 done, the files still .partial
+    _edit_header(tmp_path / ".fc.npy.partial", edit)
+    run(tmp_path, "npy")  # recognised from its size and the run its comment names, or the rows its markers record
+    assert_identical(tmp_path, "npy", reference)
+
+
+def test_a_damaged_partial_npy_file_of_a_run_that_finished_no_shard_is_refused_untouched_a_documented_limit(
+        tmp_path, reference):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(tmp_path, "npy", data=FailsAt(N, bad=3))  # no shard done: no marker records any of its rows
+    _edit_header(tmp_path / ".fc.npy.partial", _lose_the_run)
+    before = snapshot(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=r"did not write \(\.fc\.npy\.partial"):
+            run(tmp_path, "npy", overwrite=overwrite)
+        assert snapshot(tmp_path) == before
+    (tmp_path / ".fc.npy.partial").unlink()  # what the message asks for
+    run(tmp_path, "npy")
+    assert_identical(tmp_path, "npy", reference)
 
 
 def test_a_safetensors_header_with_wrong_data_offsets_is_refused_then_repaired(tmp_path, reference):
@@ -556,20 +637,20 @@ def test_many_bad_files_are_listed_with_a_count(tmp_path):
 # -- remaining limits, measured ------------------------------------------------------------------------------
 
 
-def test_a_one_shard_npy_file_damaged_in_every_row_is_refused_as_someones_a_documented_limit(tmp_path):
+def test_a_one_shard_npy_file_damaged_in_every_row_is_recomputed_by_the_same_command(tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
     run(out, "npy", data=Images(8))  # one shard
     run(clean, "npy", data=Images(8))
     path = out / "fc.npy"
     _flip(path, path.stat().st_size - 1)  # its one shard fails its one checksum: every checksum
-    with pytest.raises(OutputError, match="every row fails the checksums"):
-        run(out, "npy", data=Images(8))
-    run(out, "npy", data=Images(8), overwrite=True)
+    with pytest.raises(OutputError, match="fc.npy: rows 0-7 fail their checksum"):
+        load_features(out, verify=True)
+    run(out, "npy", data=Images(8))  # its header names the run: fxstore's damaged file, not someone's
     assert shard_bytes(out) == shard_bytes(clean)
 
 
-def test_a_file_rewritten_in_place_keeping_its_size_and_time_is_not_seen_by_a_handle_a_documented_limit(tmp_path,
-                                                                                                          reference):
+def test_rows_rewritten_in_place_keeping_the_header_size_and_time_are_not_seen_by_a_handle_a_documented_limit(
+        tmp_path, reference):
     out = finished(tmp_path, "npy", reference)
     feats = load_features(out)
     path = out / "fc.npy"

@@ -323,3 +323,59 @@ def test_cli_stats_of_a_language_model_equals_the_library(tmp_path, capsys):
     assert main(["stats", f"hf:{folder}", "--layers", layer, "--data", str(tmp_path / "docs.txt"), "--pool", "avg",
                  "--out", str(tmp_path / "x.safetensors"), "-q"]) == 1
     assert "--pool" in capsys.readouterr().err
+
+
+def test_repeated_calls_build_and_compile_once_and_stay_exact(tmp_path):
+    """A model seen before is neither traced, self-checked nor compiled again (``build_cache``), and the
+    second call's statistics are those of the model's current weights (changed in place in between)."""
+    from torch._dynamo.utils import counters
+
+    from fxstore.capture import build_cache
+
+    model, data = toy_cnn().eval(), Images(13)
+    kw = dict(reduce="avg", batch_size=4, top_k=3, progress=False, compile="aot_eager")
+    fxstore.feature_statistics(model, ["relu2", "fc"], data, **kw)
+    builds, graphs = build_cache.builds, counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        model.fc.weight.mul_(-2.0)  # in place: the cached program reads the weights when it runs
+    stats = fxstore.feature_statistics(model, ["relu2", "fc"], data, **kw)
+    assert (build_cache.builds, counters["stats"]["unique_graphs"]) == (builds, graphs)
+    dense = _dense(model, ["relu2", "fc"], data, tmp_path, reduce="avg", batch_size=4)
+    for key in ("relu2", "fc"):
+        _check_moments(stats[key], dense[key])
+        values, indices = _brute_top(dense[key].astype(np.float64), 3)
+        np.testing.assert_array_equal(stats[key].top_values.numpy(), values)
+        np.testing.assert_array_equal(stats[key].top_indices.numpy(), indices)
+
+
+def test_compiled_token_rows_take_the_mask_as_an_input(tmp_path):
+    """Token rows reduced inside the compiled step (the padding mask an input): batches padded differently
+    give the rows ``extract_dataset`` writes, and a second call compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    folder = save("gpt2", tmp_path / "gpt2")
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(folder)
+    docs, layer = corpus(11), BLOCKS["gpt2"].format(1)
+    kw = dict(tokenizer=tok, batch_size=4, top_k=2, progress=False)
+    first = fxstore.feature_statistics(model, [layer], docs, compile="aot_eager", **kw)[layer]
+    graphs = counters["stats"]["unique_graphs"]
+    again = fxstore.feature_statistics(model, [layer], docs, compile="aot_eager", **kw)[layer]
+    assert counters["stats"]["unique_graphs"] == graphs
+    dense = _dense(model, [layer], docs, tmp_path, tokenizer=tok, batch_size=4)[layer]
+    for s in (first, again):
+        _check_moments(s, dense)
+        values, _ = _brute_top(dense.astype(np.float64), 2)
+        np.testing.assert_array_equal(s.top_values.numpy(), values)
+
+
+def test_a_step_built_before_takes_rows_of_another_width(tmp_path):
+    """The cached, compiled step on data whose rows are wider (``reduce="flatten"`` of larger images): the
+    accumulators follow the data, the moments equal numpy's."""
+    model = toy_cnn().eval()
+    kw = dict(reduce="flatten", batch_size=4)
+    fxstore.feature_statistics(model, ["relu2"], Images(9, size=16), compile="aot_eager", progress=False, **kw)
+    wide = Images(9, size=24)
+    s = fxstore.feature_statistics(model, ["relu2"], wide, compile="aot_eager", progress=False, **kw)["relu2"]
+    assert s.mean.shape == (2304,)
+    _check_moments(s, _dense(model, ["relu2"], wide, tmp_path, **kw)["relu2"])

@@ -48,7 +48,7 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         for part in _plain(_values(model, name, tensor).detach()):
             data = part.to("cpu").contiguous().reshape(-1)
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")
     return "sha256:" + digest.hexdigest()
 
 

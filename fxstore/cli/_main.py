@@ -1,4 +1,4 @@
-"""The ``fxstore`` command: list a model's nodes, extract a dataset's features, show a result.
+"""The ``fxstore`` command: list a model's nodes, extract a dataset's features, generate text, show a result.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     fxstore verify feats/
     fxstore export resnet50 --layers layer3 layer4 --pool avg --format onnx --out feats.onnx
     fxstore draw resnet50 --layers layer3 layer4 --depth 1 --out graph.svg
+    fxstore generate hf:gpt2-dir --prompt "the cat" --max-new-tokens 20 --add transformer.h.6=happy.pt:4
 
 Errors in the arguments or the inputs print one line (``fxstore extract: error: ...``)
 and exit with status 2 (usage) or 1 (anything else fxstore refuses).
@@ -28,7 +29,7 @@ from typing import Any, NoReturn
 
 from ..dataset import FORMATS
 from ..errors import FxStoreError
-from . import _draw_cmd, _export_cmd, _stats_cmd
+from . import _draw_cmd, _export_cmd, _generate_cmd, _stats_cmd
 from ._node_table import format_table, node_rows
 from .hints import flag_hint
 
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     _export_cmd.add_parser(commands, model_help, _POOLS, _DTYPES, _positive)
     _draw_cmd.add_parser(commands, model_help, _positive, _natural)
     _stats_cmd.add_parsers(commands, model_help, _POOLS, _DTYPES, _positive, _natural)
+    _generate_cmd.add_parser(commands, _positive, _natural)
 
     info = commands.add_parser("info", help="show the manifest of an output folder and whether it verifies, "
                                             "or an exported artifact's metadata")

@@ -218,7 +218,6 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
         return {"shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch."), **kind}
 
     inner = _plain(model)
-    seqs = plan.sequences
     return {
         "format": o.format,
         "model": {"name": o.model_name or type(inner).__name__, "fingerprint": manifest.model_fingerprint(inner)},
@@ -228,17 +227,23 @@ def _identity(model: nn.Module, tokenizer: Any, specs: list[ArraySpec], plan: Te
         "shard_size": o.shard_size,
         "batch_size": o.batch_size,
         "data": o.data_name,
-        "text": {
-            "tokenizer": {"name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-                          "fingerprint": tokenizer_fingerprint(tokenizer),
-                          "padding_side": "left" if plan.left else "right", "pad_token_id": plan.pad_id},
-            "rows": "one per token: " + ", ".join(TOKEN_COLUMNS) + " and the layers",
-            "num_sequences": len(seqs), "num_tokens": int(len(seqs.ids)), "dropped_tokens": seqs.dropped,
-            "tokens": _tokens_digest(seqs.ids, seqs.offsets),
-            "max_length": None if text.context_length else text.max_length,
-            "context_length": text.context_length, "skip_special": text.skip_special,
-            "shuffle": text.shuffle, "pad_to": text.pad_to,
-        },
+        "text": text_identity(tokenizer, plan, text),
+    }
+
+
+def text_identity(tokenizer: Any, plan: TextPlan, text: TextOptions) -> dict[str, Any]:
+    """The text part of a token run's identity: tokenizer, token digest and options (no model fingerprint)."""
+    seqs = plan.sequences
+    return {
+        "tokenizer": {"name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+                      "fingerprint": tokenizer_fingerprint(tokenizer),
+                      "padding_side": "left" if plan.left else "right", "pad_token_id": plan.pad_id},
+        "rows": "one per token: " + ", ".join(TOKEN_COLUMNS) + " and the layers",
+        "num_sequences": len(seqs), "num_tokens": int(len(seqs.ids)), "dropped_tokens": seqs.dropped,
+        "tokens": _tokens_digest(seqs.ids, seqs.offsets),
+        "max_length": None if text.context_length else text.max_length,
+        "context_length": text.context_length, "skip_special": text.skip_special,
+        "shuffle": text.shuffle, "pad_to": text.pad_to,
     }
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from ._batches import Batch, Plan, batch_size_of, make_plan, pick, refuse_text
 from ._compute import _hash_inputs, inputs_digest, to_device
 from ._distributed import Ranks, join
-from ._text import TextOptions, _check, _identity, _max_length, _plan, model_inputs
+from ._text import TextOptions, _check, _max_length, _plan, model_inputs, text_identity
 from ._text_batches import TextBatch, TextPlan
 
 __all__ = ["to_device", "Batch", "Plan", "make_plan", "pick", "batch_size_of", "refuse_text", "Ranks", "join", "TextOptions",
@@ -47,7 +47,7 @@ def token_plan(model: nn.Module, data: Any, tokenizer: Any, text: TextOptions, *
     text = TextOptions(text.text_field, _max_length(model, tokenizer, text), text.context_length, text.shuffle,
                        text.skip_special, text.pad_to)
     plan = _plan(data, tokenizer, text.max_length, text, o)
-    return plan, _identity(model, tokenizer, [], plan, text, o)["text"]
+    return plan, text_identity(tokenizer, plan, text)
 
 
 def _input_options(input_key: int | str | None, batch_size: int = 1, collate_fn: Any = None) -> Any:

@@ -6,8 +6,9 @@ Eagerly the model runs with Hugging Face's dynamic cache. After ``ex.compile(...
 compiled programs with a static KV cache: one for the prompt (dynamic length) and one for the
 decode step, ``fullgraph=True`` by default; every value that changes between calls (edit tensors,
 position masks, the step's column, the feature buffers, the cache) is a buffer or an input, so
-new values never compile again. What was built (shadow, sites, programs, cache) is kept per
-extractor and reused while the model's parameters and modes stay the same.
+new values never compile again. What was built (shadow, sites, feature buffers, programs, static
+cache) is kept per extractor and reused while ``fxstore.capture.model_state`` of the model (its
+module and parameter objects, dtypes, devices, modes) and the extractor's edits stay the same.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 
 from .._workflows import register
-from ..capture import adapter_layers, adapter_state, fresh
-from ..errors import ConfigError, EditError
+from ..capture import adapter_layers, adapter_state, fresh, model_state
+from ..errors import ConfigError, EditError, FxStoreError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
 from ._sites import Clock, Site, language_model, module_paths, refuse_dispatched, shadow_with_sites, sites_under
@@ -51,6 +52,7 @@ class _State:
     options: dict[str, Any] | None = None
     cache: Any = None
     cache_batch: int = 0
+    cache_len: int = 0
     consumed: int = 0
 
 
@@ -200,9 +202,9 @@ def _max_new_tokens(model: nn.Module, prompt: int, kwargs: dict[str, Any]) -> in
 
 
 def _identity(extractor: Any, model: nn.Module) -> tuple[Any, ...]:
-    modules = tuple((id(m), m.training) for m in model.modules())
-    adapters = adapter_state(adapter_layers(model))  # compiled programs bake PEFT's adapter state in
-    return modules, tuple(id(p) for p in model.parameters()), tuple(id(e) for e in extractor.edits.values()), adapters
+    """What the built state depends on: the model's objects, modes, dtypes and devices, the edit objects,
+    and PEFT's adapter state (compiled programs bake it in)."""
+    return model_state(model), tuple(id(e) for e in extractor.edits.values()), adapter_state(adapter_layers(model))
 
 
 def _state(extractor: Any, request: Any, model: nn.Module, prefix: str) -> _State:
@@ -342,20 +344,22 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
         state.programs = {True: torch.compile(fresh(_call), **prefill), False: torch.compile(call, **options)}
         state.options = dict(options)
     cache = state.cache
-    if cache is None or getattr(cache, "max_cache_len", None) != capacity or state.cache_batch != batch:
+    if cache is None or state.cache_len != capacity or state.cache_batch != batch:
         state.clock.start.zero_()  # the warm-up step writes column 0, whatever the last call left
         try:
             cache = transformers.StaticCache(config=state.root.config, max_cache_len=capacity)
             with torch.no_grad():  # the cache's tensors are made eagerly, outside the programs
                 type(state.root).forward(state.root, input_ids=input_ids[:, :1], attention_mask=attention_mask[:, :1],
                                          cache=cache, use_cache=True)
+        except FxStoreError:  # a bad edit (e.g. a vector of another width) says so itself
+            raise
         except Exception as e:  # the model's own code raises anything for a cache it does not support
             raise ConfigError(
                 f"generation: {type(model).__name__} does not run with a static KV cache, which compiled generation "
                 f"needs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\nHint: generate eagerly "
                 "(an extractor without .compile())."
             ) from e
-        state.cache, state.cache_batch = cache, batch
+        state.cache, state.cache_batch, state.cache_len = cache, batch, capacity
 
 
 def _call(forward: Any, *args: Any, **kwargs: Any) -> Any:

@@ -53,11 +53,12 @@ def feature_statistics(
 
     Rows: an image model's feature ``[N, D]`` gives N rows (``reduce="avg"`` pools ``[N, C, H, W]``
     to ``[N, C]``); a language model (``tokenizer=``) gives one row per real token, padding excluded,
-    exactly the rows ``extract_dataset(..., tokenizer=...)`` stores. For image rows the graph itself
-    returns each batch's partial sums (count, sum, ``x.T @ x``, firing counts, per-unit top-k), in
-    float64; token rows are reduced on the device right after the graph (the padding mask is not a
-    graph input). Batches are merged in float64 on the device; under ``torchrun`` every rank computes
-    its share of the shards and the ranks' accumulators are merged at the end.
+    exactly the rows ``extract_dataset(..., tokenizer=...)`` stores. Each batch is added in place, on
+    the device, to float64 accumulators (sum, ``x.T @ x``, firing counts) and per-unit top-k lists,
+    right after the extractor's graph (compiled: in the same graph, the padding mask an input); under
+    ``torchrun`` every rank computes its share of the shards and the ranks' accumulators are merged
+    at the end. What a call builds (the extractor, its self-check, the compiled step) is kept in
+    ``fxstore.capture.build_cache``: a second call on the same model only runs its batches.
 
     Args:
         model: The model (left as it is: its modes come back, and it is moved only for the run).
@@ -77,7 +78,7 @@ def feature_statistics(
         input_key: Field of the batch passed to the model (as in ``extract_dataset``).
         shard_size: Samples (text: token rows) per shard: the unit of checkpointing and of sharing work
             between ranks (default 1024, text 16384).
-        compile: Run the extractor (and the token reduction) through ``torch.compile`` (``True``: inductor;
+        compile: Run the extractor and the reduction as one ``torch.compile``'d step (``True``: inductor;
             a string names the backend, e.g. ``"aot_eager"``).
         checkpoint: A file to save progress to after every shard; the same call again resumes from it
             (another model, data, layers or options are refused), and a finished run is read back.

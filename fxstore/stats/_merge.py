@@ -90,8 +90,11 @@ def finalize(key: str, acc: Accumulator, identity: dict[str, Any], positions: bo
     mean = t["total"] / n
     cov = None
     if "outer" in t:
-        cov = (t["outer"] - n * torch.outer(mean, mean)) / (n - 1) if n > 1 else torch.full_like(t["outer"], torch.nan)
-        cov = (cov + cov.T) / 2  # exactly symmetric, like numpy.cov
+        if n > 1:  # in place: a [D, D] float64 temporary costs more than the arithmetic
+            cov = t["outer"].clone().addr_(mean, mean, alpha=-n).div_(n - 1)
+            cov = cov.add_(cov.T.contiguous()).mul_(0.5)  # exactly symmetric, like numpy.cov
+        else:
+            cov = torch.full_like(t["outer"], torch.nan)
     k = min(acc.top_k, n)
     d = mean.shape[0]
     empty_values, empty_index = torch.zeros(d, 0, dtype=torch.float64), torch.zeros(d, 0, dtype=torch.int64)

@@ -1,60 +1,51 @@
-"""Per-batch partial statistics (computed on the device, inside the graph for image rows) and their merge.
+"""The per-batch reduction (in place, into float64 accumulators on the device) and the merge of top-k lists.
 
-A batch of rows ``x [N, D]`` gives, in float64: the row count, the sum ``[D]``, the sum of outer
-products ``x.T @ x [D, D]`` (one matmul), how many rows fire (``> 0``) per unit, and per unit the
-``k`` largest values with their rows (a stable descending sort: ties go to the lower row). Sums
-add; top-k lists merge by value, then by the lower key. The accumulators stay on the device;
-only the final statistics leave it.
+A batch of rows ``x [N, D]`` (only the rows where ``keep [N]`` holds, for tokens) is added in place
+to its layer's float64 sums: the row sum ``[D]``, how many rows fire (``> 0``) per unit, and the sum
+of outer products with one ``addmm_`` (``outer += x.T @ x``: no ``[D, D]`` temporary per batch).
+Per unit, the batch's ``k`` largest values and their rows come back (a stable descending sort: ties
+go to the lower row); the lists merge by value, then by the lower key. The accumulators stay on
+the device; only the final statistics leave it.
 
-For image rows the packed partials are the extractor's ``transform``: the graph itself returns
-them, so compile fuses the reduction with the model, and the dense rows never leave the graph::
-
-    def forward(self, x):
-        ...
-        avgpool = self.avgpool(layer4)
-        flatten = torch.flatten(avgpool, 1)
-        detach = flatten.detach()
-        partials = fxstore_stats_partials(detach)   # [count, D, sum, outer, fired, top values, top rows]
-        return {'flatten': partials}
+:func:`accumulate` runs right after the extractor's graph, in the same step: the run compiles the
+extractor and the reduction as one function (``compile=``), with the accumulators and the padding
+mask as inputs, so the dense rows never leave the compiled graph.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from ..errors import ConfigError
 
-__all__ = ["Partials", "batch_partials", "pack", "unpack", "Accumulator", "PAD_KEY"]
+__all__ = ["accumulate", "image_rows", "token_rows", "Accumulator", "PAD_KEY", "SUMS"]
 
 PAD_KEY = torch.iinfo(torch.int64).max
 """The key of a top-k slot that holds no row (a batch with fewer rows than ``k``, or a masked token)."""
 
-
-@dataclasses.dataclass
-class Partials:
-    """One batch's partial statistics (float64, on the batch's device); ``top_rows`` are batch-local rows."""
-
-    count: torch.Tensor  # () float64
-    total: torch.Tensor  # [D]
-    outer: torch.Tensor | None  # [D, D]
-    fired: torch.Tensor  # [D]
-    top_values: torch.Tensor  # [k, D]
-    top_rows: torch.Tensor  # [k, D] int64, -1 where empty
+SUMS = ("total", "fired", "outer")
+"""The accumulators a batch is added to in place (``outer`` only with moments)."""
 
 
-def batch_partials(x: torch.Tensor, keep: torch.Tensor | None, top_k: int, moments: bool) -> Partials:
-    """The partial statistics of the rows ``x [N, D]`` (only the rows where ``keep [N]`` holds, if given)."""
+def accumulate(sums: dict[str, torch.Tensor], x: torch.Tensor, keep: torch.Tensor | None, top_k: int,
+               moments: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the rows ``x [N, D]`` (those where ``keep [N]`` holds, if given) to ``sums`` in place.
+
+    ``sums`` holds ``total [D]``, ``fired [D]`` and, with ``moments``, ``outer [D, D]`` (float64);
+    an empty ``sums`` is filled with zeros first. Returns the batch's top-k: values ``[top_k, D]``
+    (``-inf`` in empty slots) and batch-local rows ``[top_k, D]`` (``-1`` in empty slots).
+    """
     x = x.to(torch.float64)
-    if keep is None:
-        count = torch.full((), x.shape[0], dtype=torch.float64, device=x.device)
-        kept, positive = x, x > 0
-    else:
-        column = keep[:, None]
-        count = keep.sum().to(torch.float64)
-        kept, positive = torch.where(column, x, 0.0), (x > 0) & column
-    outer = kept.T @ kept if moments else None
+    kept = x if keep is None else torch.where(keep[:, None], x, 0.0)
+    if not sums:  # the first batch of a run: the accumulators, on the rows' device
+        d = x.shape[1]
+        sums["total"], sums["fired"] = x.new_zeros(d), x.new_zeros(d)
+        if moments:
+            sums["outer"] = x.new_zeros(d, d)
+    sums["total"].add_(kept.sum(0))
+    sums["fired"].add_((kept > 0).sum(0))  # a masked row is 0 here: it does not fire
+    if moments:
+        sums["outer"].addmm_(kept.T, kept)
     k = min(top_k, x.shape[0])
     if k:
         ranked = x if keep is None else torch.where(keep[:, None], x, float("-inf"))
@@ -68,43 +59,44 @@ def batch_partials(x: torch.Tensor, keep: torch.Tensor | None, top_k: int, momen
         pad = top_k - k
         values = torch.cat([values, values.new_full((pad, x.shape[1]), float("-inf"))])
         rows = torch.cat([rows, rows.new_full((pad, x.shape[1]), -1)])
-    return Partials(count, kept.sum(0), outer, positive.sum(0).to(torch.float64), values, rows)
+    return values, rows
 
 
-def pack(x: torch.Tensor, top_k: int, moments: bool) -> torch.Tensor:
-    """The partials of image rows ``[N, D]`` as one flat float64 tensor (what the graph returns).
+def image_rows(key: str, x: torch.Tensor) -> torch.Tensor:
+    """An image layer's feature as rows ``[N, D]``.
 
     Raises:
-        ConfigError: ``x`` is not one row per sample (``[N, D]``).
+        ConfigError: ``x`` is not one row per sample.
     """
-    if x.dim() != 2:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConfigError(
-            f"a selected layer gives {tuple(x.shape)} per batch, not one row per sample [N, D].\n"
+            f"layer '{key}' gives {got} per batch, not one row per sample [N, D].\n"
             "Hint: pool feature maps with reduce='avg' (or 'max', 'flatten'), or select a [N, D] layer."
         )
-    p = batch_partials(x, None, top_k, moments)
-    head = torch.stack([p.count, torch.full_like(p.count, x.shape[1])])
-    parts = [head, p.total] + ([p.outer.reshape(-1)] if p.outer is not None else [])
-    parts += [p.fired, p.top_values.reshape(-1), p.top_rows.to(torch.float64).reshape(-1)]
-    return torch.cat(parts)
+    return x
 
 
-def unpack(flat: torch.Tensor, top_k: int, moments: bool) -> Partials:
-    """The :class:`Partials` of a tensor made by :func:`pack`."""
-    d = int(flat[1])
-    sizes = [1, 1, d] + ([d * d] if moments else []) + [d, top_k * d, top_k * d]
-    pieces = list(torch.split(flat, sizes))
-    count, _, total = pieces[:3]
-    outer = pieces[3].reshape(d, d) if moments else None
-    fired, values, rows = pieces[-3:]
-    return Partials(count[0], total, outer, fired, values.reshape(top_k, d), rows.reshape(top_k, d).to(torch.int64))
+def token_rows(key: str, value: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A language model layer's feature ``[B, T, D]`` as rows ``[B * T, D]``.
+
+    Raises:
+        ConfigError: the feature is not one vector per token.
+    """
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or tuple(value.shape[:2]) != tuple(shape):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(
+            f"layer '{key}' gives {got}, not one vector per token ({tuple(shape)} + (D,)).\n"
+            "Hint: select layers whose output is (batch, sequence, D): blocks, attention or MLP outputs.")
+    return value.reshape(shape[0] * shape[1], value.shape[2])
 
 
 class Accumulator:
     """The running statistics of one layer: float64 sums and the merged top-k lists, on one device.
 
-    A top-k slot has a key (the global row: sample index for images, token row for text; ties
-    go to the lower key), the sample it came from and, for tokens, its position.
+    ``tensors`` holds the sums (:data:`SUMS`, added to in place by :func:`accumulate`) and the
+    top-k lists. A top-k slot has a key (the global row: sample index for images, token row for
+    text; ties go to the lower key), the sample it came from and, for tokens, its position.
     """
 
     def __init__(self, top_k: int, moments: bool) -> None:
@@ -112,25 +104,26 @@ class Accumulator:
         self.count = 0
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def add(self, p: Partials, key: torch.Tensor, sample: torch.Tensor, position: torch.Tensor | None) -> None:
-        """Merge one batch: ``key``/``sample``/``position`` map its batch-local rows (``[N]``) to global ones."""
-        self.count += int(p.count)
-        new = {"total": p.total, "fired": p.fired}
-        if p.outer is not None:
-            new["outer"] = p.outer
-        if not self.tensors:
-            self.tensors = {k: v.clone() for k, v in new.items()}
-        else:
-            for k, v in new.items():
-                self.tensors[k] += v
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The sums :func:`accumulate` adds to (the same tensors; empty before the first batch)."""
+        return {k: self.tensors[k] for k in SUMS if k in self.tensors}
+
+    def add(self, count: int, sums: dict[str, torch.Tensor], top: tuple[torch.Tensor, torch.Tensor],
+            key: torch.Tensor, sample: torch.Tensor, position: torch.Tensor | None) -> None:
+        """Record one batch of ``count`` rows whose sums are in ``sums`` (already added to by
+        :func:`accumulate`) and merge its top-k ``(values, batch-local rows)``: ``key``/``sample``/
+        ``position`` map its batch-local rows (``[N]``) to global ones."""
+        self.count += count
+        self.tensors.update(sums)
         if self.top_k:
-            empty = p.top_rows < 0
-            rows = p.top_rows.clamp(min=0)
-            top = {"top_values": p.top_values, "top_keys": torch.where(empty, PAD_KEY, key[rows]),
+            values, batch_rows = top
+            empty = batch_rows < 0
+            rows = batch_rows.clamp(min=0)
+            new = {"top_values": values, "top_keys": torch.where(empty, PAD_KEY, key[rows]),
                    "top_samples": torch.where(empty, -1, sample[rows])}
             if position is not None:
-                top["top_positions"] = torch.where(empty, -1, position[rows])
-            self.merge_top(top)
+                new["top_positions"] = torch.where(empty, -1, position[rows])
+            self.merge_top(new)
 
     def merge_top(self, top: dict[str, torch.Tensor]) -> None:
         """Merge top-k lists ``{top_values, top_keys, top_samples[, top_positions]}`` into this one."""
@@ -149,7 +142,7 @@ class Accumulator:
             self.count, self.tensors = other.count, dict(other.tensors)
             return
         self.count += other.count
-        for k in ("total", "fired", "outer"):
+        for k in SUMS:
             if k in self.tensors:
                 self.tensors[k] = self.tensors[k] + other.tensors[k].to(self.tensors[k].device)
         if self.top_k:

@@ -1,25 +1,23 @@
 """``feature_statistics``: one pass over a dataset that keeps only per-layer accumulators.
 
 The data is read exactly as :func:`~fxstore.extract_dataset` reads it (``fxstore.dataset.batches``:
-the same shards and batches, the same token batches, the same ranks and model placement). Image
-rows are reduced inside the graph (the extractor's ``transform`` pools and returns the batch's
-partial sums); token rows, whose padding mask is not a graph input, are reduced on the device right
-after the graph. The float64 accumulators stay on the device; ranks merge them at the end.
+the same shards and batches, the same token batches, the same ranks and model placement). Each batch
+runs the step of :mod:`._step` (the extractor, then the in-place float64 reduction of
+:mod:`._partials`); the accumulators stay on the device; ranks merge them at the end.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..capture import FeatureExtractor, model_fingerprint, parse_dtype
-from ..dataset import REDUCTIONS
+from ..capture import model_fingerprint
 from ..dataset.batches import (
     Ranks,
     batch_size_of,
@@ -33,12 +31,13 @@ from ..dataset.batches import (
 )
 from ..dataset.batches import to_device as batch_to_device
 from ..dataset.run import placed
-from ..errors import ConfigError, OutputError
+from ..errors import OutputError
 from ._checkpoint import Checkpoint, to_device
 from ._merge import finalize, merge_ranks
-from ._options import Options, check, layer_labels, reduction_groups
-from ._partials import Accumulator, batch_partials, pack, unpack
+from ._options import Options, check, layer_labels
+from ._partials import Accumulator
 from ._result import FeatureStatistics
+from ._step import image_step, token_step
 
 __all__ = ["run_statistics"]
 
@@ -56,26 +55,11 @@ def run_statistics(model: nn.Module, layers: Any, data: Any, o: Options) -> dict
         ranks.close()
 
 
-def _partials_transform(reduce: Callable[[torch.Tensor], torch.Tensor] | None, dtype: torch.dtype | None,
-                        top_k: int, moments: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fxstore_stats_partials(x: torch.Tensor) -> torch.Tensor:
-        if reduce is not None:
-            x = reduce(x)
-        if dtype is not None:
-            x = x.to(dtype)
-        return pack(x, top_k, moments)
-
-    return fxstore_stats_partials
-
-
 def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks: Ranks,
             o: Options) -> dict[str, FeatureStatistics]:
     plan, first = make_plan(data, o.shard_size, o.collate_fn)
     x0, _ = pick(first, o.input_key, False)
-    runners = [_compiled(FeatureExtractor(model, group, keep_output=False, detach=True,
-                                          transform=_partials_transform(REDUCTIONS[name], parse_dtype(o.dtype),
-                                                                        o.top_k, o.moments)), o)
-               for name, group in reduction_groups(layers, o.reduce)]
+    step = image_step(model, layers, o)
     data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_samples,
                      "first_batch": _digest(x0)}
     identity = _identity(model, layers, data_identity, o)
@@ -100,15 +84,17 @@ def _images(model: nn.Module, layers: Any, data: Any, device: torch.device, rank
                 hash_inputs(hashers.setdefault(batch.shard, hashlib.sha256()), batch.data, o.input_key)
             x, _ = pick(batch.data, o.input_key, False)
             x = batch_to_device(x, device)
-            features = _features(runners, x)
-            rows = torch.arange(batch.start, batch.start + batch_size_of(x), device=device)
-            for key, flat in features.items():
+            count = batch_size_of(x)
+            sums = {key: acc.sums() for key, acc in accumulators.items()}
+            tops = step(x, sums=sums)
+            rows = torch.arange(batch.start, batch.start + count, device=device)
+            for key, top in tops.items():
                 accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
-                    unpack(flat, o.top_k, o.moments), rows, rows, None)
+                    count, sums[key], top, rows, rows, None)
             if batch.last:
                 hasher = hashers.pop(batch.shard, None)
                 state.save(batch.shard, accumulators, None if hasher is None else f"sha256:{hasher.hexdigest()}")
-            bar.update(len(rows))
+            bar.update(count)
     return _result(accumulators, identity, ranks, device, o, positions=False)
 
 
@@ -130,26 +116,12 @@ def _check_kept_inputs(plan: Any, state: Checkpoint, o: Options) -> None:
                 "Hint: pass the same data to resume, or another checkpoint= path to start over.")
 
 
-def _features(runners: list[Any], x: Any) -> dict[str, torch.Tensor]:
-    """Every extractor's features of one batch (one extractor per reduction group)."""
-    features: dict[str, torch.Tensor] = {}
-    for runner in runners:
-        _, f = runner(**x) if isinstance(x, Mapping) else runner(x)
-        clash = set(f) & set(features)
-        if clash:
-            raise ConfigError(f"layer '{sorted(clash)[0]}' is selected with two reductions.\n"
-                              "Hint: select each layer once, or give the second one an alias with a dict "
-                              "{layer: alias}.")
-        features.update(f)
-    return features
-
-
 def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks: Ranks,
           o: Options) -> dict[str, FeatureStatistics]:
     plan, text_identity = token_plan(model, data, o.tokenizer, o.text, batch_size=o.batch_size,
                                      shard_size=o.shard_size)
-    ex = FeatureExtractor(model, layers, keep_output=False, detach=True, dtype=o.dtype)
-    runner, reduce = _compiled(ex, o), _compiled(batch_partials, o)
+    step = token_step(model, layers, o)
+    ex = step.extractors[0]
     data_identity = {"name": o.data_name or type(data).__name__, "num_samples": plan.num_rows, "text": text_identity}
     identity = _identity(ex.wrapped_model, layers, data_identity, o)
     state = Checkpoint(o.checkpoint, identity, ranks, o.top_k, o.moments)
@@ -160,47 +132,20 @@ def _text(model: nn.Module, layers: Any, data: Any, device: torch.device, ranks:
     with _bar(total, "tok", o, ranks) as bar, torch.inference_mode():
         for shard in mine:
             for batch in plan.batches(shard):
-                _, features = runner(**model_inputs(ex, batch, device))
-                keep = batch.keep.to(device).reshape(-1)
-                rows = batch.start + torch.cumsum(keep, 0) - 1
+                keep = batch.keep.to(device, non_blocking=True)
+                sums = {key: acc.sums() for key, acc in accumulators.items()}
+                tops = step(model_inputs(ex, batch, device), keep, sums=sums)
+                count = int(batch.keep.sum())  # on the host: no wait for the device
+                flat = keep.reshape(-1)
+                rows = batch.start + torch.cumsum(flat, 0) - 1
                 sample = batch.sequence.to(device)[:, None].expand(batch.keep.shape).reshape(-1)
                 position = batch.inputs["position_ids"].to(device).reshape(-1)
-                for key, value in features.items():
-                    flat = _token_rows(key, value, tuple(batch.keep.shape))
+                for key, top in tops.items():
                     accumulators.setdefault(key, Accumulator(o.top_k, o.moments)).add(
-                        reduce(flat, keep, o.top_k, o.moments), rows, sample, position)
+                        count, sums[key], top, rows, sample, position)
                 bar.update(batch.count)
             state.save(shard, accumulators)
     return _result(accumulators, identity, ranks, device, o, positions=True)
-
-
-def _compiled(fn: Any, o: Options) -> Any:
-    """``fn`` through ``torch.compile`` when asked (``compile=True``: inductor; a string: that backend).
-
-    The first call runs eagerly: an extractor captures its program then (a Hugging Face model is
-    exported from its first inputs), and that capture is not something to compile.
-    """
-    if not o.compile:
-        return fn
-    backend = o.compile if isinstance(o.compile, str) else "inductor"
-    state: dict[str, Any] = {}
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if "compiled" not in state:
-            state["compiled"] = torch.compile(fn, backend=backend)
-            return fn(*args, **kwargs)
-        return state["compiled"](*args, **kwargs)
-
-    return run
-
-
-def _token_rows(key: str, value: Any, shape: tuple[int, int]) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.dim() != 3 or tuple(value.shape[:2]) != shape:
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ConfigError(
-            f"layer '{key}' gives {got}, not one vector per token ({shape} + (D,)).\n"
-            "Hint: select layers whose output is (batch, sequence, D): blocks, attention or MLP outputs.")
-    return value.reshape(shape[0] * shape[1], value.shape[2])
 
 
 def _result(accumulators: dict[str, Accumulator], identity: dict[str, Any], ranks: Ranks, device: torch.device,

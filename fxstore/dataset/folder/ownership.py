@@ -163,8 +163,9 @@ def survey(out: Path, expected: dict[str, Any] | None = None) -> Folder:
     identities = [*claimed, *([expected] if expected is not None else [])]
     digests = {identity_digest(i) for i in identities} | ({staged} if staged else set())
     running = (folder.record is not None or staged) and PROGRESS in entries  # a run's markers name its shards
-    claims = formats.Claims(digests, formats.listed(folder.manifest or folder.kept, list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []),
-                            claimed, tuple(c for c in (folder.manifest, folder.kept) if c is not None))
+    markers = list(read_markers(entries[PROGRESS], str.isdigit, follow_link=False).values()) if running else []
+    claims = formats.Claims(digests, formats.listed(folder.manifest or folder.kept, markers), claimed,
+                            tuple(c for c in (folder.manifest, folder.kept) if c is not None), tuple(markers))
 
     def data_file(name: str, path: Path) -> bool:
         return formats.recognise(name, path, claims)

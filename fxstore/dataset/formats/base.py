@@ -56,6 +56,9 @@ class Claims:
     identities: list[dict[str, Any]]
     finished: tuple[dict[str, Any], ...] = ()
     """The finished claims (the manifest, its kept copy): their sizes and checksums recognise a damaged file."""
+    markers: tuple[dict[str, Any], ...] = ()
+    """The progress markers of the run a record claims (rows and checksums): they recognise a damaged
+    ``.partial`` file of an unfinished run."""
 
 
 def arrays_of(record: dict[str, Any]) -> dict[str, Any]:

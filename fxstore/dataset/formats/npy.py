@@ -2,7 +2,9 @@
 
 Each file is created under a hidden ``.partial`` name with every block allocated up front
 (``posix_fallocate``: a full disk is an error before the run, never a ``SIGBUS`` while writing
-through the memory map), filled row by row, and given its final name at the end.
+through the memory map), filled row by row, and given its final name at the end. Its header is
+numpy's plus a comment naming the run's generation (``_npy_header``): written ``unfinished`` first,
+the digest of the finished run's row ranges and inputs just before the rename; every reader checks it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 from numpy.lib.format import open_memmap
 
 from ...errors import ConfigError
-from ..folder.checksums import ALGORITHM, digest_bytes, digest_file, is_digest
+from ..folder.checksums import ALGORITHM, digest_bytes, digest_file, identity_digest, is_digest
 from ..folder.files import plain_stat
 from ..folder.names import array_file, is_array_file, partial_base, partial_name, plain_name
+from ._npy_header import npy_header, npy_layout, raw_run, rows_digest, run_tag, write_inputs
 from .base import ArraySpec, Claims, Sink, arrays_of, check_file
 
 __all__ = ["NpySink", "npy_layout"]
@@ -29,7 +32,7 @@ class NpySink(Sink):
 
     name = "npy"
     sharded = False
-    self_describing = False  # a .npy header holds shape, dtype and order, nothing else
+    self_describing = False  # a .npy header names its run's generation (digests), not the manifest itself
 
     def __init__(self, out: Path, specs: list[ArraySpec], num_samples: int | None, identity: str | None = None) -> None:
         super().__init__(out, specs, num_samples, identity)
@@ -51,6 +54,7 @@ class NpySink(Sink):
                 "Hint: give the layers distinct aliases with a dict {layer: alias}."
             )
         self._maps: dict[str, np.memmap] = {}
+        self._run = identity if identity is not None else identity_digest({})  # what each file's header names
 
     @property
     def files(self) -> list[str]:
@@ -88,18 +92,21 @@ class NpySink(Sink):
 
     @classmethod
     def verify(cls, root: Path, manifest: dict[str, Any], checksums: bool) -> list[str]:
-        problems, n = [], manifest["num_samples"]
+        problems = []
         for key, entry in arrays_of(manifest).items():
             name, path = entry["file"], root / entry["file"]
             problem = check_file(path, name, entry["bytes"], None)
-            layout = npy_layout(path) if problem is None else None
-            expected = ((n, *entry["shape"]), np.dtype(entry["dtype"]))
+            offset = 0
+            if problem is None:
+                try:
+                    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                        problem, offset = _header_problem(f, name, entry, manifest)
+                except OSError as e:  # removed or replaced since its lstat
+                    problem = f"{name}: not readable ({e.strerror or e})"
             row = _row_bytes(entry)
-            if problem is None and (layout is None or layout[:2] != expected or layout[2] + n * row != entry["bytes"]):
-                problem = f"{name}: its header does not say {expected[0]} {expected[1]}"
             if problem is None and checksums:
                 for shard in manifest["shards"]:
-                    problem = _rows_problem(path, name, layout[2], row, shard["start"], shard["count"],
+                    problem = _rows_problem(path, name, offset, row, shard["start"], shard["count"],
                                             shard[ALGORITHM][key])
                     if problem is not None:
                         break
@@ -118,14 +125,9 @@ class NpySink(Sink):
     @classmethod
     def check_open(cls, f: BinaryIO, name: str, manifest: dict[str, Any], k: int) -> str | None:
         """Why the open ``.npy`` file of array ``k`` (in :func:`arrays_of` order) is not what the manifest lists:
-        its header's shape, dtype and data offset against the file's size (no data read)."""
-        entry = list(arrays_of(manifest).values())[k]
-        layout = npy_layout(f)
-        expected = ((manifest["num_samples"], *entry["shape"]), np.dtype(entry["dtype"]))
-        if layout is None or layout[:2] != expected or layout[2] + manifest["num_samples"] * _row_bytes(entry) \
-                != entry["bytes"]:
-            return f"{name}: its header does not say {expected[0]} {expected[1]}"
-        return None
+        its header's shape, dtype and data offset against the file's size, and the run and inputs it names
+        (no data read)."""
+        return _header_problem(f, name, list(arrays_of(manifest).values())[k], manifest)[0]
 
     @staticmethod
     def map_open(f: BinaryIO, key: str) -> np.ndarray:
@@ -151,19 +153,20 @@ class NpySink(Sink):
         for key, entry in arrays_of(identity).items():
             dtype = np.dtype(entry["dtype"])
             shape = (n, *(int(d) for d in entry["shape"]))
-            size = _header_bytes(dtype, shape) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-            found[array_file(key)] = (shape, dtype, size)
+            head = len(npy_header(dtype, shape, identity_digest(identity)))
+            found[array_file(key)] = (shape, dtype, head + dtype.itemsize * int(np.prod(shape, dtype=np.int64)))
         return found
 
     @classmethod
     def strangers(cls, root: Path, manifest: dict[str, Any]) -> list[str]:
-        found = []
+        found, run = [], identity_digest(manifest["identity"])
         for key, entry in arrays_of(manifest).items():
             path = root / entry["file"]
             layout = npy_layout(path)
-            if (layout is not None and layout[:2] == ((manifest["num_samples"], *entry["shape"]),
-                                                      np.dtype(entry["dtype"]))
-                    and manifest["shards"] and not _rows_match(path, layout[2], entry, key, manifest)):
+            expected = ((manifest["num_samples"], *entry["shape"]), np.dtype(entry["dtype"]))
+            if (layout is not None and layout[:2] == expected and manifest["shards"]
+                    and raw_run(path) != run  # a header naming the run: fxstore's file, its rows damaged
+                    and not _rows_match(path, layout[2], entry, key, manifest)):
                 found.append(entry["file"])
         return found
 
@@ -171,9 +174,10 @@ class NpySink(Sink):
     def recognise(cls, name: str, path: Path, claims: Claims) -> bool:
         """Whether ``path`` (``X.npy`` or ``.X.npy.partial``) is a file one of the claimed run identities
         of this format writes: a regular file whose ``.npy`` header says exactly that array's shape and dtype
-        (``.npy`` headers carry no identity: a claim must name them) -- or, when its header does not (it is
-        damaged), a final file a finished claim records with exactly its size and whose rows match at least
-        one recorded checksum."""
+        (a claim must name the file) -- or, when its header does not parse (it is damaged), a file of exactly
+        the size that identity gives it whose first bytes still name that run (the header's comment), or a
+        final file a finished claim records with exactly its size and whose rows match at least one recorded
+        checksum."""
         base = partial_base(name) or name
         info = plain_stat(path)
         if info is None:
@@ -188,6 +192,9 @@ class NpySink(Sink):
                 layout = npy_layout(path) if layout is None else layout
                 if layout is not None and layout[:2] == expected[:2]:
                     return True
+                if info.st_size == expected[2] and (raw_run(path) == identity_digest(identity) or (
+                        base != name and _marked(path, base, expected, identity, claims.markers))):
+                    return True  # fxstore's own file (a .partial too) whose header was damaged: recomputed
         return base == name and _recorded(name, path, info.st_size, claims.finished)
 
     def _partial(self, key: str) -> Path:
@@ -195,15 +202,20 @@ class NpySink(Sink):
 
     def _size(self, s: ArraySpec) -> tuple[int, int]:
         """(header bytes, total bytes) of the file of ``s``."""
-        offset = _header_bytes(_numpy_dtype(s.dtype), (self.num_samples, *s.shape))
+        offset = len(npy_header(_numpy_dtype(s.dtype), (self.num_samples, *s.shape), self._run))
         return offset, offset + int(self.num_samples) * s.row_bytes
 
     def _valid(self, s: ArraySpec, path: Path | None = None) -> bool:
         """Whether the file of ``s`` (its ``.partial`` unless ``path``) has its exact header and size."""
         path = self._partial(s.key) if path is None else path
-        layout = npy_layout(path)
-        return (layout is not None and layout[:2] == ((self.num_samples, *s.shape), _numpy_dtype(s.dtype))
-                and path.stat().st_size == self._size(s)[1])
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+                layout = npy_layout(f)
+                return (layout is not None and layout[:2] == ((self.num_samples, *s.shape), _numpy_dtype(s.dtype))
+                        and os.fstat(f.fileno()).st_size == self._size(s)[1]
+                        and (run_tag(f, layout[2]) or ("",))[0] == self._run)
+        except OSError:
+            return False
 
     def check_shard(self, marker: dict[str, Any]) -> str | None:
         sums = marker.get(ALGORITHM)
@@ -243,9 +255,11 @@ class NpySink(Sink):
             partial = self._partial(s.key)
             if not self._valid(s):
                 partial.unlink(missing_ok=True)
-                array = open_memmap(partial, mode="w+", dtype=_numpy_dtype(s.dtype),
-                                    shape=(self.num_samples, *s.shape))
-                del array
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+                try:  # the header names the run; its inputs are written at the finish
+                    os.write(fd, npy_header(_numpy_dtype(s.dtype), (self.num_samples, *s.shape), self._run))
+                finally:
+                    os.close(fd)
             fd = os.open(partial, os.O_RDWR)
             try:  # allocate every block now: writes through the map can then never hit a full disk
                 os.posix_fallocate(fd, 0, self._size(s)[1])
@@ -280,12 +294,33 @@ class NpySink(Sink):
     def finalize(self, shards: dict[int, tuple[int, int]]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
         markers = self.markers()
         entries = [self._entry(markers[k], start, count) for k, (start, count) in sorted(shards.items())]
-        files = {}
+        files, inputs = {}, rows_digest(entries)
         for s in self.specs:
             final = self.out / self.names[s.key]
+            write_inputs(self._partial(s.key), _numpy_dtype(s.dtype), (self.num_samples, *s.shape), self._run, inputs)
             os.replace(self._partial(s.key), final)
             files[s.key] = {"file": self.names[s.key], "bytes": self._size(s)[1]}
         return files, entries
+
+
+def _header_problem(f: BinaryIO, name: str, entry: dict[str, Any], manifest: dict[str, Any]) -> tuple[str | None, int]:
+    """``(why the open .npy file of array ``entry`` is not what the manifest lists, its data offset)``: the header's
+    shape, dtype and data offset against the file's size, then the generation its comment names (the run's
+    identity digest and the digest of its row ranges and inputs) against the manifest's. No data is read."""
+    n = manifest["num_samples"]
+    layout = npy_layout(f)
+    expected = ((n, *entry["shape"]), np.dtype(entry["dtype"]))
+    if layout is None or layout[:2] != expected or layout[2] + n * _row_bytes(entry) != entry["bytes"]:
+        return f"{name}: its header does not say {expected[0]} {expected[1]}", 0
+    tag = run_tag(f, layout[2])
+    if tag is None:
+        return f"{name}: its header names no fxstore run (written by numpy, or by an earlier fxstore)", layout[2]
+    if tag[0] != identity_digest(manifest["identity"]):
+        return f"{name}: its header names another run", layout[2]
+    if tag[1] != rows_digest(manifest["shards"]):
+        return f"{name}: its header records other inputs than the manifest (a file of another run over other " \
+               "data, or of an unfinished run)", layout[2]
+    return None, layout[2]
 
 
 def _rows_problem(path: Path, name: str, offset: int, row: int, start: int, count: int, expected: Any) -> str | None:
@@ -308,6 +343,25 @@ def _rows_match(path: Path, offset: int, entry: dict[str, Any], key: str, manife
     return False
 
 
+def _marked(path: Path, name: str, layout: tuple[tuple[int, ...], np.dtype, int], identity: dict[str, Any],
+            markers: tuple[dict[str, Any], ...]) -> bool:
+    """Whether the ``.partial`` file of ``name`` (of exactly the ``layout`` size the run ``identity`` gives it)
+    holds the rows of at least one shard its run's progress ``markers`` record (its header is not read: it may
+    be the damaged part)."""
+    key = next((k for k in arrays_of(identity) if array_file(k) == name), None)
+    shape, dtype, size = layout
+    row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    for marker in markers:
+        sums = marker.get(ALGORITHM)
+        try:
+            if isinstance(sums, dict) and is_digest(sums.get(key)) and _rows_problem(
+                    path, name, size - shape[0] * row, row, marker["start"], marker["count"], sums[key]) is None:
+                return True
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+    return False
+
+
 def _recorded(name: str, path: Path, size: int, finished: tuple[dict[str, Any], ...]) -> bool:
     """Whether a finished claim (manifest or kept copy) of this format records the file ``name`` with exactly
     ``size`` bytes and at least one shard of its rows matches the checksum recorded for it (its header is not
@@ -326,33 +380,6 @@ def _recorded(name: str, path: Path, size: int, finished: tuple[dict[str, Any], 
 def _row_bytes(entry: dict[str, Any]) -> int:
     itemsize = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
     return itemsize * int(np.prod(entry["shape"], dtype=np.int64))
-
-
-def npy_layout(source: Path | BinaryIO) -> tuple[tuple[int, ...], np.dtype, int] | None:
-    """``(shape, dtype, data offset)`` from a ``.npy`` header (a path or an open file), or ``None`` if it is not one."""
-    if not hasattr(source, "read"):
-        try:
-            with open(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-                return npy_layout(f)
-        except OSError:
-            return None
-    try:
-        source.seek(0)
-        version = np.lib.format.read_magic(source)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(source)
-        return (tuple(shape), dtype, source.tell()) if not fortran else None
-    except (OSError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return None
-
-
-def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
-    import io
-
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                  "fortran_order": False, "shape": shape})
-    return len(buffer.getvalue())
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
