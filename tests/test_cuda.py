@@ -135,17 +135,23 @@ def test_generation_under_cuda_graphs_matches_hooks_and_serves_new_vectors_witho
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_device_map_dispatch_across_cuda_and_cpu_reads_and_edits_like_forward_hooks(tmp_path):
+@pytest.fixture(scope="module")
+def dispatched(tmp_path_factory):
     """A Llama loaded with accelerate's device_map: layer 0 on cuda:0, layer 1 offloaded to the CPU."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    folder = tmp_path_factory.mktemp("dispatched")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
                   "model.norm": 0, "lm_head": 0}
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map).eval()
+    return transformers.LlamaForCausalLM.from_pretrained(folder, device_map=device_map).eval()
+
+
+def test_device_map_dispatch_across_cuda_and_cpu_reads_and_edits_like_forward_hooks(dispatched):
+    model = dispatched
     layers, vector = ["model.layers.0", "model.layers.1"], torch.randn(32, device="cuda")
     ex = fxstore.FeatureExtractor(model, layers, edits={"model.layers.1": fxstore.Add(vector)}, device="cpu")
     ids = torch.randint(0, 64, (2, 7))
@@ -172,3 +178,35 @@ def test_device_map_dispatch_across_cuda_and_cpu_reads_and_edits_like_forward_ho
         assert feats[name].device.type == "cpu"
         torch.testing.assert_close(feats[name], seen[name].cpu(), rtol=1e-5, atol=1e-6)
     assert ex.trace_report.verified != "not yet" and "2 of 2 features" in ex.trace_report.checked
+
+
+def test_device_map_dispatch_across_cuda_and_cpu_generates_like_model_generate_with_hooks(dispatched):
+    """``ex.generate`` on the dispatched Llama: tokens of ``model.generate`` with a hook doing the same
+    edit, every position's features on the CPU where ``device="cpu"`` asks."""
+    model = dispatched
+    layers, vector = ["model.layers.0", "model.layers.1"], torch.randn(32, device="cuda") * 4.0
+    ex = fxstore.FeatureExtractor(model, layers, edits={"model.layers.1": fxstore.Add(vector)}, device="cpu")
+    ids = torch.randint(1, 64, (2, 6), device="cuda")
+    greedy = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    out = ex.generate(ids, attention_mask=torch.ones_like(ids), **greedy)
+    seen = {name: [] for name in layers}
+
+    def hook(name):
+        def record(module, args, output):
+            output = output + vector if name == "model.layers.1" else output
+            seen[name].append(output.detach())
+            return output
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), **greedy)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(out.sequences.to(expected.device), expected)
+    for name in layers:
+        got = out.features[name]
+        assert got.device.type == "cpu" and got.shape == (2, 6 + 5 - 1, 32)
+        torch.testing.assert_close(got, torch.cat(seen[name], 1).cpu(), rtol=1e-5, atol=1e-6)

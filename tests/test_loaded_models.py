@@ -11,72 +11,28 @@ import tempfile
 import pytest
 import torch
 import transformers
+from _loaded import HIDDEN, VOCAB, gpt2, llama, lora, lora_prefix, nnsight_traced, offloaded_llama, quantized
+from _loaded import hooked as _hooked
 from torch import nn
 
 import fxstore
 from fxstore import FeatureExtractor, LayerNotFoundError, TraceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-VOCAB, HIDDEN = 64, 32
-
-
-def _llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _gpt2() -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config).eval()
+_llama, _gpt2 = llama, gpt2
 
 
 @pytest.fixture(scope="module")
 def offloaded():
-    """A Llama saved and loaded back with layer 0 offloaded to "cpu" and layer 1 to "disk"."""
-    folder, offload = tempfile.mkdtemp(), tempfile.mkdtemp()
-    _llama().save_pretrained(folder)
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, device_map=device_map, offload_folder=offload)
-    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
-    return model.eval()
+    return offloaded_llama()
 
 
 @pytest.fixture(scope="module")
 def nnsight_gpt2():
     """A GPT-2 after ``nnsight.NNsight(model)`` ran a trace (nnsight leaves its forward on every module)."""
-    nnsight = pytest.importorskip("nnsight")
-    model = _gpt2()
-    wrapped = nnsight.NNsight(model)
-    with wrapped.trace(torch.randint(0, VOCAB, (1, 5))):
-        wrapped.transformer.h[1].output.save()
+    model = nnsight_traced(_gpt2(), lambda wrapped: wrapped.transformer.h[1])
     assert "forward" in vars(model.transformer.h[1])
     return model
-
-
-def _hooked(model: nn.Module, ids: torch.Tensor, record: list[str], edits: dict) -> tuple[torch.Tensor, dict]:
-    """The model's logits and module outputs with ``edits`` ({path: fn}) applied by forward hooks."""
-    seen, handles = {}, []
-    for path in sorted(set(record) | set(edits)):
-        def hook(module, args, output, path=path):
-            if path in edits:
-                output = edits[path](output)
-            seen[path] = output.detach().clone()
-            return output
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, seen
 
 
 def test_offloaded_model_reads_and_edits_like_forward_hooks(offloaded):
@@ -243,47 +199,48 @@ def test_auto_falls_back_past_a_capture_that_misses_a_layer():
 
 @pytest.fixture(scope="module")
 def lora_gpt2():
-    peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False)
-    return peft.get_peft_model(_gpt2(), config)
+    return lora("gpt2")
 
 
-def test_peft_lora_reads_edits_and_trains_its_adapters(lora_gpt2):
-    model = lora_gpt2.train()
-    model.base_model.model.transformer.drop.p = 0.0  # deterministic in train mode
-    for block in model.base_model.model.transformer.h:
-        block.attn.attn_dropout.p = block.attn.resid_dropout.p = block.mlp.dropout.p = 0.0
-    layer = "base_model.model.transformer.h.1"
+@pytest.fixture(scope="module")
+def lora_llama():
+    return lora("llama")
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def lora_kind(request):
+    """A LoRA model of each kind and where its blocks are."""
+    return request.getfixturevalue(f"lora_{request.param}"), lora_prefix(request.param)
+
+
+def test_peft_lora_reads_edits_and_trains_its_adapters(lora_kind):
+    model, blocks = lora_kind
+    model.train()
+    for module in model.modules():  # deterministic in train mode
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    layer = f"{blocks}.1"
     ids = torch.randint(0, VOCAB, (2, 5))
     vector = torch.randn(HIDDEN)
     ex = FeatureExtractor(model, [layer], edits={layer: fxstore.Add(vector)})
     out, feats = ex(ids)
     loss = out.logits.square().mean()
-    lora = [p for name, p in model.named_parameters() if "lora_" in name]
-    got = torch.autograd.grad(loss, lora)
-    seen = {}
-
-    def hook(module, args, output):
-        seen["h"] = output + vector
-        return seen["h"]
-
-    handle = model.get_submodule(layer).register_forward_hook(hook)
-    try:
-        reference = model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
+    adapters = [p for name, p in model.named_parameters() if "lora_" in name]
+    got = torch.autograd.grad(loss, adapters)
+    reference, seen = _hooked(model, ids, [layer], {layer: lambda o: o + vector}, grad=True)
     torch.testing.assert_close(out.logits, reference, rtol=0, atol=1e-6)
-    torch.testing.assert_close(feats[layer], seen["h"], rtol=0, atol=1e-6)
-    for g, want in zip(got, torch.autograd.grad(reference.square().mean(), lora)):
+    torch.testing.assert_close(feats[layer], seen[layer], rtol=0, atol=1e-6)
+    for g, want in zip(got, torch.autograd.grad(reference.square().mean(), adapters)):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
-    assert any(float(g.abs().max()) > 0 for g in got)  # the adapters get gradients
+    assert all(float(g.abs().max()) > 0 for g in got)  # every adapter gets gradients
     model.eval()
 
 
-def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
-    model = lora_gpt2.eval()
+def test_peft_disable_adapter_changes_the_result_like_the_model(lora_kind):
+    model, blocks = lora_kind
+    model.eval()
     ids = torch.randint(0, VOCAB, (1, 6))
-    layer = "base_model.model.transformer.h.0"
+    layer = f"{blocks}.0"
     ex = FeatureExtractor(model, [layer])
     with torch.no_grad():
         on, feats_on = ex(ids)
@@ -296,20 +253,11 @@ def test_peft_disable_adapter_changes_the_result_like_the_model(lora_gpt2):
     assert not torch.equal(feats_on[layer], feats_off[layer])
 
 
-def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_gpt2):
-    with pytest.raises(LayerNotFoundError, match="Did you mean 'base_model.model.transformer.h.1'"):
-        FeatureExtractor(lora_gpt2.eval(), ["transformer.h.1"], example_inputs=torch.randint(0, VOCAB, (1, 4)))
-
-
-def _hook_output(model: nn.Module, path: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    seen = {}
-    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.__setitem__("h", o))
-    try:
-        with torch.no_grad():
-            logits = model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
-    return logits, seen["h"]
+def test_a_base_model_name_on_a_peft_model_suggests_the_adapted_name(lora_kind):
+    model, blocks = lora_kind
+    base_name = blocks.removeprefix("base_model.model.") + ".1"
+    with pytest.raises(LayerNotFoundError, match=f"Did you mean '{blocks}.1'"):
+        FeatureExtractor(model.eval(), [base_name], example_inputs=torch.randint(0, VOCAB, (1, 4)))
 
 
 @pytest.mark.compile
@@ -325,42 +273,29 @@ def test_hugging_face_models_compile_on_their_first_call(kind, lora_gpt2):
         ids = torch.randint(0, VOCAB, shape)
         with torch.no_grad():
             out, feats = compiled(ids)
-        logits, hidden = _hook_output(model, layer, ids)
+        logits, seen = _hooked(model, ids, [layer], {})
+        hidden = seen[layer]
         torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(feats[layer], hidden, rtol=1e-5, atol=1e-6)
     assert ex.exports == 1 and ex.trace_report.verified == "exact"
 
 
-def _quantization(kind: str):
-    if kind.startswith("torchao"):
-        torchao = pytest.importorskip("torchao")
-        config = (torchao.quantization.Int8WeightOnlyConfig() if kind == "torchao-int8-weight"
-                  else torchao.quantization.Int8DynamicActivationInt8WeightConfig())
-        return transformers.TorchAoConfig(config)
-    pytest.importorskip("bitsandbytes")
-    if kind == "bnb-8bit":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-
-
 @pytest.fixture(scope="module")
 def llama_folder():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     folder = tempfile.mkdtemp()
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    llama(64).save_pretrained(folder)
     return folder
 
 
 @pytest.mark.compile
 @pytest.mark.parametrize("kind", ["torchao-int8-weight", "torchao-int8-dynamic", "bnb-8bit", "bnb-nf4"])
 def test_quantized_models_read_and_edit_like_forward_hooks(kind, llama_folder):
-    model = transformers.LlamaForCausalLM.from_pretrained(llama_folder, quantization_config=_quantization(kind),
-                                                          device_map="cpu").eval()
+    model = quantized(kind, llama_folder)
     layer, vector = "model.layers.1", torch.randn(64)
-    ex = FeatureExtractor(model, ["model.layers.0", layer], edits={layer: fxstore.Add(vector)})
     ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        model(ids)  # as users do: bitsandbytes 8-bit moves its weights into its state on the first call
+    ex = FeatureExtractor(model, ["model.layers.0", layer], edits={layer: fxstore.Add(vector)})
     with torch.no_grad():
         out, feats = ex(ids)
     logits, seen = _hooked(model, ids, ["model.layers.0", layer], {layer: lambda o: o + vector})
@@ -451,14 +386,10 @@ def test_first_call_with_edits_in_train_mode_is_one_run_of_the_edited_model():
     assert int(model[1].num_batches_tracked) == 1
 
 
-def test_nnsight_over_an_offloaded_model_reads_and_edits_like_forward_hooks(tmp_path):
+def test_nnsight_over_an_offloaded_model_reads_and_edits_like_forward_hooks():
     """nnsight's controller sits over accelerate's hook (nnsight runs the hook itself): both are rebound."""
     nnsight = pytest.importorskip("nnsight")
-    _llama().save_pretrained(tmp_path / "model")
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
-                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
-                                                          offload_folder=tmp_path / "offload").eval()
+    model = offloaded_llama()
     ids = torch.randint(0, VOCAB, (2, 7))
     wrapped = nnsight.NNsight(model)
     with wrapped.trace(ids):
@@ -480,19 +411,9 @@ def test_bfloat16_llama_reads_edits_and_taps_gradients_like_hooks_and_autograd()
     ex = FeatureExtractor(model, [layer], grads=[layer], edits={layer: fxstore.Add(vector)})
     out, feats = ex(ids)
     out.logits.float().square().mean().backward()
-    seen = {}
-
-    def hook(module, args, output):
-        seen["h"] = output + vector
-        return seen["h"]
-
-    handle = model.get_submodule(layer).register_forward_hook(hook)
-    try:
-        logits = model(ids, use_cache=False).logits
-    finally:
-        handle.remove()
-    (expected,) = torch.autograd.grad(logits.float().square().mean(), seen["h"])
-    assert torch.equal(out.logits, logits) and torch.equal(feats[layer], seen["h"])
+    logits, seen = _hooked(model, ids, [layer], {layer: lambda o: o + vector}, grad=True)
+    (expected,) = torch.autograd.grad(logits.float().square().mean(), seen[layer])
+    assert torch.equal(out.logits, logits) and torch.equal(feats[layer], seen[layer])
     torch.testing.assert_close(ex.gradients(feats)[layer], expected)  # bfloat16 tolerances: one ulp apart here
     assert feats[layer].dtype == torch.bfloat16 and ex.trace_report.verified == "exact"
 
@@ -534,3 +455,44 @@ def test_self_check_accepts_a_python_module_whose_output_holds_several_tensors()
         first, second = model[0](x)
     assert torch.equal(feats["0:0"], first) and torch.equal(feats["0:1"], second)
     assert ex.trace_report.verified == "exact"
+
+
+@pytest.mark.compile
+def test_compiled_extractor_follows_the_peft_model_across_adapter_states():
+    """``torch.compile(ex, fullgraph=True)``, then ``disable_adapter()``, ``set_adapter``, merging: each
+    state gets its program before dynamo traces, and its result is the model's (never a stale graph)."""
+    peft = pytest.importorskip("peft")
+    torch._dynamo.reset()
+    model = lora("llama")
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    layer = "base_model.model.model.layers.1"
+    ex = FeatureExtractor(model, [layer], edits={layer: fxstore.Scale(2.0)})
+    compiled = torch.compile(ex, fullgraph=True, backend="eager")
+    ids = torch.randint(0, VOCAB, (2, 5))
+    results = []
+
+    def check() -> None:
+        with torch.no_grad():
+            out, feats = compiled(ids)
+        logits, seen = _hooked(model, ids, [layer], {layer: lambda o: o * 2.0})
+        torch.testing.assert_close(out.logits, logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats[layer], seen[layer], rtol=1e-5, atol=1e-6)
+        results.append(logits)
+
+    check()
+    with model.disable_adapter():
+        check()
+    model.set_adapter("other")
+    check()
+    model.set_adapter("default")
+    model.merge_adapter()
+    try:
+        check()
+    finally:
+        model.unmerge_adapter()
+    check()
+    on, off, other, merged, again = results
+    assert not torch.equal(on, off) and not torch.equal(on, other) and not torch.equal(off, other)
+    torch.testing.assert_close(merged, on, rtol=1e-4, atol=1e-5)  # merged weights: the same model, rounded
+    torch.testing.assert_close(again, on, rtol=1e-4, atol=1e-5)  # unmerged: the weights rounded back

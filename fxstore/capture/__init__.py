@@ -17,6 +17,7 @@ from ._inspect import node_names, trace_report
 from ._keys import FeatureKey, parse_key
 from ._policy import StoragePolicy, parse_device, parse_dtype
 from ._program import TraceReport
+from ._registry import adapter_layers, adapter_state
 from ._selection import Layers, ModuleRef, canonical_specs, layer_pairs, spec_label
 from ._sweep import patch_sweep
 from ._taps import gradient_of
@@ -26,7 +27,7 @@ from .extractor import FeatureExtractor
 __all__ = ["FeatureExtractor", "TraceReport", "node_names", "trace_report", "FeatureKey", "parse_key",
            "gradient_of", "GraphDescription", "CapturedNode", "Edit", "Add", "Replace", "Ablate", "Scale", "Apply", "patch_sweep",
            # for fxstore's other subpackages
-           "checked_edits", "fresh", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
+           "adapter_layers", "adapter_state", "checked_edits", "fresh", "EXPORT_FORMATS", "DeployReport", "export_extractor", "read_metadata", "model_fingerprint",
            "BuildCache", "build_cache", "model_state",
            "StoragePolicy", "parse_device", "parse_dtype", "Layers", "ModuleRef", "canonical_specs", "layer_pairs",
            "spec_label",

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["model_fingerprint", "model_state", "BuildCache", "build_cache"]
 
 T = TypeVar("T")
@@ -44,9 +46,39 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")
+        for part in _plain(_values(model, name, tensor).detach()):
+            data = part.to("cpu").contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).numpy() if data.numel() else b"")
     return "sha256:" + digest.hexdigest()
+
+
+def _plain(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``'s values: a traceable tensor subclass (torchao's quantized
+    weights) is hashed through its inner tensors (``__tensor_flatten__``), as it cannot be viewed as bytes."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [plain for name in names for plain in _plain(getattr(tensor, name))]
+
+
+def _values(model: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values; a meta tensor offloaded by accelerate (``device_map`` with ``"disk"`` / ``"cpu"``)
+    has them in its module's hook, which loads them for each call.
+
+    Raises:
+        ConfigError: a meta tensor without values anywhere (nothing to fingerprint).
+    """
+    if tensor.device.type != "meta":
+        return tensor
+    path, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+        return vars(module).get("_hf_hook").weights_map[leaf]
+    except (AttributeError, KeyError, TypeError):
+        raise ConfigError(
+            f"the model's {name!r} is on the meta device with no offloaded values: fxstore cannot fingerprint "
+            "the model.\nHint: load its weights (from_pretrained, load_checkpoint_and_dispatch) before extracting."
+        ) from None
 
 
 def model_state(model: nn.Module) -> tuple[Any, ...]:
@@ -204,7 +236,13 @@ build_cache = BuildCache()
 
 
 def _stand_in(model: nn.Module) -> nn.Module | None:
-    """A second instance of the model's class with the same ``__dict__`` values (``None`` if none can be made)."""
+    """A second instance of the model's class with the same ``__dict__`` values (``None`` if none can be made).
+
+    A model with an instance-level ``forward`` (accelerate's hook on a dispatched model, nnsight's
+    controller) gets none: that wrapper is bound to the model, so a stand-in would run the model.
+    """
+    if "forward" in vars(model):
+        return None
     try:
         stand_in = object.__new__(type(model))
         stand_in.__dict__.update(vars(model))

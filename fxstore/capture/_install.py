@@ -168,9 +168,10 @@ class Capture:
         inputs = inputs if inputs is not None else self.example
         failures = self.failures.setdefault(training, {})
         program = _frontends.build(self.request, training, strict, inputs, failures)
-        if program is None:
+        if program is None or self._adapters:  # adapters: each new adapter state is built before dynamo traces
             vars(owner)["_initialize_hook"] = True  # torch.compile(owner) builds it before tracing: see _build_first
             vars(owner)["_infer_parameters"] = self._build_first
+        if program is None:
             return None
         if not strict:
             self._warn_missing(training, program)
@@ -187,10 +188,14 @@ class Capture:
         ``torch.compile(owner)`` calls this before tracing while ``owner`` has ``_initialize_hook``
         (the protocol of torch's lazy modules, which infer their shapes from the first inputs the
         same way), so the first compiled call finds the program built, and an fxstore error is
-        raised as itself rather than inside dynamo's trace.
+        raised as itself rather than inside dynamo's trace. A model with PEFT adapters keeps the
+        hook: each compiled call first builds the program of the adapter state the model is in now
+        (``disable_adapter()``, ``set_adapter``, merging), and dynamo's guards on the adapters' flags
+        pick the graph of that state.
         """
-        vars(owner).pop("_initialize_hook", None)
-        vars(owner).pop("_infer_parameters", None)
+        if not self._adapters:
+            vars(owner).pop("_initialize_hook", None)
+            vars(owner).pop("_infer_parameters", None)
         if self.programs.get(owner.training) is None:
             self.first_call(owner, None, tuple(args), with_defaults(self.call_defaults, dict(kwargs)), real=False)
 

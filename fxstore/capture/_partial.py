@@ -28,7 +28,7 @@ from ..errors import ConfigError, EditError, TraceError
 from . import _rewrite, _taps
 from ._keys import GRAD_SUFFIX, call_key, output_key
 from ._policy import StoragePolicy
-from ._registry import instance_wrapper
+from ._registry import instance_wrapper, stateful_quantized
 from ._selection import Selected
 from ._tracing import Traced, TraceOptions, shadow_of, trace
 
@@ -113,6 +113,8 @@ def trace_partial(model: nn.Module, options: TraceOptions, training: bool, reaso
     if reason is not None:
         reasons[""] = reason
 
+    stateful = stateful_quantized()
+
     def visit(module: nn.Module, path: str) -> None:
         wrapper = instance_wrapper(module) if path else None
         if wrapper is not None and wrapper[0] != "transparent":  # its wrapper must run: never a traced part
@@ -120,6 +122,10 @@ def trace_partial(model: nn.Module, options: TraceOptions, training: bool, reaso
             kept.append(path)
             if wrapper[0] == "leaf":  # bound to the module itself: nothing inside can be rewritten
                 return
+        elif path and isinstance(module, stateful):  # traced alone, its forward would write proxies into its state
+            reasons[path] = f"{type(module).__name__} writes its own state when it runs: runs as a leaf"
+            kept.append(path)
+            return
         elif path and not _is_container(module):
             defaults = _defaults(module)
             child_options = dataclasses.replace(options, concrete_args=defaults or None)

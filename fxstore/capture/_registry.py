@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["notrace_modules", "notrace_functions", "instance_wrapper", "rebind", "adapter_layers", "adapter_state"]
+__all__ = ["notrace_modules", "notrace_functions", "stateful_quantized", "instance_wrapper", "rebind", "adapter_layers", "adapter_state"]
 
 
 def _timm_layers() -> Any | None:
@@ -38,16 +38,32 @@ def _timm_layers() -> Any | None:
     return layers if hasattr(layers, "get_notrace_modules") else None
 
 
+def stateful_quantized() -> tuple[type[nn.Module], ...]:
+    """bitsandbytes' quantized linears, once bitsandbytes is imported (a model quantized by it always is).
+
+    Their ``forward`` writes shared state: ``Linear8bitLt`` moves ``weight.CB`` into ``self.state``
+    (an object outside the module's attributes, so a shadow shares it) and assigns ``weight.data``;
+    traced symbolically, those writes would store fx proxies in the user's model. As leaves they
+    run on real values (and the partial frontend never traces one alone).
+    """
+    module = sys.modules.get("bitsandbytes.nn")
+    if module is None:
+        return ()
+    return tuple(cls for name in ("Linear8bitLt", "Linear4bit")
+                 if isinstance(cls := getattr(module, name, None), type) and issubclass(cls, nn.Module))
+
+
 def notrace_modules() -> tuple[type[nn.Module], ...]:
-    """Module types registered as not traceable by installed, imported libraries (timm).
+    """Module types not to trace through: registered by installed, imported libraries (timm), and
+    bitsandbytes' quantized linears (:func:`stateful_quantized`).
 
     Example:
         >>> import timm, fxstore.capture._registry as r
-        >>> set(r.notrace_modules()) == set(timm.layers.get_notrace_modules())
+        >>> set(timm.layers.get_notrace_modules()) <= set(r.notrace_modules())
         True
     """
     layers = _timm_layers()
-    return tuple(layers.get_notrace_modules()) if layers is not None else ()
+    return (tuple(layers.get_notrace_modules()) if layers is not None else ()) + stateful_quantized()
 
 
 def notrace_functions() -> tuple[Callable[..., Any], ...]:

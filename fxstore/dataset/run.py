@@ -55,10 +55,14 @@ def placed(model: nn.Module, device: torch.device | str | None, ranks: _distribu
     """Move ``model`` to this rank's device in eval mode for the block; give the device.
 
     Every module gets its mode back afterwards, and a failure moves the model back (:func:`model_kept`).
+    A model dispatched by accelerate (``device_map=...``) stays where it is: its hooks move inputs and
+    load offloaded weights, and moving it would load them all (accelerate refuses).
     """
     chosen = ranks.device(device_of(model, device))
     with model_kept(model):
-        model.to(chosen).eval()
+        if getattr(model, "hf_device_map", None) is None:
+            model.to(chosen)
+        model.eval()
         yield chosen
 
 
@@ -97,7 +101,7 @@ def device_of(model: nn.Module, device: torch.device | str | None) -> torch.devi
         chosen = parse_device(device)
         _check_device(chosen)
         return chosen
-    first = next(iter(model.parameters()), None)
+    first = next((p for p in model.parameters() if p.device.type != "meta"), None)  # meta: offloaded by accelerate
     return first.device if first is not None else torch.device("cpu")
 
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from .._workflows import register
-from ..capture import fresh, model_state
+from ..capture import adapter_layers, adapter_state, fresh, model_state
 from ..errors import ConfigError, EditError, FxStoreError
 from ._positions import choice_for, edit_choice, mask_of
 from ._result import Generation
-from ._sites import Clock, Site, module_paths, shadow_with_sites
+from ._sites import Clock, Site, language_model, module_paths, refuse_dispatched, shadow_with_sites, sites_under
 
 __all__ = ["generate"]
 
@@ -113,12 +113,13 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     request = extractor.capture_request
     model = request.model
-    _check_model(model)
+    prefix, generating = language_model(model, generate_kwargs)
+    _check_model(generating)
     edit_positions = generate_kwargs.pop("edit_positions", None)
     input_ids, attention_mask = _checked_inputs(input_ids, attention_mask)
-    max_new = _max_new_tokens(model, input_ids.shape[1], generate_kwargs)
+    max_new = _max_new_tokens(generating, input_ids.shape[1], generate_kwargs)
     options = extractor.compile_options
-    state = _state(extractor, request, model)
+    state = _state(extractor, request, model, prefix)
     batch, prompt = input_ids.shape
     limit = prompt + max_new - 1
     capacity = -(-(prompt + max_new) // _BUCKET) * _BUCKET if options is not None else limit
@@ -201,11 +202,12 @@ def _max_new_tokens(model: nn.Module, prompt: int, kwargs: dict[str, Any]) -> in
 
 
 def _identity(extractor: Any, model: nn.Module) -> tuple[Any, ...]:
-    """What the built state depends on: the model's objects, modes, dtypes and devices, and the edit objects."""
-    return model_state(model), tuple(id(e) for e in extractor.edits.values())
+    """What the built state depends on: the model's objects, modes, dtypes and devices, the edit objects,
+    and PEFT's adapter state (compiled programs bake it in)."""
+    return model_state(model), tuple(id(e) for e in extractor.edits.values()), adapter_state(adapter_layers(model))
 
 
-def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
+def _state(extractor: Any, request: Any, model: nn.Module, prefix: str) -> _State:
     identity = _identity(extractor, model)
     state = _STATES.get(extractor)
     if state is not None and state.identity == identity:
@@ -233,8 +235,10 @@ def _state(extractor: Any, request: Any, model: nn.Module) -> _State:
     clock = Clock()
     sites = {path: Site(f"'{path}'", clock, edits.get(path), choices.get(path, (True, "all"))[0], path in keys)
              for path in {**keys, **edits}}
-    state = _State(identity, shadow_with_sites(model, sites), clock, sites, keys, labels, choices)
-    plain = types.MethodType(type(model).forward, state.root)
+    generating = model.get_submodule(prefix)
+    state = _State(identity, shadow_with_sites(generating, sites_under(prefix, sites)), clock, sites, keys, labels,
+                   choices)
+    plain = types.MethodType(type(generating).forward, state.root)
 
     @functools.wraps(plain)  # Hugging Face reads the signature to choose the inputs it passes
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -333,6 +337,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
     """The compiled prompt and decode programs and a static cache of ``capacity`` for ``batch`` rows."""
     import transformers
 
+    refuse_dispatched(model)
     if state.options != options:
         call = fresh(_call)
         prefill = dict(options, dynamic=options.get("dynamic", True))
@@ -342,7 +347,7 @@ def _compile(state: _State, options: dict[str, Any], model: nn.Module, batch: in
     if cache is None or state.cache_len != capacity or state.cache_batch != batch:
         state.clock.start.zero_()  # the warm-up step writes column 0, whatever the last call left
         try:
-            cache = transformers.StaticCache(config=model.config, max_cache_len=capacity)
+            cache = transformers.StaticCache(config=state.root.config, max_cache_len=capacity)
             with torch.no_grad():  # the cache's tensors are made eagerly, outside the programs
                 type(state.root).forward(state.root, input_ids=input_ids[:, :1], attention_mask=attention_mask[:, :1],
                                          cache=cache, use_cache=True)

@@ -13,6 +13,11 @@ A site is an ``nn.Module`` whose state is buffers (the edit's tensors, a ``[batc
 position mask, the ``[batch, capacity, ...]`` feature buffer, the step's first column), so the
 model stays one program under ``torch.compile(fullgraph=True)`` and a new vector, scale, switch or
 set of positions is new buffer contents, never a new graph.
+
+What generates is the Hugging Face model itself, or a PEFT ``PeftModel``'s base model
+(:func:`language_model`; layer names stay those of the ``PeftModel``). A module around a site
+whose instance-level ``forward`` fxstore cannot rebind to its shadow is refused (the site would
+never run), and so is compiled generation of a model dispatched by accelerate.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import difflib
 import fnmatch
 import functools
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +35,7 @@ from torch import nn
 from ..capture import Edit, ModuleRef, shadow_of
 from ..errors import ConfigError, EditError, LayerNotFoundError
 
-__all__ = ["Clock", "Site", "module_paths", "shadow_with_sites"]
+__all__ = ["Clock", "Site", "language_model", "module_paths", "refuse_dispatched", "shadow_with_sites", "sites_under"]
 
 
 class Clock(nn.Module):
@@ -85,11 +90,64 @@ class Site(nn.Module):
             where = self.mask.index_select(1, columns)
             value = torch.where(where.reshape(tuple(where.shape) + (1,) * (value.dim() - 2)), new, value)
         if self.stores:
-            self.record.index_copy_(1, columns, value.detach().to(self.record.dtype))
+            record = self.record  # where the user asked (device=): a model dispatched across devices differs
+            record.index_copy_(1, columns.to(record.device), value.detach().to(record.device, record.dtype))
         return value
 
     def extra_repr(self) -> str:
         return f"{self.label}, edit={type(self.edit).__name__ if self.edit is not None else None}, store={self.stores}"
+
+
+def language_model(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[str, nn.Module]:
+    """The causal LM that generates, and its path in ``model``: PEFT's ``PeftModel`` generates with its base model.
+
+    LoRA and the other adapters that live in the base model's layers generate as the base model
+    does (``PeftModel.generate`` calls the base model's); prompt learning (prefix / prompt tuning)
+    adds past key values of its own, which generation refuses.
+    """
+    base = getattr(model, "get_base_model", None)
+    if not callable(base) or not hasattr(model, "peft_config"):
+        return "", model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False) or "adapter_names" in kwargs:
+        what = "adapter_names=" if "adapter_names" in kwargs else f"{type(config).__name__} (prompt learning)"
+        raise ConfigError(
+            f"generation: {what} on a PeftModel is not supported (it changes the model's inputs or cache, not its "
+            "layers).\nHint: generate with adapters in the layers (LoRA and friends), one adapter state per call "
+            "(model.set_adapter / with model.disable_adapter())."
+        )
+    inner = base()
+    path = next(name for name, module in model.named_modules() if module is inner)
+    return path, inner
+
+
+def sites_under(prefix: str, sites: dict[str, Site]) -> dict[str, Site]:
+    """``sites`` keyed by their path in the language model at ``prefix`` (PEFT's base model)."""
+    if not prefix:
+        return sites
+    outside = [path for path in sites if not path.startswith(prefix + ".")]
+    if outside:
+        raise ConfigError(
+            f"generation: {outside[0]!r} is not inside the PeftModel's base model '{prefix}', which generates.\n"
+            f"Hint: select modules under '{prefix}.' (e.g. '{prefix}.model.layers.6')."
+        )
+    return {path[len(prefix) + 1:]: site for path, site in sites.items()}
+
+
+def refuse_dispatched(model: nn.Module) -> None:
+    """Compiled generation runs one program per step: accelerate's hooks (``device_map=...``) cannot be in it.
+
+    Raises:
+        ConfigError: a module of ``model`` carries accelerate's hook.
+    """
+    hooked = next((name for name, module in model.named_modules() if "_hf_hook" in vars(module)), None)
+    if hooked is not None:
+        raise ConfigError(
+            f"generation: compiled generation cannot run {type(model).__name__} dispatched by accelerate "
+            f"(device_map=...): the hook on '{hooked or '<model>'}' (inputs moved, offloaded weights loaded) is a "
+            "torch.compiler.disable'd function, not part of one program.\nHint: generate eagerly (an extractor "
+            "without .compile()), or load the model on one device without device_map."
+        )
 
 
 def module_paths(model: nn.Module, specs: Sequence[tuple[Any, str | None]], what: str) -> dict[str, str]:
@@ -146,19 +204,32 @@ def shadow_with_sites(model: nn.Module, sites: dict[str, Site]) -> nn.Module:
             "generation: the model itself cannot be a generation site.\nHint: select a block such as 'model.layers.6'."
         )
     root = shadow_of(model, model.training)
-    shadows = {"": root}
+    shadows, originals = {"": root}, {"": model}
     for path in sorted(sites, key=lambda p: p.count(".")):
         parent = ""
         for part in path.split("."):
             here = f"{parent}.{part}" if parent else part
             if here not in shadows:
-                original = shadows[parent].get_submodule(part)
+                original = originals[here] = originals[parent].get_submodule(part)
                 shadows[here] = shadow_of(original, original.training)
                 shadows[parent].add_module(part, shadows[here])
+            if here != path:
+                _check_seen_through(here, path, shadows[here], originals[here])
             parent = here
     for path, site in sites.items():
         _end_in(shadows[path], site)
     return root
+
+
+def _check_seen_through(here: str, path: str, shadow: nn.Module, original: nn.Module) -> None:
+    """A module around a site must run its shadow: a wrapper still bound to the user's module would not."""
+    wrapper = vars(shadow).get("forward")
+    if wrapper is not None and wrapper is vars(original).get("forward"):
+        raise ConfigError(
+            f"generation: '{path}' is inside '{here}', whose instance-level forward ({type(wrapper).__name__}, "
+            "another library's wrapper) runs the model's own module, not fxstore's copy: the site would never run.\n"
+            f"Hint: select '{here}' itself (its output is read and edited through the wrapper)."
+        )
 
 
 def _end_in(shadow: nn.Module, site: Site) -> None:
