@@ -15,12 +15,13 @@ Two workloads, random weights and synthetic data held in memory:
 
 Per contender: the first call (fxstore builds, self-checks and compiles its step then; later calls on
 the same model reuse it), then ``--repeats`` interleaved calls whose median gives the rate (images/s or
-tokens/s) and its ratio to the reference of the same run; the peak resident memory above the start of
-a call (CUDA: allocated) and the bytes kept (the statistics file, the metric's state, or the rows).
+tokens/s) and its ratio to the reference of the same run; the peak memory of a repeated call above its
+start, each contender in a fresh process after one call of its own (CPU: the kernel's peak resident set,
+VmHWM after clearing it; CUDA: allocated), and the bytes kept (the statistics file, the metric's state, or the rows).
 fxstore's moments are checked against the reference's in the same run. With ``--save`` the JSON file
 in ``benchmarks/results`` is rewritten after every measurement (a stopped run keeps what it measured).
 
-    python benchmarks/bench_stats.py --save        # the recording (about 7-9 minutes on an idle 2-core CPU)
+    python benchmarks/bench_stats.py --save        # the recording (about 6 minutes on an idle 2-core CPU)
     python benchmarks/bench_stats.py --quick       # smoke run: tiny sizes, aot_eager
     python benchmarks/bench_stats.py --device cuda --samples 4096 --image-size 224 --sequences 256
 """
@@ -28,10 +29,12 @@ in ``benchmarks/results`` is rewritten after every measurement (a stopped run ke
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +75,7 @@ def _measure(fn: Callable[[], int], device: str) -> dict[str, float]:
         result["seconds"] = time.perf_counter() - start
     if cuda:
         result["peak"] = torch.cuda.max_memory_allocated() - base
+        result["method"] = "torch.cuda.max_memory_allocated"
     result["kept"] = kept
     return result
 
@@ -218,8 +222,27 @@ def _token_contenders(args: argparse.Namespace, root: Path, moments: dict[str, M
              "extract_dataset + numpy": extract_numpy_run}, sum(lengths))
 
 
+def _probe(args: argparse.Namespace, workload: str, key: str) -> dict[str, Any]:
+    """The peak memory of one repeated call of contender ``key``, measured in a fresh process (``--probe``)."""
+    sizes = ["--device", args.device, "--samples", str(args.samples), "--image-size", str(args.image_size),
+             "--batch-size", str(args.batch_size), "--sequences", str(args.sequences), "--seq-len",
+             str(args.seq_len), "--text-batch-size", str(args.text_batch_size), "--compile", args.compile]
+    done = subprocess.run([sys.executable, __file__, "--only", workload, "--probe", key, *sizes],
+                          capture_output=True, text=True, check=True)
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"peak_mib": probe["peak"] / _MIB, "peak_method": probe["method"]}
+
+
+def _run_probe(contenders: dict[str, Callable[[], int]], key: str, device: str) -> None:
+    """``--probe``: run contender ``key`` once (its build), then measure a second call; print the JSON line."""
+    contenders[key]()
+    gc.collect()
+    run = _measure(contenders[key], device)
+    print(json.dumps({"peak": run["peak"], "method": run.get("method", "torch.cuda.max_memory_allocated")}))
+
+
 def _bench(name: str, unit: str, contenders: dict[str, Callable[[], int]], items: int, moments: dict[str, Moments],
-           args: argparse.Namespace, table: dict[str, Any], save: Callable[[], None]) -> None:
+           args: argparse.Namespace, table: dict[str, Any], save: Callable[[], None], workload: str) -> None:
     """Fill ``table`` (saved after every measurement): first calls, then interleaved repeats.
 
     The first contender is the reference of the ratios.
@@ -229,18 +252,20 @@ def _bench(name: str, unit: str, contenders: dict[str, Callable[[], int]], items
     rows = table["rows"]
     for key, fn in contenders.items():  # the first calls: build, self-check, compile
         first = _measure(fn, args.device)
-        rows[key] = {"first_call_s": first["seconds"], "first_call_peak_mib": first["peak"] / _MIB, "runs": []}
+        rows[key] = {"first_call_s": first["seconds"], "runs": []}
         save()
     for _ in range(args.repeats):
         for key, fn in contenders.items():  # interleaved, so drift hits all
             run = _measure(fn, args.device)
             row = rows[key]
-            row["runs"].append({"seconds": run["seconds"], "peak_mib": run["peak"] / _MIB})
+            row["runs"].append({"seconds": run["seconds"]})
             seconds = statistics.median(r["seconds"] for r in row["runs"])
-            row.update(rate=items / seconds, seconds=seconds,
-                       peak_mib=statistics.median(r["peak_mib"] for r in row["runs"]), kept_mib=run["kept"] / _MIB,
+            row.update(rate=items / seconds, seconds=seconds, kept_mib=run["kept"] / _MIB,
                        build_s=max(0.0, row["first_call_s"] - seconds))
             save()
+    for key in contenders:  # each in a fresh process: another contender's freed memory hides no allocation
+        rows[key].update(_probe(args, workload, key))
+        save()
     for row in rows.values():
         row["ratio_to_reference"] = row["rate"] / rows[reference]["rate"]
     ref_mean, ref_cov = moments["reference"]
@@ -271,11 +296,12 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="documents of seq-len/2 to seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--text-batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", default="inductor", help="the compiled contenders' backend")
     parser.add_argument("--only", choices=["images", "tokens"])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat, aot_eager")
     parser.add_argument("--save", action="store_true", help="record the result in benchmarks/results")
+    parser.add_argument("--probe", metavar="CONTENDER", help=argparse.SUPPRESS)  # one peak-memory measurement
     args = parser.parse_args()
     if args.quick:
         args.samples, args.image_size, args.batch_size, args.sequences, args.seq_len = 48, 32, 16, 4, 32
@@ -294,18 +320,26 @@ def main() -> None:
             info["load_average_end"] = os.getloadavg()
             path.write_text(json.dumps({"machine": info, "result": result}, indent=2) + "\n")
 
+    if args.probe:
+        make = _image_contenders if args.only == "images" else _token_contenders
+        contenders, _ = make(args, root, {})
+        try:
+            _run_probe(contenders, args.probe, args.device)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         if args.only != "tokens":
             moments: dict[str, Moments] = {}
             contenders, n = _image_contenders(args, root, moments)
             _bench(f"resnet50 avgpool (D=2048), {args.image_size}px, batch {args.batch_size}", "image", contenders,
-                   n, moments, args, result.setdefault("images", {}), save)
+                   n, moments, args, result.setdefault("images", {}), save, "images")
         if args.only != "images":
             moments = {}
             contenders, n = _token_contenders(args, root, moments)
             _bench(f"GPT-2-small-sized h.6 (D=768), {args.sequences} documents of {args.seq_len // 2}-"
                    f"{args.seq_len} tokens, batch {args.text_batch_size}", "token", contenders, n, moments, args,
-                   result.setdefault("tokens", {}), save)
+                   result.setdefault("tokens", {}), save, "tokens")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.save:
