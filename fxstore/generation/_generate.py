@@ -102,13 +102,13 @@ def generate(extractor: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         >>> model = transformers.LlamaForCausalLM(config).eval()
         >>> ex = fxstore.FeatureExtractor(model, ["model.layers.1"],
         ...                               edits={"model.layers.0": fxstore.Add(torch.ones(32), scale=4.0)})
-        >>> out = ex.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        >>> run = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)  # no early EOS
+        >>> out = ex.generate(torch.tensor([[1, 2, 3, 4]]), **run)
         >>> tuple(out.features["model.layers.1"].shape)
         (1, 8, 32)
         >>> _ = ex.edits["model.layers.0"].update(enabled=False)        # off: model.generate's tokens
-        >>> plain = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False, pad_token_id=0)
-        >>> torch.equal(ex.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False,
-        ...                         pad_token_id=0).sequences, plain)
+        >>> plain = model.generate(torch.tensor([[1, 2, 3, 4]]), **run)
+        >>> torch.equal(ex.generate(torch.tensor([[1, 2, 3, 4]]), **run).sequences, plain)
         True
     """
     request = extractor.capture_request
