@@ -140,3 +140,26 @@ def hooked_generate(model: nn.Module, ids: torch.Tensor, record: list[str], edit
         for handle in handles:
             handle.remove()
     return tokens, {path: torch.cat(outputs, 1) for path, outputs in seen.items()}
+
+
+def assert_sweep_equals_hooks(model: nn.Module, layers: list[str], positions: list[int]) -> None:
+    """``fxstore.patch_sweep`` of a clean into a corrupted prompt equals patching each (layer, position)
+    with forward hooks on the same model (the metric: a logit difference at the last position)."""
+    import fxstore
+
+    clean, corrupted = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5))
+
+    def metric(out):
+        return out.logits[:, -1, 3] - out.logits[:, -1, 7]
+
+    grid = fxstore.patch_sweep(model, ((clean,), {"use_cache": False}), ((corrupted,), {"use_cache": False}),
+                               layers, metric, positions=positions)
+    _, seen = hooked(model, clean, layers, {})
+    for i, layer in enumerate(layers):
+        for j, p in enumerate(positions):
+            def patch(output, p=p, layer=layer):
+                output = output.clone()
+                output[:, p] = seen[layer][:, p]
+                return output
+            logits, _ = hooked(model, corrupted, [], {layer: patch})
+            torch.testing.assert_close(grid[i, j], (logits[:, -1, 3] - logits[:, -1, 7])[0], rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 from _loaded import (
     GREEDY,
     VOCAB,
+    assert_sweep_equals_hooks,
     gpt2,
     hooked,
     hooked_generate,
@@ -160,22 +161,7 @@ def test_patch_sweep_on_a_loaded_model_equals_patching_with_forward_hooks(name, 
     model = loaded(name)
     blocks = lora_prefix("llama") if name.startswith("lora") else "model.layers"
     layers, positions = [f"{blocks}.0", f"{blocks}.1"], [1, 4]
-    clean, corrupted = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5))
-
-    def metric(out):
-        return out.logits[:, -1, 3] - out.logits[:, -1, 7]
-
-    grid = fxstore.patch_sweep(model, ((clean,), {"use_cache": False}), ((corrupted,), {"use_cache": False}),
-                               layers, metric, positions=positions)
-    _, seen = hooked(model, clean, layers, {})
-    for i, layer in enumerate(layers):
-        for j, p in enumerate(positions):
-            def patch(output, p=p, layer=layer):
-                output = output.clone()
-                output[:, p] = seen[layer][:, p]
-                return output
-            logits, _ = hooked(model, corrupted, [], {layer: patch})
-            torch.testing.assert_close(grid[i, j], (logits[:, -1, 3] - logits[:, -1, 7])[0], rtol=1e-5, atol=1e-6)
+    assert_sweep_equals_hooks(model, layers, positions)
 
 
 def test_forward_module_storage_on_a_4bit_model_equals_forward_hooks(loaded):

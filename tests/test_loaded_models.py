@@ -11,7 +11,18 @@ import tempfile
 import pytest
 import torch
 import transformers
-from _loaded import HIDDEN, VOCAB, gpt2, llama, lora, lora_prefix, nnsight_traced, offloaded_llama, quantized
+from _loaded import (
+    HIDDEN,
+    VOCAB,
+    assert_sweep_equals_hooks,
+    gpt2,
+    llama,
+    lora,
+    lora_prefix,
+    nnsight_traced,
+    offloaded_llama,
+    quantized,
+)
 from _loaded import hooked as _hooked
 from torch import nn
 
@@ -331,22 +342,7 @@ def test_a_plain_model_is_built_from_the_first_compiled_call_outside_the_trace()
 def test_patch_sweep_on_an_nnsight_wrapped_model_equals_patching_with_forward_hooks(nnsight_gpt2):
     model = nnsight_gpt2.eval()
     layers, positions = ["transformer.h.0", "transformer.h.1"], [0, 3]
-    clean, corrupted = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5))
-
-    def metric(out):
-        return out.logits[:, -1, 3] - out.logits[:, -1, 7]
-
-    grid = fxstore.patch_sweep(model, ((clean,), {"use_cache": False}), ((corrupted,), {"use_cache": False}),
-                               layers, metric, positions=positions)
-    _, seen = _hooked(model, clean, layers, {})
-    for i, layer in enumerate(layers):
-        for j, p in enumerate(positions):
-            def patch(output, p=p, layer=layer):
-                output = output.clone()
-                output[:, p] = seen[layer][:, p]
-                return output
-            logits, _ = _hooked(model, corrupted, [], {layer: patch})
-            torch.testing.assert_close(grid[i, j], (logits[:, -1, 3] - logits[:, -1, 7])[0], rtol=1e-5, atol=1e-6)
+    assert_sweep_equals_hooks(model, layers, positions)
 
 
 def test_extract_dataset_from_a_lora_model_equals_forward_hooks(lora_gpt2, tmp_path):
